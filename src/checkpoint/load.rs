@@ -1,0 +1,264 @@
+//! Streams HF safetensors weights into a lazily built [`Qwen3VlModel`], shard by shard.
+//!
+//! Each shard is memory-mapped and every parameter whose HF name it holds is converted and
+//! uploaded on its own, so peak host memory stays near one tensor plus the page cache of one
+//! shard. Parameter paths map to HF names by prefixing `model.` (our field names follow HF's).
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::prelude::*;
+use burn::tensor::DType;
+use safetensors::SafeTensors;
+
+use super::shards::CheckpointFiles;
+use super::tensor_file::decode_f32;
+use crate::error::{Error, Result};
+use crate::model::config::config_file;
+use crate::model::{Qwen3VlConfig, Qwen3VlModel};
+
+/// Float format of the weights (and activations) on the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightDType {
+    /// 32-bit float.
+    F32,
+    /// IEEE half.
+    F16,
+    /// bfloat16.
+    BF16,
+}
+
+impl WeightDType {
+    /// Parses `f32`, `f16` or `bf16`.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "f32" | "float32" => Ok(Self::F32),
+            "f16" | "float16" => Ok(Self::F16),
+            "bf16" | "bfloat16" => Ok(Self::BF16),
+            other => Err(Error::Argument {
+                arg: "--dtype".into(),
+                message: format!("expected f32, f16 or bf16, found `{other}`"),
+            }),
+        }
+    }
+
+    /// The burn dtype.
+    pub fn dtype(self) -> DType {
+        match self {
+            Self::F32 => DType::F32,
+            Self::F16 => DType::F16,
+            Self::BF16 => DType::BF16,
+        }
+    }
+}
+
+/// HF state-dict name of a parameter path such as `visual.blocks.0.attn.qkv.weight`.
+pub fn hf_name(path: &str) -> String {
+    if path.starts_with("lm_head.") {
+        path.to_string()
+    } else {
+        format!("model.{path}")
+    }
+}
+
+/// Reads `config.json` and the weights of the checkpoint folder `dir` onto `device`.
+pub fn load_model<B: Backend>(
+    dir: &Path,
+    device: &B::Device,
+    dtype: WeightDType,
+) -> Result<(Qwen3VlConfig, Qwen3VlModel<B>)> {
+    let cfg = Qwen3VlConfig::from_path(&config_file(dir))?;
+    let files = CheckpointFiles::find(dir)?;
+    let model = load_weights(
+        Qwen3VlModel::init(&cfg, device),
+        &cfg,
+        &files,
+        device,
+        dtype,
+    )?;
+    Ok((cfg, model))
+}
+
+/// Materialises a randomly initialised model in `dtype` (for benchmarks and tests).
+pub fn random_model<B: Backend>(
+    cfg: &Qwen3VlConfig,
+    device: &B::Device,
+    dtype: WeightDType,
+) -> Qwen3VlModel<B> {
+    struct Cast(DType);
+    impl<B: Backend> ModuleMapper<B> for Cast {
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+            let dt = self.0;
+            param.map(|t| t.cast(dt))
+        }
+    }
+    Qwen3VlModel::init(cfg, device).map(&mut Cast(dtype.dtype()))
+}
+
+/// Fills every parameter of `model` from the shards of `files`; errors name the tensor.
+pub fn load_weights<B: Backend>(
+    model: Qwen3VlModel<B>,
+    cfg: &Qwen3VlConfig,
+    files: &CheckpointFiles,
+    device: &B::Device,
+    dtype: WeightDType,
+) -> Result<Qwen3VlModel<B>> {
+    let v = &cfg.vision_config;
+    let patch_shape = vec![
+        v.hidden_size,
+        v.in_channels,
+        v.temporal_patch_size,
+        v.patch_size,
+        v.patch_size,
+    ];
+    let mut loaded = BTreeSet::new();
+    let mut model = model;
+    for shard in &files.shards {
+        let file = std::fs::File::open(shard).map_err(|e| Error::io(shard, e))?;
+        // SAFETY: the file is only read while mapped; a concurrent writer would be a user error
+        // that at worst yields wrong weights, which the shape checks partly catch.
+        let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(shard, e))?;
+        let st = SafeTensors::deserialize(&mmap).map_err(|e| Error::Safetensors {
+            path: shard.clone(),
+            message: e.to_string(),
+        })?;
+        let mut mapper = ShardLoader::<B> {
+            shard: &st,
+            location: shard.display().to_string(),
+            device: device.clone(),
+            dtype: dtype.dtype(),
+            path: Vec::new(),
+            loaded: &mut loaded,
+            error: None,
+            patch_shape: &patch_shape,
+        };
+        model = model.map(&mut mapper);
+        if let Some(e) = mapper.error {
+            return Err(e);
+        }
+    }
+    let mut names = NameCollector::default();
+    model.visit(&mut names);
+    if let Some(missing) = names.names.iter().find(|n| !loaded.contains(*n)) {
+        let count = names.names.iter().filter(|n| !loaded.contains(*n)).count();
+        let location = match files.shards.as_slice() {
+            [one] => one.display().to_string(),
+            many => format!("the {} shards in {}", many.len(), files.dir.display()),
+        };
+        return Err(Error::MissingTensor {
+            name: missing.clone(),
+            location: if count > 1 {
+                format!("{location} ({count} of the model's tensors are missing)")
+            } else {
+                location
+            },
+        });
+    }
+    Ok(model)
+}
+
+/// Replaces each parameter found in one shard by the converted checkpoint tensor.
+struct ShardLoader<'a, B: Backend> {
+    shard: &'a SafeTensors<'a>,
+    location: String,
+    device: B::Device,
+    dtype: DType,
+    path: Vec<String>,
+    loaded: &'a mut BTreeSet<String>,
+    error: Option<Error>,
+    patch_shape: &'a [usize],
+}
+
+impl<B: Backend> ShardLoader<'_, B> {
+    fn tensor<const D: usize>(
+        &self,
+        name: &str,
+        expected: &[usize],
+    ) -> Result<Option<Tensor<B, D>>> {
+        let Ok(view) = self.shard.tensor(name) else {
+            return Ok(None);
+        };
+        let found = view.shape().to_vec();
+        let file_shape: &[usize] = if name == "model.visual.patch_embed.proj.weight" {
+            self.patch_shape // the conv weight [D, C, T, P, P], flattened to [D, C·T·P·P]
+        } else {
+            expected
+        };
+        if found != file_shape {
+            return Err(Error::ShapeMismatch {
+                name: name.into(),
+                location: self.location.clone(),
+                expected: file_shape.to_vec(),
+                found,
+            });
+        }
+        let values = decode_f32(name, &self.location, &view)?;
+        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+            return Err(Error::Input(format!(
+                "tensor `{name}` in {}: element {i} is {} (corrupt checkpoint?)",
+                self.location, values[i]
+            )));
+        }
+        let data = TensorData::new(values, expected.to_vec()).convert_dtype(self.dtype);
+        Ok(Some(Tensor::from_data(data, (&self.device, self.dtype))))
+    }
+}
+
+impl<B: Backend> ModuleMapper<B> for ShardLoader<'_, B> {
+    fn enter_module(&mut self, name: &str, _container: &str) {
+        self.path.push(name.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container: &str) {
+        self.path.pop();
+    }
+
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        if self.error.is_some() {
+            return param;
+        }
+        let name = hf_name(&self.path.join("."));
+        let expected = param.lazy_shape().dims::<D>().to_vec();
+        match self.tensor::<D>(&name, &expected) {
+            Ok(Some(t)) => {
+                self.loaded.insert(name);
+                // Loaded weights are trainable like freshly initialised ones; adapters freeze them.
+                Param::initialized(param.id, t.require_grad())
+            }
+            Ok(None) => param,
+            Err(e) => {
+                self.error = Some(e);
+                param
+            }
+        }
+    }
+}
+
+/// Collects the HF names of all float parameters.
+#[derive(Default)]
+struct NameCollector {
+    path: Vec<String>,
+    names: Vec<String>,
+}
+
+impl<B: Backend> ModuleVisitor<B> for NameCollector {
+    fn enter_module(&mut self, name: &str, _container: &str) {
+        self.path.push(name.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container: &str) {
+        self.path.pop();
+    }
+
+    fn visit_float<const D: usize>(&mut self, _param: &Param<Tensor<B, D>>) {
+        self.names.push(hf_name(&self.path.join(".")));
+    }
+}
+
+/// HF names of every parameter of `model`, in module order.
+pub fn parameter_names<B: Backend>(model: &Qwen3VlModel<B>) -> Vec<String> {
+    let mut names = NameCollector::default();
+    model.visit(&mut names);
+    names.names
+}

@@ -1,0 +1,4 @@
+//! Subcommands, generic over the backend; `main.rs` parses arguments and picks the backend.
+
+pub mod forward;
+pub mod info;

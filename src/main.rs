@@ -1,0 +1,201 @@
+//! Command-line entry point: parses arguments and picks the backend (CUDA when usable, else the
+//! Flex CPU backend). This is the only place that names concrete backends.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use burn::backend::cuda::{Cuda, CudaDevice};
+use burn::backend::flex::FlexDevice;
+use burn::backend::Flex;
+use burn::prelude::Backend;
+use clap::{Parser, Subcommand};
+
+use qwen3_vl_moelora::checkpoint::WeightDType;
+use qwen3_vl_moelora::cli::forward::{run_forward, ForwardOptions};
+use qwen3_vl_moelora::cli::info::info_report;
+use qwen3_vl_moelora::{Error, Result};
+
+#[derive(Parser)]
+#[command(
+    name = "qwen3-vl-moelora",
+    version,
+    about = "Qwen3-VL with LoRA / MoE-LoRA adapters, in Rust on burn"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print the architecture and the parameter count by component.
+    Info {
+        /// A model folder (holding config.json) or a config.json file.
+        #[arg(long)]
+        model: PathBuf,
+    },
+    /// Run one forward pass on inputs from a safetensors file and write the logits.
+    Forward {
+        /// Checkpoint folder (config.json + safetensors); a config.json with --random-init.
+        #[arg(long)]
+        model: PathBuf,
+        /// input_ids [B,T] (i64), optional attention_mask [B,T], pixel_values [N,1536], image_grid_thw [I,3].
+        #[arg(long)]
+        inputs: PathBuf,
+        /// Output safetensors: logits [B,T,V] (f32), position_ids [3,B,T], rope_deltas [B,1].
+        #[arg(long)]
+        out: PathBuf,
+        /// auto (CUDA if usable, else CPU), cpu, cuda or cuda:N.
+        #[arg(long, default_value = "auto")]
+        device: String,
+        /// Weight and activation dtype: f32, f16 or bf16.
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+        /// Use random weights (the config alone); for timing.
+        #[arg(long)]
+        random_init: bool,
+        /// Also write vision outputs, DeepStack features and every layer's hidden state.
+        #[arg(long)]
+        all: bool,
+        /// Timed repetitions after the first run; prints their median.
+        #[arg(long, default_value_t = 0)]
+        repeat: usize,
+    },
+    /// Fine-tune with LoRA / MoE-LoRA (not implemented yet).
+    Train {
+        /// Anything; the command is not available yet.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+/// Where to run.
+enum DeviceChoice {
+    Cpu,
+    Cuda(usize),
+}
+
+/// Checks for a usable CUDA driver and NVRTC without touching burn-cuda (which panics).
+fn cuda_devices() -> std::result::Result<usize, String> {
+    // SAFETY: these only try to dlopen the libraries.
+    unsafe {
+        if !cudarc::driver::sys::is_culib_present() {
+            return Err("libcuda.so not found".into());
+        }
+        if !cudarc::nvrtc::sys::is_culib_present() {
+            return Err("libnvrtc.so not found".into());
+        }
+    }
+    cudarc::driver::result::init().map_err(|e| format!("cuInit failed: {e:?}"))?;
+    let n = cudarc::driver::result::device::get_count().map_err(|e| format!("{e:?}"))?;
+    if n <= 0 {
+        return Err("no CUDA device".into());
+    }
+    Ok(n as usize)
+}
+
+fn choose_device(arg: &str) -> Result<DeviceChoice> {
+    let bad = |m: String| Error::Argument {
+        arg: "--device".into(),
+        message: m,
+    };
+    match arg {
+        "cpu" => Ok(DeviceChoice::Cpu),
+        "auto" => Ok(match cuda_devices() {
+            Ok(_) => DeviceChoice::Cuda(0),
+            Err(why) => {
+                eprintln!("no usable GPU ({why}); running on the CPU");
+                DeviceChoice::Cpu
+            }
+        }),
+        s if s == "cuda" || s.starts_with("cuda:") => {
+            let index = match s.strip_prefix("cuda:") {
+                Some(i) => i
+                    .parse::<usize>()
+                    .map_err(|_| bad(format!("`{s}`: expected cuda:N with N a number")))?,
+                None => 0,
+            };
+            let n = cuda_devices()
+                .map_err(|why| bad(format!("`{s}`: CUDA is not usable here ({why})")))?;
+            if index >= n {
+                return Err(bad(format!("`{s}`: this machine has {n} CUDA device(s)")));
+            }
+            Ok(DeviceChoice::Cuda(index))
+        }
+        other => Err(bad(format!(
+            "expected auto, cpu, cuda or cuda:N, found `{other}`"
+        ))),
+    }
+}
+
+fn forward_on<B: Backend>(opts: &ForwardOptions, device: &B::Device, name: &str) -> Result<()> {
+    eprintln!("forward: {name}, dtype {:?}", opts.dtype);
+    let r = run_forward::<B>(opts, device)?;
+    eprint!(
+        "model ready in {:.2} s; first forward {:.1} ms (includes kernel compilation on GPU)",
+        r.load_s,
+        r.first_s * 1e3
+    );
+    match r.median_s {
+        Some(m) => eprintln!(
+            "; median of {} timed forwards {:.2} ms (min {:.2} ms)",
+            r.runs_s.len(),
+            m * 1e3,
+            r.runs_s.iter().cloned().fold(f64::INFINITY, f64::min) * 1e3
+        ),
+        None => eprintln!(),
+    }
+    eprintln!("wrote {}", opts.out.display());
+    Ok(())
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Info { model } => {
+            print!("{}", info_report::<Flex>(&model, &FlexDevice)?);
+            Ok(())
+        }
+        Command::Forward {
+            model,
+            inputs,
+            out,
+            device,
+            dtype,
+            random_init,
+            all,
+            repeat,
+        } => {
+            let opts = ForwardOptions {
+                model,
+                inputs,
+                out,
+                dtype: WeightDType::parse(&dtype)?,
+                random_init,
+                all,
+                repeat,
+            };
+            match choose_device(&device)? {
+                DeviceChoice::Cpu => forward_on::<Flex>(&opts, &FlexDevice, "cpu (flex)"),
+                DeviceChoice::Cuda(i) => {
+                    forward_on::<Cuda>(&opts, &CudaDevice::new(i), &format!("cuda:{i}"))
+                }
+            }
+        }
+        Command::Train { .. } => Err(Error::Argument {
+            arg: "train".into(),
+            message: "training is not implemented yet (it arrives with the training issue); \
+                      available now: info, forward"
+                .into(),
+        }),
+    }
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,92 @@
+//! Scaled dot-product attention with grouped key/value heads and an f32 softmax.
+
+use burn::prelude::*;
+use burn::tensor::activation::softmax;
+use burn::tensor::DType;
+
+/// `softmax(q·kᵀ / √d + mask) · v` with `Hq / Hkv` query heads sharing each KV head.
+///
+/// * `q`: [B, Hq, L, d]; `k`, `v`: [B, Hkv, S, d]
+/// * `mask`: [B, 1, L, S], `true` = not attended (broadcast over heads)
+///
+/// Query head `h` uses KV head `h / (Hq / Hkv)`, as HF's `repeat_kv`. KV heads are not
+/// repeated in memory: the query heads of a group are stacked along the length axis instead.
+/// Scores and softmax are computed in f32 and the probabilities cast back to the input dtype.
+/// Returns [B, Hq, L, d].
+pub fn attention<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    mask: Option<Tensor<B, 4, Bool>>,
+) -> Tensor<B, 4> {
+    let [b, hq, l, d] = q.dims();
+    let [_, hkv, s, _] = k.dims();
+    let rep = hq / hkv;
+    let dtype = q.dtype();
+    // [B, Hq, L, d] -> [B, Hkv, rep·L, d]: the rep query heads of a group share K and V.
+    let q = q.reshape([b, hkv, rep * l, d]);
+    let scores = q
+        .matmul(k.swap_dims(2, 3))
+        .cast(DType::F32)
+        .mul_scalar((d as f64).powf(-0.5));
+    let probs = match mask {
+        Some(mask) => {
+            // [B, Hkv, rep·L, S] -> [B, Hkv, rep, L, S] to broadcast the [B, 1, 1, L, S] mask.
+            let scores = scores.reshape([b, hkv, rep, l, s]);
+            let mask = mask.unsqueeze_dim::<5>(2).expand([b, hkv, rep, l, s]);
+            softmax(scores.mask_fill(mask, f32::MIN), 4).reshape([b, hkv, rep * l, s])
+        }
+        None => softmax(scores, 3),
+    };
+    probs.cast(dtype).matmul(v).reshape([b, hq, l, d])
+}
+
+/// Causal + padding mask [B, 1, T, T] (`true` = masked) for `attention_mask` [B, T] (1 = token).
+///
+/// A padded query row keeps its own diagonal so it never sees an empty row (its output is
+/// unused; HF leaves such rows unspecified too).
+pub fn causal_padding_mask<B: Backend>(
+    attention_mask: Option<&[i64]>,
+    batch: usize,
+    len: usize,
+    device: &B::Device,
+) -> Tensor<B, 4, Bool> {
+    let mut m = vec![false; batch * len * len];
+    for b in 0..batch {
+        for i in 0..len {
+            for j in 0..len {
+                let pad = attention_mask.is_some_and(|am| am[b * len + j] == 0);
+                m[(b * len + i) * len + j] = j > i || (pad && i != j);
+            }
+        }
+    }
+    Tensor::from_data(TensorData::new(m, [batch, 1, len, len]), device)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    type B = burn::backend::Flex;
+
+    /// GQA without copies equals explicit head repetition.
+    #[test]
+    fn grouped_heads_match_repeated_kv() {
+        let dev = Default::default();
+        let dist = burn::tensor::Distribution::Normal(0.0, 1.0);
+        let q = Tensor::<B, 4>::random([2, 4, 5, 8], dist, &dev);
+        let k = Tensor::<B, 4>::random([2, 2, 5, 8], dist, &dev);
+        let v = Tensor::<B, 4>::random([2, 2, 5, 8], dist, &dev);
+        let mask = causal_padding_mask::<B>(Some(&[0, 1, 1, 1, 1, 1, 1, 1, 1, 1]), 2, 5, &dev);
+        let got = attention(q.clone(), k.clone(), v.clone(), Some(mask.clone()));
+        // Reference: repeat each KV head twice (heads 0,1 -> kv 0; 2,3 -> kv 1).
+        let rep = |t: Tensor<B, 4>| {
+            Tensor::cat((0..4).map(|h| t.clone().narrow(1, h / 2, 1)).collect(), 1)
+        };
+        let (k4, v4) = (rep(k), rep(v));
+        let scores = q.matmul(k4.swap_dims(2, 3)).div_scalar(8f64.sqrt());
+        let scores = scores.mask_fill(mask.expand([2, 4, 5, 5]), f32::MIN);
+        let want = softmax(scores, 3).matmul(v4);
+        let diff = (got - want).abs().max().into_scalar();
+        assert!(diff < 1e-5, "{diff}");
+    }
+}

@@ -1,0 +1,206 @@
+//! The Qwen3 text decoder: GQA attention with per-head q/k RMSNorm before M-RoPE, SwiGLU MLP,
+//! and DeepStack injection of visual features after the first decoder layers.
+
+use burn::module::Module;
+use burn::prelude::*;
+use burn::tensor::activation::silu;
+
+use super::attention::attention;
+use super::config::TextConfig;
+use super::layers::{Embedding, Linear, RmsNorm};
+use super::rotary::apply_rotary;
+
+/// Self-attention of a decoder layer.
+#[derive(Module, Debug)]
+pub struct TextAttention<B: Backend> {
+    /// [Hq·d, H]
+    pub q_proj: Linear<B>,
+    /// [Hkv·d, H]
+    pub k_proj: Linear<B>,
+    /// [Hkv·d, H]
+    pub v_proj: Linear<B>,
+    /// [H, Hq·d]
+    pub o_proj: Linear<B>,
+    /// RMSNorm over each query head, before RoPE.
+    pub q_norm: RmsNorm<B>,
+    /// RMSNorm over each key head, before RoPE.
+    pub k_norm: RmsNorm<B>,
+    /// Query heads.
+    pub num_heads: usize,
+    /// Key/value heads.
+    pub num_kv_heads: usize,
+    /// Per-head width.
+    pub head_dim: usize,
+}
+
+/// `down(silu(gate(x)) * up(x))`.
+#[derive(Module, Debug)]
+pub struct TextMlp<B: Backend> {
+    /// [I, H]
+    pub gate_proj: Linear<B>,
+    /// [I, H]
+    pub up_proj: Linear<B>,
+    /// [H, I]
+    pub down_proj: Linear<B>,
+}
+
+/// Pre-norm decoder layer.
+#[derive(Module, Debug)]
+pub struct DecoderLayer<B: Backend> {
+    /// Before attention.
+    pub input_layernorm: RmsNorm<B>,
+    /// Attention.
+    pub self_attn: TextAttention<B>,
+    /// Before the MLP.
+    pub post_attention_layernorm: RmsNorm<B>,
+    /// MLP.
+    pub mlp: TextMlp<B>,
+}
+
+/// `Qwen3VLTextModel`: embeddings, decoder layers, final norm.
+#[derive(Module, Debug)]
+pub struct TextModel<B: Backend> {
+    /// [vocab, H]
+    pub embed_tokens: Embedding<B>,
+    /// Decoder layers.
+    pub layers: Vec<DecoderLayer<B>>,
+    /// Final RMSNorm.
+    pub norm: RmsNorm<B>,
+}
+
+/// Visual features to add after the first decoder layers.
+#[derive(Debug, Clone)]
+pub struct DeepStackInjection<B: Backend> {
+    /// For each of the B·T positions: 0 for text, 1 + k for the k-th visual token.
+    pub index: Tensor<B, 1, Int>,
+    /// One [N_vis, H] feature per tap; tap i is added after layer i.
+    pub features: Vec<Tensor<B, 2>>,
+}
+
+/// Decoder output.
+#[derive(Debug, Clone)]
+pub struct TextOutput<B: Backend> {
+    /// Final-normed hidden state [B, T, H].
+    pub hidden: Tensor<B, 3>,
+    /// Raw output of every layer but the last, before DeepStack (HF's `hidden_states[1..L]`),
+    /// when requested.
+    pub layer_outputs: Vec<Tensor<B, 3>>,
+}
+
+impl<B: Backend> TextAttention<B> {
+    /// `x` [B, T, H], rotary tables [B, 1, T, d], mask [B, 1, T, T] -> [B, T, H].
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        cos: &Tensor<B, 4>,
+        sin: &Tensor<B, 4>,
+        mask: Option<Tensor<B, 4, Bool>>,
+    ) -> Tensor<B, 3> {
+        let [b, t, _] = x.dims();
+        let (hq, hkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        // [B, T, heads·d] -> [B, heads, T, d], normed per head, then rotated.
+        let heads = |y: Tensor<B, 3>, n: usize| y.reshape([b, t, n, d]).swap_dims(1, 2);
+        let q = self
+            .q_norm
+            .forward(heads(self.q_proj.forward(x.clone()), hq));
+        let k = self
+            .k_norm
+            .forward(heads(self.k_proj.forward(x.clone()), hkv));
+        let v = heads(self.v_proj.forward(x), hkv);
+        let q = apply_rotary(q, cos.clone(), sin.clone());
+        let k = apply_rotary(k, cos.clone(), sin.clone());
+        let o = attention(q, k, v, mask);
+        self.o_proj
+            .forward(o.swap_dims(1, 2).reshape([b, t, hq * d]))
+    }
+}
+
+impl<B: Backend> DecoderLayer<B> {
+    /// One residual attention + MLP step.
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        cos: &Tensor<B, 4>,
+        sin: &Tensor<B, 4>,
+        mask: Option<Tensor<B, 4, Bool>>,
+    ) -> Tensor<B, 3> {
+        let h = x.clone()
+            + self
+                .self_attn
+                .forward(self.input_layernorm.forward(x), cos, sin, mask);
+        let n = self.post_attention_layernorm.forward(h.clone());
+        let mlp = &self.mlp;
+        let act = silu(mlp.gate_proj.forward(n.clone())) * mlp.up_proj.forward(n);
+        h + mlp.down_proj.forward(act)
+    }
+}
+
+impl<B: Backend> TextModel<B> {
+    /// A lazily initialised decoder for `c`.
+    pub fn init(c: &TextConfig, device: &B::Device) -> Self {
+        let (h, d) = (c.hidden_size, c.head_dim());
+        let (hq, hkv) = (c.num_attention_heads, c.kv_heads());
+        let eps = c.rms_norm_eps;
+        let bias = c.attention_bias;
+        let layer = || DecoderLayer {
+            input_layernorm: RmsNorm::init(h, eps, device),
+            self_attn: TextAttention {
+                q_proj: Linear::init(h, hq * d, bias, device),
+                k_proj: Linear::init(h, hkv * d, bias, device),
+                v_proj: Linear::init(h, hkv * d, bias, device),
+                o_proj: Linear::init(hq * d, h, bias, device),
+                q_norm: RmsNorm::init(d, eps, device),
+                k_norm: RmsNorm::init(d, eps, device),
+                num_heads: hq,
+                num_kv_heads: hkv,
+                head_dim: d,
+            },
+            post_attention_layernorm: RmsNorm::init(h, eps, device),
+            mlp: TextMlp {
+                gate_proj: Linear::init(h, c.intermediate_size, false, device),
+                up_proj: Linear::init(h, c.intermediate_size, false, device),
+                down_proj: Linear::init(c.intermediate_size, h, false, device),
+            },
+        };
+        Self {
+            embed_tokens: Embedding::init(c.vocab_size, h, device),
+            layers: (0..c.num_hidden_layers).map(|_| layer()).collect(),
+            norm: RmsNorm::init(h, eps, device),
+        }
+    }
+
+    /// Runs the decoder on `inputs_embeds` [B, T, H].
+    pub fn forward(
+        &self,
+        inputs_embeds: Tensor<B, 3>,
+        cos: &Tensor<B, 4>,
+        sin: &Tensor<B, 4>,
+        mask: Option<Tensor<B, 4, Bool>>,
+        deepstack: Option<&DeepStackInjection<B>>,
+        keep_layer_outputs: bool,
+    ) -> TextOutput<B> {
+        let [b, t, h] = inputs_embeds.dims();
+        let mut x = inputs_embeds;
+        let mut layer_outputs = Vec::new();
+        let last = self.layers.len().saturating_sub(1);
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = layer.forward(x, cos, sin, mask.clone());
+            if keep_layer_outputs && i < last {
+                layer_outputs.push(x.clone());
+            }
+            if let Some(ds) = deepstack {
+                if let Some(feat) = ds.features.get(i) {
+                    // Row 0 of the padded table is zero: text positions get nothing added.
+                    let zero = Tensor::zeros([1, h], (&feat.device(), feat.dtype()));
+                    let table = Tensor::cat(vec![zero, feat.clone().cast(x.dtype())], 0);
+                    let add = table.select(0, ds.index.clone()).reshape([b, t, h]);
+                    x = x + add;
+                }
+            }
+        }
+        TextOutput {
+            hidden: self.norm.forward(x),
+            layer_outputs,
+        }
+    }
+}
