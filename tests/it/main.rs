@@ -1,0 +1,6 @@
+//! Integration tests, in one binary so the generic model code is compiled once.
+
+mod cli;
+mod common;
+mod loading;
+mod parity;
