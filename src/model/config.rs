@@ -303,7 +303,7 @@ impl Qwen3VlConfig {
                 return Err(bad(&format!("text_config.{name}"), "must be > 0".into()));
             }
         }
-        if t.head_dim.is_none() && t.hidden_size % t.num_attention_heads != 0 {
+        if t.head_dim.is_none() && !t.hidden_size.is_multiple_of(t.num_attention_heads) {
             return Err(bad(
                 "text_config.num_attention_heads",
                 format!(
@@ -312,7 +312,7 @@ impl Qwen3VlConfig {
                 ),
             ));
         }
-        if t.num_attention_heads % t.kv_heads() != 0 {
+        if !t.num_attention_heads.is_multiple_of(t.kv_heads()) {
             return Err(bad(
                 "text_config.num_key_value_heads",
                 format!(
@@ -322,7 +322,7 @@ impl Qwen3VlConfig {
                 ),
             ));
         }
-        if t.head_dim() % 2 != 0 {
+        if !t.head_dim().is_multiple_of(2) {
             return Err(bad(
                 "text_config.head_dim",
                 format!(
@@ -406,7 +406,7 @@ impl Qwen3VlConfig {
                 return Err(bad(&format!("vision_config.{name}"), "must be > 0".into()));
             }
         }
-        if v.hidden_size % v.num_heads != 0 {
+        if !v.hidden_size.is_multiple_of(v.num_heads) {
             return Err(bad(
                 "vision_config.num_heads",
                 format!(
@@ -415,7 +415,7 @@ impl Qwen3VlConfig {
                 ),
             ));
         }
-        if v.head_dim() % 4 != 0 {
+        if !v.head_dim().is_multiple_of(4) {
             return Err(bad(
                 "vision_config.num_heads",
                 format!(

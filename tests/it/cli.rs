@@ -21,7 +21,10 @@ fn info_prints_the_family_parameter_counts() {
         ("qwen3-vl-4b-instruct.json", "parameters: 4,437,815,808"),
         ("qwen3-vl-8b-instruct.json", "parameters: 8,767,123,696"),
     ] {
-        let out = bin().args(["info", "--model", &config(name)]).output().unwrap();
+        let out = bin()
+            .args(["info", "--model", &config(name)])
+            .output()
+            .unwrap();
         assert!(out.status.success());
         let text = String::from_utf8(out.stdout).unwrap();
         assert!(text.lines().any(|l| l == line), "{name}: {text}");
@@ -31,7 +34,11 @@ fn info_prints_the_family_parameter_counts() {
         }
     }
     // A model folder works too.
-    let out = bin().args(["info", "--model"]).arg(tiny_model()).output().unwrap();
+    let out = bin()
+        .args(["info", "--model"])
+        .arg(tiny_model())
+        .output()
+        .unwrap();
     assert!(out.status.success());
 }
 
@@ -48,10 +55,18 @@ fn forward_writes_the_reference_logits() {
         .arg(&out_path)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let got = TensorFile::read(&out_path).unwrap();
     let want = tiny_reference();
-    let err = rel_err(&got.tensors["logits"], &want.tensors["logits"], Some(&tiny_mask()));
+    let err = rel_err(
+        &got.tensors["logits"],
+        &want.tensors["logits"],
+        Some(&tiny_mask()),
+    );
     assert!(err <= 1e-4, "{err}");
     assert_eq!(got.tensors["position_ids"], want.tensors["position_ids"]);
     assert_eq!(got.tensors["rope_deltas"], want.tensors["rope_deltas"]);
@@ -70,17 +85,37 @@ fn bad_inputs_fail_clearly() {
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.json");
     let cfg = std::fs::read_to_string(config("qwen3-vl-4b-instruct.json")).unwrap();
-    std::fs::write(&bad, cfg.replace("\"num_key_value_heads\": 8", "\"num_key_value_heads\": 7")).unwrap();
-    fails_with(&["info", "--model", bad.to_str().unwrap()], "text_config.num_key_value_heads");
+    std::fs::write(
+        &bad,
+        cfg.replace("\"num_key_value_heads\": 8", "\"num_key_value_heads\": 7"),
+    )
+    .unwrap();
+    fails_with(
+        &["info", "--model", bad.to_str().unwrap()],
+        "text_config.num_key_value_heads",
+    );
     fails_with(&["info", "--model", "model/nothing-here"], "not found");
     let model = tiny_model();
     let inputs = tiny_inputs();
     let (m, i) = (model.to_str().unwrap(), inputs.to_str().unwrap());
     let out = dir.path().join("o.safetensors");
     let o = out.to_str().unwrap();
-    fails_with(&["forward", "--model", m, "--inputs", i, "--out", o, "--dtype", "f8"], "--dtype");
-    fails_with(&["forward", "--model", m, "--inputs", i, "--out", o, "--device", "tpu"], "--device");
-    fails_with(&["forward", "--model", m, "--inputs", m, "--out", o], "tiny-qwen3-vl");
+    fails_with(
+        &[
+            "forward", "--model", m, "--inputs", i, "--out", o, "--dtype", "f8",
+        ],
+        "--dtype",
+    );
+    fails_with(
+        &[
+            "forward", "--model", m, "--inputs", i, "--out", o, "--device", "tpu",
+        ],
+        "--device",
+    );
+    fails_with(
+        &["forward", "--model", m, "--inputs", m, "--out", o],
+        "tiny-qwen3-vl",
+    );
     fails_with(&["train"], "not implemented yet");
 
     // Inputs whose image tokens do not match the grids.
@@ -92,7 +127,15 @@ fn bad_inputs_fail_clearly() {
     let bad_in = dir.path().join("in.safetensors");
     qwen3_vl_moelora::checkpoint::tensor_file::write_tensors(&bad_in, &t).unwrap();
     fails_with(
-        &["forward", "--model", m, "--inputs", bad_in.to_str().unwrap(), "--out", o],
+        &[
+            "forward",
+            "--model",
+            m,
+            "--inputs",
+            bad_in.to_str().unwrap(),
+            "--out",
+            o,
+        ],
         "placeholder tokens",
     );
     assert!(!out.exists(), "no output on failure");

@@ -8,7 +8,9 @@ pub type Cpu = burn::backend::Flex;
 
 /// `tests/reference/...`
 pub fn reference(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/reference")
+        .join(name)
 }
 
 /// The tiny HF model folder.
@@ -28,7 +30,11 @@ pub fn tiny_reference() -> TensorFile {
 
 /// The fixture's attention mask [B, T] (1 = token).
 pub fn tiny_mask() -> Vec<i64> {
-    TensorFile::read(&tiny_inputs()).unwrap().i64("attention_mask", 2).unwrap().0
+    TensorFile::read(&tiny_inputs())
+        .unwrap()
+        .i64("attention_mask", 2)
+        .unwrap()
+        .0
 }
 
 /// max |got − want| / max |want| over the rows of a [B, T, ...] tensor whose mask is 1

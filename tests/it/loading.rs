@@ -39,7 +39,11 @@ fn write(path: &Path, tensors: &[(String, Dtype, Vec<usize>, Vec<u8>)]) {
 /// A copy of the fixture folder with `tensors` as its weights (one file, or sharded).
 fn model_dir(tensors: &Raw, shards: usize) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::copy(tiny_model().join("config.json"), dir.path().join("config.json")).unwrap();
+    std::fs::copy(
+        tiny_model().join("config.json"),
+        dir.path().join("config.json"),
+    )
+    .unwrap();
     if shards == 1 {
         write(&dir.path().join("model.safetensors"), tensors);
     } else {
@@ -53,7 +57,11 @@ fn model_dir(tensors: &Raw, shards: usize) -> tempfile::TempDir {
             }
         }
         let index = serde_json::json!({"metadata": {}, "weight_map": map});
-        std::fs::write(dir.path().join("model.safetensors.index.json"), index.to_string()).unwrap();
+        std::fs::write(
+            dir.path().join("model.safetensors.index.json"),
+            index.to_string(),
+        )
+        .unwrap();
     }
     dir
 }
@@ -62,7 +70,9 @@ fn logits(dir: &Path) -> HostTensor {
     let dev = Default::default();
     let (_, model) = load_model::<Cpu>(dir, &dev, WeightDType::F32).unwrap();
     let inputs = read_inputs::<Cpu>(&tiny_inputs(), &dev).unwrap();
-    output_tensors(&model.forward(&inputs, false).unwrap(), false).remove("logits").unwrap()
+    output_tensors(&model.forward(&inputs, false).unwrap(), false)
+        .remove("logits")
+        .unwrap()
 }
 
 fn convert(tensors: &Raw, to: Dtype) -> Raw {
@@ -70,10 +80,14 @@ fn convert(tensors: &Raw, to: Dtype) -> Raw {
         .iter()
         .map(|(n, d, s, b)| {
             assert_eq!(*d, Dtype::BF16);
-            let vals = b.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32());
+            let vals = b
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32());
             let bytes: Vec<u8> = match to {
                 Dtype::F32 => vals.flat_map(f32::to_le_bytes).collect(),
-                Dtype::F16 => vals.flat_map(|v| half::f16::from_f32(v).to_le_bytes()).collect(),
+                Dtype::F16 => vals
+                    .flat_map(|v| half::f16::from_f32(v).to_le_bytes())
+                    .collect(),
                 _ => unreachable!(),
             };
             (n.clone(), to, s.clone(), bytes)
@@ -95,7 +109,10 @@ fn f32_and_f16_files_load() {
     let mask = tiny_mask();
     let single = logits(&tiny_model());
     // bf16 -> f32 is exact, so the logits are identical.
-    assert_eq!(logits(model_dir(&convert(&tensors, Dtype::F32), 2).path()), single);
+    assert_eq!(
+        logits(model_dir(&convert(&tensors, Dtype::F32), 2).path()),
+        single
+    );
     // bf16 -> f16 rounds tiny values; the model stays close.
     let f16 = logits(model_dir(&convert(&tensors, Dtype::F16), 1).path());
     let err = rel_err(&f16, &single, Some(&mask));
@@ -114,14 +131,27 @@ fn untied_lm_head_is_loaded_and_used() {
     let scaled: Vec<u8> = embed
         .3
         .chunks_exact(2)
-        .flat_map(|c| half::bf16::from_f32(-2.0 * half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).to_le_bytes())
+        .flat_map(|c| {
+            half::bf16::from_f32(-2.0 * half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .to_le_bytes()
+        })
         .collect();
-    tensors.push(("lm_head.weight".into(), Dtype::BF16, embed.2.clone(), scaled));
+    tensors.push((
+        "lm_head.weight".into(),
+        Dtype::BF16,
+        embed.2.clone(),
+        scaled,
+    ));
     let dir = model_dir(&tensors, 1);
     let cfg = std::fs::read_to_string(dir.path().join("config.json")).unwrap();
-    let cfg = cfg.replace("\"tie_word_embeddings\": true", "\"tie_word_embeddings\": false");
+    let cfg = cfg.replace(
+        "\"tie_word_embeddings\": true",
+        "\"tie_word_embeddings\": false",
+    );
     std::fs::write(dir.path().join("config.json"), cfg).unwrap();
-    let (HostTensor::F32(untied, _), HostTensor::F32(tied, _)) = (logits(dir.path()), logits(&tiny_model())) else {
+    let (HostTensor::F32(untied, _), HostTensor::F32(tied, _)) =
+        (logits(dir.path()), logits(&tiny_model()))
+    else {
         unreachable!()
     };
     let worst = untied
@@ -133,9 +163,16 @@ fn untied_lm_head_is_loaded_and_used() {
     // And without lm_head.weight the untied model reports the missing tensor.
     tensors.pop();
     let dir2 = model_dir(&tensors, 1);
-    std::fs::copy(dir.path().join("config.json"), dir2.path().join("config.json")).unwrap();
+    std::fs::copy(
+        dir.path().join("config.json"),
+        dir2.path().join("config.json"),
+    )
+    .unwrap();
     let err = load_model::<Cpu>(dir2.path(), &Default::default(), WeightDType::F32).unwrap_err();
-    assert!(err.to_string().contains("`lm_head.weight` is missing"), "{err}");
+    assert!(
+        err.to_string().contains("`lm_head.weight` is missing"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -170,13 +207,21 @@ fn misshaped_tensor_names_expected_and_found() {
 
 #[test]
 fn missing_files_say_what_to_download() {
-    let err = load_model::<Cpu>(Path::new("model/Qwen3-VL-4B-Instruct-absent"), &Default::default(), WeightDType::F32)
-        .unwrap_err();
+    let err = load_model::<Cpu>(
+        Path::new("model/Qwen3-VL-4B-Instruct-absent"),
+        &Default::default(),
+        WeightDType::F32,
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("download"), "{err}");
 
     // Config present, weights absent.
     let dir = tempfile::tempdir().unwrap();
-    std::fs::copy(tiny_model().join("config.json"), dir.path().join("config.json")).unwrap();
+    std::fs::copy(
+        tiny_model().join("config.json"),
+        dir.path().join("config.json"),
+    )
+    .unwrap();
     let err = load_model::<Cpu>(dir.path(), &Default::default(), WeightDType::F32).unwrap_err();
     assert!(err.to_string().contains("model.safetensors"), "{err}");
 
@@ -186,7 +231,10 @@ fn missing_files_say_what_to_download() {
     std::fs::remove_file(dir.path().join("model-00002-of-00002.safetensors")).unwrap();
     let err = load_model::<Cpu>(dir.path(), &Default::default(), WeightDType::F32).unwrap_err();
     let msg = err.to_string();
-    assert!(msg.contains("model-00002-of-00002.safetensors") && msg.contains("incomplete"), "{msg}");
+    assert!(
+        msg.contains("model-00002-of-00002.safetensors") && msg.contains("incomplete"),
+        "{msg}"
+    );
 
     // A truncated (corrupt) file.
     let dir = model_dir(&tensors, 1);
@@ -194,7 +242,10 @@ fn missing_files_say_what_to_download() {
     let bytes = std::fs::read(&f).unwrap();
     std::fs::write(&f, &bytes[..bytes.len() / 2]).unwrap();
     let err = load_model::<Cpu>(dir.path(), &Default::default(), WeightDType::F32).unwrap_err();
-    assert!(err.to_string().contains("not a valid safetensors file"), "{err}");
+    assert!(
+        err.to_string().contains("not a valid safetensors file"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -7,7 +7,9 @@ use qwen3_vl_moelora::cli::forward::{output_tensors, read_inputs};
 
 use crate::common::*;
 
-fn run(dtype: WeightDType) -> std::collections::BTreeMap<String, qwen3_vl_moelora::checkpoint::HostTensor> {
+fn run(
+    dtype: WeightDType,
+) -> std::collections::BTreeMap<String, qwen3_vl_moelora::checkpoint::HostTensor> {
     let dev = Default::default();
     let (_, model) = load_model::<Cpu>(&tiny_model(), &dev, dtype).unwrap();
     let inputs = read_inputs::<Cpu>(&tiny_inputs(), &dev).unwrap();
@@ -22,7 +24,9 @@ fn f32_matches_transformers_on_every_intermediate() {
     let mask = tiny_mask();
     let mut checked = 0;
     for (name, w) in &want.tensors {
-        let g = got.get(name).unwrap_or_else(|| panic!("forward did not produce {name}"));
+        let g = got
+            .get(name)
+            .unwrap_or_else(|| panic!("forward did not produce {name}"));
         match w {
             qwen3_vl_moelora::checkpoint::HostTensor::I64(..) => assert_eq!(g, w, "{name}"),
             _ => {
