@@ -13,6 +13,8 @@ use clap::{Parser, Subcommand};
 use qwen3_vl_moelora::checkpoint::WeightDType;
 use qwen3_vl_moelora::cli::forward::{run_forward, ForwardOptions};
 use qwen3_vl_moelora::cli::info::info_report;
+use qwen3_vl_moelora::cli::preprocess::{parse_size, preprocess_to_file};
+use qwen3_vl_moelora::data::ImageOptions;
 use qwen3_vl_moelora::{Error, Result};
 
 #[derive(Parser)]
@@ -60,6 +62,24 @@ enum Command {
         /// Timed repetitions after the first run; prints their median.
         #[arg(long, default_value_t = 0)]
         repeat: usize,
+    },
+    /// Preprocess one image as Qwen3-VL's processor does and write pixel_values and image_grid_thw.
+    Preprocess {
+        /// JPEG, PNG or WebP file.
+        #[arg(long)]
+        image: PathBuf,
+        /// Smallest area after resizing.
+        #[arg(long, default_value_t = 65_536)]
+        min_pixels: usize,
+        /// Largest area after resizing.
+        #[arg(long, default_value_t = 16_777_216)]
+        max_pixels: usize,
+        /// Explicit target HEIGHTxWIDTH (itself rounded by smart_resize, e.g. 280x280 -> 288x288).
+        #[arg(long)]
+        resize: Option<String>,
+        /// Output safetensors.
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Fine-tune with LoRA / MoE-LoRA (not implemented yet).
     Train {
@@ -181,10 +201,34 @@ fn run(cli: Cli) -> Result<()> {
                 }
             }
         }
+        Command::Preprocess {
+            image,
+            min_pixels,
+            max_pixels,
+            resize,
+            out,
+        } => {
+            let opts = ImageOptions {
+                min_pixels,
+                max_pixels,
+                resize: resize.as_deref().map(parse_size).transpose()?,
+                ..Default::default()
+            };
+            let p = preprocess_to_file(&image, &opts, &out)?;
+            eprintln!(
+                "{}: grid (t, h, w) = {:?}, {} patch rows, {} image tokens; wrote {}",
+                image.display(),
+                p.grid_thw,
+                p.pixel_values.len() / opts.patch_dim(),
+                p.num_tokens(opts.merge_size),
+                out.display()
+            );
+            Ok(())
+        }
         Command::Train { .. } => Err(Error::Argument {
             arg: "train".into(),
             message: "training is not implemented yet (it arrives with the training issue); \
-                      available now: info, forward"
+                      available now: info, forward, preprocess"
                 .into(),
         }),
     }

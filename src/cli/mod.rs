@@ -2,3 +2,4 @@
 
 pub mod forward;
 pub mod info;
+pub mod preprocess;

@@ -2,5 +2,6 @@
 
 mod cli;
 mod common;
+mod images;
 mod loading;
 mod parity;

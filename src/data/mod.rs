@@ -1,0 +1,12 @@
+//! The caption data pipeline: dataset sources, Qwen3-VL image preprocessing, the chat
+//! template with labels, and batching.
+//!
+//! * [`image`]: decoding files to RGB8 (EXIF orientation, grayscale/alpha/CMYK).
+//! * [`resize`]: `smart_resize` and torchvision's uint8 antialiased bicubic resize.
+//! * [`processor`]: normalisation and patchification (`pixel_values`, `image_grid_thw`).
+
+pub mod image;
+pub mod processor;
+pub mod resize;
+
+pub use processor::{ImageOptions, ProcessedImage};
