@@ -11,9 +11,13 @@ use burn::prelude::Backend;
 use clap::{Parser, Subcommand};
 
 use qwen3_vl_moelora::checkpoint::WeightDType;
+use qwen3_vl_moelora::cli::data::{
+    check_dataset, default_tokenizer, parse_special_ids, write_synthetic_set, CheckOptions,
+};
 use qwen3_vl_moelora::cli::forward::{run_forward, ForwardOptions};
 use qwen3_vl_moelora::cli::info::info_report;
 use qwen3_vl_moelora::cli::preprocess::{parse_size, preprocess_to_file};
+use qwen3_vl_moelora::data::sources::Source;
 use qwen3_vl_moelora::data::ImageOptions;
 use qwen3_vl_moelora::{Error, Result};
 
@@ -81,11 +85,68 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Make or validate datasets.
+    Data {
+        #[command(subcommand)]
+        action: DataCommand,
+    },
     /// Fine-tune with LoRA / MoE-LoRA (not implemented yet).
     Train {
         /// Anything; the command is not available yet.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Write a deterministic synthetic captioning set (images, captions.csv, tokenizer.json).
+    Prepare {
+        /// Number of samples.
+        #[arg(long)]
+        synthetic: usize,
+        /// Output folder.
+        #[arg(long)]
+        out: PathBuf,
+        /// Random seed.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Special-token ids of the tokenizer: compact (after the vocabulary) or qwen (151643...).
+        #[arg(long, default_value = "compact")]
+        special_ids: String,
+    },
+    /// Validate a dataset: every row and image; counts, token lengths, image sizes.
+    Check {
+        /// image_path,caption CSV.
+        #[arg(long, conflicts_with_all = ["json", "coco"])]
+        csv: Option<PathBuf>,
+        /// The reference's conversation JSON.
+        #[arg(long, conflicts_with = "coco")]
+        json: Option<PathBuf>,
+        /// COCO captions_*.json (with --images).
+        #[arg(long, requires = "images")]
+        coco: Option<PathBuf>,
+        /// Image folder for --coco.
+        #[arg(long)]
+        images: Option<PathBuf>,
+        /// COCO: one sample per image instead of per caption.
+        #[arg(long)]
+        per_image: bool,
+        /// tokenizer.json (file or model folder); default: tokenizer.json beside the dataset.
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+        /// Captioning prompt.
+        #[arg(long, default_value = "COCO Yes:")]
+        prompt: String,
+        /// Truncation length in tokens.
+        #[arg(long, default_value_t = 8192)]
+        max_length: usize,
+        /// Explicit image resize HEIGHTxWIDTH (e.g. 280x280).
+        #[arg(long)]
+        resize: Option<String>,
+        /// Report bad rows and exit 0 instead of failing.
+        #[arg(long)]
+        skip_bad: bool,
     },
 }
 
@@ -225,12 +286,85 @@ fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
+        Command::Data { action } => run_data(action),
         Command::Train { .. } => Err(Error::Argument {
             arg: "train".into(),
             message: "training is not implemented yet (it arrives with the training issue); \
-                      available now: info, forward, preprocess"
+                      available now: info, forward, preprocess, data"
                 .into(),
         }),
+    }
+}
+
+fn run_data(action: DataCommand) -> Result<()> {
+    match action {
+        DataCommand::Prepare {
+            synthetic,
+            out,
+            seed,
+            special_ids,
+        } => {
+            let ids = parse_special_ids(&special_ids)?;
+            write_synthetic_set(&out, synthetic, seed, ids)?;
+            eprintln!(
+                "wrote {synthetic} samples: {0}/images/, {0}/captions.csv, {0}/tokenizer.json",
+                out.display()
+            );
+            Ok(())
+        }
+        DataCommand::Check {
+            csv,
+            json,
+            coco,
+            images,
+            per_image,
+            tokenizer,
+            prompt,
+            max_length,
+            resize,
+            skip_bad,
+        } => {
+            let (source, file) = match (csv, json, coco) {
+                (Some(c), _, _) => (Source::Csv(c.clone()), c),
+                (_, Some(j), _) => (Source::Conversations(j.clone()), j),
+                (_, _, Some(a)) => (
+                    Source::Coco {
+                        annotations: a.clone(),
+                        images: images.unwrap_or_default(),
+                        per_image,
+                    },
+                    a,
+                ),
+                _ => {
+                    return Err(Error::Argument {
+                        arg: "data check".into(),
+                        message: "pass --csv FILE, --json FILE or --coco FILE --images DIR".into(),
+                    })
+                }
+            };
+            let opts = CheckOptions {
+                tokenizer: tokenizer.or_else(|| default_tokenizer(&file)),
+                source,
+                image: ImageOptions {
+                    resize: resize.as_deref().map(parse_size).transpose()?,
+                    ..Default::default()
+                },
+                prompt,
+                max_length,
+                skip_bad,
+            };
+            let report = check_dataset(&opts)?;
+            print!("{}", report.text);
+            if !report.bad.is_empty() && !skip_bad {
+                return Err(Error::Input(format!(
+                    "{} bad rows (first: {}: {}); fix them or pass --skip-bad",
+                    report.bad.len(),
+                    report.bad[0].origin,
+                    report.bad[0].reason
+                )));
+            }
+            Ok(())
+        }
     }
 }
 

@@ -8,5 +8,9 @@
 pub mod image;
 pub mod processor;
 pub mod resize;
+pub mod sources;
+pub mod synthetic;
+pub mod template;
+pub mod tokenizer;
 
 pub use processor::{ImageOptions, ProcessedImage};

@@ -82,6 +82,20 @@ impl ImageOptions {
         Ok(self.patchify(&resized))
     }
 
+    /// Image tokens (t·h·w / merge²) `img` would take, without resizing it.
+    pub fn process_dims(&self, img: &Rgb8, what: &str) -> Result<usize> {
+        if img.width < self.patch_size || img.height < self.patch_size {
+            return Err(Error::Input(format!(
+                "{what}: image is {}x{}, smaller than one {}x{} patch",
+                img.width, img.height, self.patch_size, self.patch_size
+            )));
+        }
+        let (h, w) = self
+            .target_size(img.height, img.width)
+            .map_err(|e| Error::Input(format!("{what}: {e}")))?;
+        Ok(h * w / (self.patch_size * self.merge_size).pow(2))
+    }
+
     /// Reads and preprocesses the image file at `path`.
     pub fn process_file(&self, path: &Path) -> Result<ProcessedImage> {
         let img = load_rgb(path)?;
