@@ -188,10 +188,12 @@ pub fn build_tokenizer_json(
         }));
     }
     json["added_tokens"] = added.into();
-    let text = serde_json::to_string(&json).map_err(|e| Error::Input(e.to_string()))?;
-    // Round-trip through the tokenizers crate so the file is exactly what it reads back.
-    let tok = Tokenizer::from_bytes(text.as_bytes()).map_err(err)?;
-    tok.to_string(true).map_err(err)
+    // Special tokens stay in the model vocabulary too: the tokenizers crate renumbers added
+    // tokens that the model does not know. (Re-serialising through the crate would warn about
+    // the id gap below 151643, so the JSON is written here and only checked by loading it.)
+    let text = serde_json::to_string_pretty(&json).map_err(|e| Error::Input(e.to_string()))?;
+    Tokenizer::from_bytes(text.as_bytes()).map_err(err)?;
+    Ok(text)
 }
 
 #[cfg(test)]

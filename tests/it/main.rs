@@ -5,3 +5,4 @@ mod common;
 mod images;
 mod loading;
 mod parity;
+mod template;
