@@ -173,8 +173,6 @@ struct ConvTurn {
 
 #[derive(Deserialize)]
 struct ConvRecord {
-    #[serde(default)]
-    id: Option<serde_json::Value>,
     conversations: Vec<ConvTurn>,
 }
 
@@ -191,7 +189,10 @@ pub fn read_conversations(path: &Path, skip_bad: bool) -> Result<Loaded> {
     })?;
     let mut out = Loaded::default();
     for (i, raw) in records.into_iter().enumerate() {
-        let origin = format!("{} record {i}", path.display());
+        let origin = match raw.get("id") {
+            Some(id) => format!("{} record {i} (id {id})", path.display()),
+            None => format!("{} record {i}", path.display()),
+        };
         let rec: ConvRecord = match serde_json::from_value(raw) {
             Ok(r) => r,
             Err(e) => {
@@ -203,10 +204,6 @@ pub fn read_conversations(path: &Path, skip_bad: bool) -> Result<Loaded> {
                 )?;
                 continue;
             }
-        };
-        let origin = match &rec.id {
-            Some(id) => format!("{origin} (id {id})"),
-            None => origin,
         };
         let user = rec
             .conversations
