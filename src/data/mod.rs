@@ -5,6 +5,7 @@
 //! * [`resize`]: `smart_resize` and torchvision's uint8 antialiased bicubic resize.
 //! * [`processor`]: normalisation and patchification (`pixel_values`, `image_grid_thw`).
 
+pub mod batch;
 pub mod image;
 pub mod processor;
 pub mod resize;
