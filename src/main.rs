@@ -12,7 +12,8 @@ use clap::{Parser, Subcommand};
 
 use qwen3_vl_moelora::checkpoint::WeightDType;
 use qwen3_vl_moelora::cli::data::{
-    check_dataset, default_tokenizer, parse_special_ids, write_synthetic_set, CheckOptions,
+    bench_preprocess, check_dataset, default_tokenizer, parse_special_ids, write_synthetic_set,
+    CheckOptions,
 };
 use qwen3_vl_moelora::cli::forward::{run_forward, ForwardOptions};
 use qwen3_vl_moelora::cli::info::info_report;
@@ -147,6 +148,18 @@ enum DataCommand {
         /// Report bad rows and exit 0 instead of failing.
         #[arg(long)]
         skip_bad: bool,
+    },
+    /// Benchmark image preprocessing (images/s) on the files of a folder.
+    Bench {
+        /// Folder of images.
+        #[arg(long)]
+        images: PathBuf,
+        /// Explicit resize HEIGHTxWIDTH.
+        #[arg(long)]
+        resize: Option<String>,
+        /// Timed passes (the best is reported).
+        #[arg(long, default_value_t = 3)]
+        repeat: usize,
     },
 }
 
@@ -365,7 +378,31 @@ fn run_data(action: DataCommand) -> Result<()> {
             }
             Ok(())
         }
+        DataCommand::Bench {
+            images,
+            resize,
+            repeat,
+        } => run_bench(images, resize, repeat),
     }
+}
+
+fn run_bench(images: PathBuf, resize: Option<String>, repeat: usize) -> Result<()> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&images)
+        .map_err(|e| Error::io(&images, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file())
+        .collect();
+    files.sort();
+    let opts = ImageOptions {
+        resize: resize.as_deref().map(parse_size).transpose()?,
+        ..Default::default()
+    };
+    let r = bench_preprocess(&files, &opts, repeat)?;
+    println!(
+        "ours: {} images, best of {repeat}: {:.1} images/s on 1 thread, {:.1} images/s on {} threads",
+        r.images, r.single_thread, r.all_threads, r.threads
+    );
+    Ok(())
 }
 
 fn main() -> ExitCode {

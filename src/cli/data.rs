@@ -155,3 +155,47 @@ pub fn default_tokenizer(dataset_file: &Path) -> Option<PathBuf> {
     let p = dataset_file.parent()?.join("tokenizer.json");
     p.exists().then_some(p)
 }
+
+/// Throughput of image preprocessing (decode, resize, normalise, patchify), in images/s.
+#[derive(Debug, Clone)]
+pub struct BenchReport {
+    /// Images per pass.
+    pub images: usize,
+    /// Best single-thread rate over the passes.
+    pub single_thread: f64,
+    /// Best rate using every core (rayon).
+    pub all_threads: f64,
+    /// Worker threads used for `all_threads`.
+    pub threads: usize,
+}
+
+/// Times preprocessing of `files` with `opts`: `repeat` passes on one thread, then on all cores.
+pub fn bench_preprocess(
+    files: &[PathBuf],
+    opts: &ImageOptions,
+    repeat: usize,
+) -> Result<BenchReport> {
+    let run_one = |f: &PathBuf| opts.process_file(f).map(|p| p.pixel_values.len());
+    for f in files {
+        run_one(f)?; // warm-up, and fail early on a bad file
+    }
+    let mut single = 0f64;
+    let mut all = 0f64;
+    for _ in 0..repeat.max(1) {
+        let t = std::time::Instant::now();
+        for f in files {
+            std::hint::black_box(run_one(f)?);
+        }
+        single = single.max(files.len() as f64 / t.elapsed().as_secs_f64());
+        let t = std::time::Instant::now();
+        let n: Result<Vec<usize>> = files.par_iter().map(run_one).collect();
+        std::hint::black_box(n?);
+        all = all.max(files.len() as f64 / t.elapsed().as_secs_f64());
+    }
+    Ok(BenchReport {
+        images: files.len(),
+        single_thread: single,
+        all_threads: all,
+        threads: rayon::current_num_threads(),
+    })
+}

@@ -109,7 +109,8 @@ impl ImageOptions {
         let (gh, gw) = (img.height / p, img.width / p);
         let row_len = self.patch_dim();
         let mut out = Vec::with_capacity(gh * gw * row_len);
-        let norm = |v: u8| (v as f32 - 127.5) / 127.5;
+        // (v − 127.5) / 127.5 for every level, computed once.
+        let lut: [f32; 256] = std::array::from_fn(|v| (v as f32 - 127.5) / 127.5);
         for bh in 0..gh / m {
             for bw in 0..gw / m {
                 for mh in 0..m {
@@ -119,8 +120,9 @@ impl ImageOptions {
                             for _ in 0..tp {
                                 for py in 0..p {
                                     let y = r * p + py;
-                                    let base = (y * img.width + c * p) * 3 + ch;
-                                    out.extend((0..p).map(|px| norm(img.data[base + px * 3])));
+                                    let base = (y * img.width + c * p) * 3;
+                                    let line = &img.data[base..base + 3 * p];
+                                    out.extend(line.chunks_exact(3).map(|px| lut[px[ch] as usize]));
                                 }
                             }
                         }

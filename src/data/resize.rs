@@ -135,13 +135,16 @@ fn resize_width(img: &Rgb8, out_w: usize) -> Rgb8 {
         let dst = &mut data[y * out_w * 3..(y + 1) * out_w * 3];
         for x in 0..out_w {
             let w = &t.weights[x * t.taps..x * t.taps + t.len[x]];
-            for c in 0..3 {
-                let mut acc = round;
-                for (j, &wj) in w.iter().enumerate() {
-                    acc += wj * src[(t.start[x] + j) * 3 + c] as i32;
-                }
-                dst[x * 3 + c] = clamp_shift(acc, t.precision);
+            let px = &src[t.start[x] * 3..(t.start[x] + w.len()) * 3];
+            let (mut r, mut g, mut b) = (round, round, round);
+            for (&wj, p) in w.iter().zip(px.chunks_exact(3)) {
+                r += wj * p[0] as i32;
+                g += wj * p[1] as i32;
+                b += wj * p[2] as i32;
             }
+            dst[x * 3] = clamp_shift(r, t.precision);
+            dst[x * 3 + 1] = clamp_shift(g, t.precision);
+            dst[x * 3 + 2] = clamp_shift(b, t.precision);
         }
     }
     Rgb8 {
