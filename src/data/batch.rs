@@ -266,7 +266,7 @@ impl<B: Backend> Batcher<B, PreparedSample, CaptionBatch<B>> for CaptionBatcher 
                 .map(|g| g.iter().product::<usize>())
                 .sum::<usize>()
                 .max(1);
-        let rows = if row == 0 { 0 } else { pixels.len() / row };
+        let rows = pixels.len().checked_div(row).unwrap_or(0);
         let pixel_values = (rows > 0).then(|| {
             Tensor::<B, 2>::from_data(TensorData::new(pixels, [rows, row]), (device, DType::F32))
         });

@@ -67,32 +67,27 @@ impl ImageOptions {
         smart_resize(h, w, factor, self.min_pixels, self.max_pixels)
     }
 
-    /// Preprocesses a decoded image; `what` names it in errors.
-    pub fn process(&self, img: &Rgb8, what: &str) -> Result<ProcessedImage> {
+    /// The resized size of `img`, refusing images smaller than one patch.
+    fn checked_target(&self, img: &Rgb8, what: &str) -> Result<(usize, usize)> {
         if img.width < self.patch_size || img.height < self.patch_size {
             return Err(Error::Input(format!(
                 "{what}: image is {}x{}, smaller than one {}x{} patch",
                 img.width, img.height, self.patch_size, self.patch_size
             )));
         }
-        let (h, w) = self
-            .target_size(img.height, img.width)
-            .map_err(|e| Error::Input(format!("{what}: {e}")))?;
-        let resized = resize_bicubic(img, h, w);
-        Ok(self.patchify(&resized))
+        self.target_size(img.height, img.width)
+            .map_err(|e| Error::Input(format!("{what}: {e}")))
+    }
+
+    /// Preprocesses a decoded image; `what` names it in errors.
+    pub fn process(&self, img: &Rgb8, what: &str) -> Result<ProcessedImage> {
+        let (h, w) = self.checked_target(img, what)?;
+        Ok(self.patchify(&resize_bicubic(img, h, w)))
     }
 
     /// Image tokens (t·h·w / merge²) `img` would take, without resizing it.
     pub fn process_dims(&self, img: &Rgb8, what: &str) -> Result<usize> {
-        if img.width < self.patch_size || img.height < self.patch_size {
-            return Err(Error::Input(format!(
-                "{what}: image is {}x{}, smaller than one {}x{} patch",
-                img.width, img.height, self.patch_size, self.patch_size
-            )));
-        }
-        let (h, w) = self
-            .target_size(img.height, img.width)
-            .map_err(|e| Error::Input(format!("{what}: {e}")))?;
+        let (h, w) = self.checked_target(img, what)?;
         Ok(h * w / (self.patch_size * self.merge_size).pow(2))
     }
 

@@ -88,6 +88,28 @@ fn check_sample(image: &Path, caption: &str) -> std::result::Result<(), String> 
     Ok(())
 }
 
+/// Adds a sample with one caption, or records why it is bad.
+fn accept(
+    out: &mut Loaded,
+    skip_bad: bool,
+    origin: String,
+    image: PathBuf,
+    caption: String,
+) -> Result<()> {
+    match check_sample(&image, &caption) {
+        Ok(()) => {
+            out.samples.push(Sample {
+                image,
+                references: vec![caption.clone()],
+                caption,
+                origin,
+            });
+            Ok(())
+        }
+        Err(reason) => bad(skip_bad, &mut out.skipped, origin, reason),
+    }
+}
+
 fn missing(path: &Path) -> Error {
     Error::MissingFile {
         path: path.to_path_buf(),
@@ -151,16 +173,7 @@ pub fn read_csv(path: &Path, skip_bad: bool) -> Result<Loaded> {
         };
         let image = resolve(path, img.trim());
         let caption = cap.trim().to_string();
-        if let Err(reason) = check_sample(&image, &caption) {
-            bad(skip_bad, &mut out.skipped, origin, reason)?;
-            continue;
-        }
-        out.samples.push(Sample {
-            image,
-            references: vec![caption.clone()],
-            caption,
-            origin,
-        });
+        accept(&mut out, skip_bad, origin, image, caption)?;
     }
     Ok(out)
 }
@@ -238,16 +251,7 @@ pub fn read_conversations(path: &Path, skip_bad: bool) -> Result<Loaded> {
         };
         let image = resolve(path, &image);
         let caption = assistant.value.trim().to_string();
-        if let Err(reason) = check_sample(&image, &caption) {
-            bad(skip_bad, &mut out.skipped, origin, reason)?;
-            continue;
-        }
-        out.samples.push(Sample {
-            image,
-            references: vec![caption.clone()],
-            caption,
-            origin,
-        });
+        accept(&mut out, skip_bad, origin, image, caption)?;
     }
     Ok(out)
 }

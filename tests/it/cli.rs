@@ -140,3 +140,56 @@ fn bad_inputs_fail_clearly() {
     );
     assert!(!out.exists(), "no output on failure");
 }
+
+#[test]
+fn preprocess_writes_hf_identical_pixels() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("p.safetensors");
+    let image = reference("images/rgb_64x96_exact.png");
+    let st = bin()
+        .args(["preprocess", "--min-pixels", "4096", "--image"])
+        .arg(&image)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    let got = TensorFile::read(&out).unwrap();
+    let (pv, shape) = got.f32("pixel_values", 2).unwrap();
+    assert_eq!(shape, vec![24, 1536]);
+    assert_eq!(got.i64("image_grid_thw", 2).unwrap().0, vec![1, 4, 6]);
+    let fixture = TensorFile::read(&reference("image-processor-reference.safetensors")).unwrap();
+    let (levels, _) = fixture.i64("rgb_64x96_exact.levels", 2).unwrap();
+    for (r, row) in pv.chunks(1536).enumerate() {
+        for ch in 0..3 {
+            for i in 0..256 {
+                let want = (levels[r * 768 + ch * 256 + i] as f32 - 127.5) / 127.5;
+                assert_eq!(row[ch * 512 + i].to_bits(), want.to_bits());
+                assert_eq!(row[ch * 512 + 256 + i].to_bits(), want.to_bits());
+            }
+        }
+    }
+    // Bad inputs: a non-image file, a too-small image, a bad --resize.
+    let junk = dir.path().join("junk.jpg");
+    std::fs::write(&junk, b"definitely not a jpeg").unwrap();
+    let o = out.to_str().unwrap();
+    fails_with(
+        &["preprocess", "--image", junk.to_str().unwrap(), "--out", o],
+        "junk.jpg",
+    );
+    let tiny = dir.path().join("tiny.png");
+    image::RgbImage::new(8, 40).save(&tiny).unwrap();
+    fails_with(
+        &["preprocess", "--image", tiny.to_str().unwrap(), "--out", o],
+        "smaller than one 16x16 patch",
+    );
+    let img = image.to_str().unwrap();
+    fails_with(
+        &["preprocess", "--image", img, "--resize", "280", "--out", o],
+        "--resize",
+    );
+}

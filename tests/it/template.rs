@@ -35,6 +35,15 @@ fn turns(messages: &serde_json::Value) -> Vec<Turn> {
         .collect()
 }
 
+fn ids(case: &serde_json::Value) -> Vec<u32> {
+    case["input_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect()
+}
+
 fn cases() -> Vec<serde_json::Value> {
     let text = std::fs::read_to_string(reference("template-reference.json")).unwrap();
     serde_json::from_str(&text).unwrap()
@@ -67,14 +76,8 @@ fn template_and_ids_match_hf_processor() {
                     / 4
             })
             .collect();
-        let ids = enc.encode_chat(&t, gen, &image_tokens).unwrap();
-        let want: Vec<u32> = case["input_ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as u32)
-            .collect();
-        assert_eq!(ids, want, "{name}: input_ids");
+        let got = enc.encode_chat(&t, gen, &image_tokens).unwrap();
+        assert_eq!(got, ids(case), "{name}: input_ids");
     }
 }
 
@@ -82,12 +85,7 @@ fn template_and_ids_match_hf_processor() {
 fn caption_sample_labels_the_caption_and_end_of_turn() {
     let enc = encoder();
     let case = &cases()[0];
-    let want: Vec<u32> = case["input_ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_u64().unwrap() as u32)
-        .collect();
+    let want = ids(case);
     let s = enc
         .caption_sample(
             "COCO Yes:",
