@@ -4,6 +4,7 @@
 //! * [`checkpoint`]: HF safetensors loading and tensor files.
 //! * [`cli`]: the subcommands behind the binary.
 
+pub mod adapter;
 pub mod checkpoint;
 pub mod cli;
 pub mod data;

@@ -205,13 +205,22 @@ impl<B: Backend> ShardLoader<'_, B> {
     }
 }
 
+/// Enum variants (`Projection::Plain`...) are not part of HF names.
+fn is_variant(container: &str) -> bool {
+    container.starts_with("Enum:")
+}
+
 impl<B: Backend> ModuleMapper<B> for ShardLoader<'_, B> {
-    fn enter_module(&mut self, name: &str, _container: &str) {
-        self.path.push(name.to_string());
+    fn enter_module(&mut self, name: &str, container: &str) {
+        if !is_variant(container) {
+            self.path.push(name.to_string());
+        }
     }
 
-    fn exit_module(&mut self, _name: &str, _container: &str) {
-        self.path.pop();
+    fn exit_module(&mut self, _name: &str, container: &str) {
+        if !is_variant(container) {
+            self.path.pop();
+        }
     }
 
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
@@ -243,12 +252,16 @@ struct NameCollector {
 }
 
 impl<B: Backend> ModuleVisitor<B> for NameCollector {
-    fn enter_module(&mut self, name: &str, _container: &str) {
-        self.path.push(name.to_string());
+    fn enter_module(&mut self, name: &str, container: &str) {
+        if !is_variant(container) {
+            self.path.push(name.to_string());
+        }
     }
 
-    fn exit_module(&mut self, _name: &str, _container: &str) {
-        self.path.pop();
+    fn exit_module(&mut self, _name: &str, container: &str) {
+        if !is_variant(container) {
+            self.path.pop();
+        }
     }
 
     fn visit_float<const D: usize>(&mut self, _param: &Param<Tensor<B, D>>) {

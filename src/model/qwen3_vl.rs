@@ -12,6 +12,7 @@ use super::position_ids::{rope_index, PositionIds, VisualTokens};
 use super::rotary::text_cos_sin;
 use super::text::{DeepStackInjection, TextModel};
 use super::vision::{VisionModel, VisionOutput};
+use crate::adapter::AdapterStats;
 use crate::error::{Error, Result};
 
 /// Token ids and rotary settings the glue code needs.
@@ -31,6 +32,8 @@ pub struct ModelMeta {
     pub mrope_section: [usize; 3],
     /// Vocabulary size.
     pub vocab_size: usize,
+    /// Weight of the MoE-LoRA load-balancing loss (0 without MoE-LoRA adapters).
+    pub aux_loss_coef: f64,
 }
 
 /// The full vision-language model. Field names follow HF's state dict (`model.` dropped).
@@ -79,6 +82,11 @@ pub struct ModelOutput<B: Backend> {
     pub layer_outputs: Vec<Tensor<B, 3>>,
     /// Final-normed hidden state [B, T, H].
     pub last_hidden: Tensor<B, 3>,
+    /// `aux_loss_coef` × mean MoE load-balancing loss over the adapted layers (None without
+    /// MoE-LoRA); add it to the training loss.
+    pub aux_loss: Option<Tensor<B, 1>>,
+    /// Tokens routed to each expert, summed over the MoE-LoRA layers.
+    pub expert_tokens: Vec<usize>,
 }
 
 impl<B: Backend> Qwen3VlModel<B> {
@@ -98,6 +106,7 @@ impl<B: Backend> Qwen3VlModel<B> {
                 rope_theta: t.rope_theta(),
                 mrope_section: t.mrope_section(),
                 vocab_size: t.vocab_size,
+                aux_loss_coef: 0.0,
             },
         }
     }
@@ -143,10 +152,13 @@ impl<B: Backend> Qwen3VlModel<B> {
                 visual_index[p] = n_visual;
             }
         }
+        let stats = AdapterStats::new();
         let mut vision = None;
         let mut deepstack = None;
         if let Some(pv) = &inputs.pixel_values {
-            let out = self.visual.forward(pv.clone(), &inputs.image_grid_thw)?;
+            let out = self
+                .visual
+                .forward(pv.clone(), &inputs.image_grid_thw, &stats)?;
             let rows = out.merged.dims()[0];
             if rows != n_visual as usize {
                 return Err(Error::Input(format!(
@@ -193,6 +205,7 @@ impl<B: Backend> Qwen3VlModel<B> {
             Some(mask),
             deepstack.as_ref(),
             keep_hidden,
+            &stats,
         );
         let head = match &self.lm_head {
             Some(h) => h.weight.val(),
@@ -207,6 +220,10 @@ impl<B: Backend> Qwen3VlModel<B> {
             inputs_embeds: embeds,
             layer_outputs: out.layer_outputs,
             last_hidden: out.hidden,
+            aux_loss: stats
+                .mean_aux_loss()
+                .map(|a| a.mul_scalar(meta.aux_loss_coef)),
+            expert_tokens: stats.expert_tokens(),
         })
     }
 }

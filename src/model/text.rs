@@ -7,20 +7,21 @@ use burn::tensor::activation::silu;
 
 use super::attention::attention;
 use super::config::TextConfig;
-use super::layers::{Embedding, Linear, RmsNorm};
+use super::layers::{Embedding, RmsNorm};
 use super::rotary::apply_rotary;
+use crate::adapter::{AdapterStats, Projection};
 
 /// Self-attention of a decoder layer.
 #[derive(Module, Debug)]
 pub struct TextAttention<B: Backend> {
     /// [Hq·d, H]
-    pub q_proj: Linear<B>,
+    pub q_proj: Projection<B>,
     /// [Hkv·d, H]
-    pub k_proj: Linear<B>,
+    pub k_proj: Projection<B>,
     /// [Hkv·d, H]
-    pub v_proj: Linear<B>,
+    pub v_proj: Projection<B>,
     /// [H, Hq·d]
-    pub o_proj: Linear<B>,
+    pub o_proj: Projection<B>,
     /// RMSNorm over each query head, before RoPE.
     pub q_norm: RmsNorm<B>,
     /// RMSNorm over each key head, before RoPE.
@@ -37,11 +38,11 @@ pub struct TextAttention<B: Backend> {
 #[derive(Module, Debug)]
 pub struct TextMlp<B: Backend> {
     /// [I, H]
-    pub gate_proj: Linear<B>,
+    pub gate_proj: Projection<B>,
     /// [I, H]
-    pub up_proj: Linear<B>,
+    pub up_proj: Projection<B>,
     /// [H, I]
-    pub down_proj: Linear<B>,
+    pub down_proj: Projection<B>,
 }
 
 /// Pre-norm decoder layer.
@@ -95,6 +96,7 @@ impl<B: Backend> TextAttention<B> {
         cos: &Tensor<B, 4>,
         sin: &Tensor<B, 4>,
         mask: Option<Tensor<B, 4, Bool>>,
+        stats: &AdapterStats<B>,
     ) -> Tensor<B, 3> {
         let [b, t, _] = x.dims();
         let (hq, hkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
@@ -102,16 +104,16 @@ impl<B: Backend> TextAttention<B> {
         let heads = |y: Tensor<B, 3>, n: usize| y.reshape([b, t, n, d]).swap_dims(1, 2);
         let q = self
             .q_norm
-            .forward(heads(self.q_proj.forward(x.clone()), hq));
+            .forward(heads(self.q_proj.forward(x.clone(), stats), hq));
         let k = self
             .k_norm
-            .forward(heads(self.k_proj.forward(x.clone()), hkv));
-        let v = heads(self.v_proj.forward(x), hkv);
+            .forward(heads(self.k_proj.forward(x.clone(), stats), hkv));
+        let v = heads(self.v_proj.forward(x, stats), hkv);
         let q = apply_rotary(q, cos.clone(), sin.clone());
         let k = apply_rotary(k, cos.clone(), sin.clone());
         let o = attention(q, k, v, mask);
         self.o_proj
-            .forward(o.swap_dims(1, 2).reshape([b, t, hq * d]))
+            .forward(o.swap_dims(1, 2).reshape([b, t, hq * d]), stats)
     }
 }
 
@@ -123,15 +125,16 @@ impl<B: Backend> DecoderLayer<B> {
         cos: &Tensor<B, 4>,
         sin: &Tensor<B, 4>,
         mask: Option<Tensor<B, 4, Bool>>,
+        stats: &AdapterStats<B>,
     ) -> Tensor<B, 3> {
         let h = x.clone()
             + self
                 .self_attn
-                .forward(self.input_layernorm.forward(x), cos, sin, mask);
+                .forward(self.input_layernorm.forward(x), cos, sin, mask, stats);
         let n = self.post_attention_layernorm.forward(h.clone());
         let mlp = &self.mlp;
-        let act = silu(mlp.gate_proj.forward(n.clone())) * mlp.up_proj.forward(n);
-        h + mlp.down_proj.forward(act)
+        let act = silu(mlp.gate_proj.forward(n.clone(), stats)) * mlp.up_proj.forward(n, stats);
+        h + mlp.down_proj.forward(act, stats)
     }
 }
 
@@ -145,10 +148,10 @@ impl<B: Backend> TextModel<B> {
         let layer = || DecoderLayer {
             input_layernorm: RmsNorm::init(h, eps, device),
             self_attn: TextAttention {
-                q_proj: Linear::init(h, hq * d, bias, device),
-                k_proj: Linear::init(h, hkv * d, bias, device),
-                v_proj: Linear::init(h, hkv * d, bias, device),
-                o_proj: Linear::init(hq * d, h, bias, device),
+                q_proj: Projection::init(h, hq * d, bias, device),
+                k_proj: Projection::init(h, hkv * d, bias, device),
+                v_proj: Projection::init(h, hkv * d, bias, device),
+                o_proj: Projection::init(hq * d, h, bias, device),
                 q_norm: RmsNorm::init(d, eps, device),
                 k_norm: RmsNorm::init(d, eps, device),
                 num_heads: hq,
@@ -157,9 +160,9 @@ impl<B: Backend> TextModel<B> {
             },
             post_attention_layernorm: RmsNorm::init(h, eps, device),
             mlp: TextMlp {
-                gate_proj: Linear::init(h, c.intermediate_size, false, device),
-                up_proj: Linear::init(h, c.intermediate_size, false, device),
-                down_proj: Linear::init(c.intermediate_size, h, false, device),
+                gate_proj: Projection::init(h, c.intermediate_size, false, device),
+                up_proj: Projection::init(h, c.intermediate_size, false, device),
+                down_proj: Projection::init(c.intermediate_size, h, false, device),
             },
         };
         Self {
@@ -178,13 +181,14 @@ impl<B: Backend> TextModel<B> {
         mask: Option<Tensor<B, 4, Bool>>,
         deepstack: Option<&DeepStackInjection<B>>,
         keep_layer_outputs: bool,
+        stats: &AdapterStats<B>,
     ) -> TextOutput<B> {
         let [b, t, h] = inputs_embeds.dims();
         let mut x = inputs_embeds;
         let mut layer_outputs = Vec::new();
         let last = self.layers.len().saturating_sub(1);
         for (i, layer) in self.layers.iter().enumerate() {
-            x = layer.forward(x, cos, sin, mask.clone());
+            x = layer.forward(x, cos, sin, mask.clone(), stats);
             if keep_layer_outputs && i < last {
                 layer_outputs.push(x.clone());
             }

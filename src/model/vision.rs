@@ -13,6 +13,7 @@ use super::attention::attention;
 use super::config::{VisionAct, VisionConfig};
 use super::layers::{Embedding, LayerNorm, Linear};
 use super::rotary::{apply_rotary, vision_cos_sin};
+use crate::adapter::{AdapterStats, Projection};
 use crate::error::{Error, Result};
 
 const LN_EPS: f64 = 1e-6;
@@ -28,9 +29,9 @@ pub struct PatchEmbed<B: Backend> {
 #[derive(Module, Debug)]
 pub struct VisionAttention<B: Backend> {
     /// [3D, D]: rows Q | K | V.
-    pub qkv: Linear<B>,
+    pub qkv: Projection<B>,
     /// [D, D]
-    pub proj: Linear<B>,
+    pub proj: Projection<B>,
     /// Attention heads.
     pub num_heads: usize,
 }
@@ -39,9 +40,9 @@ pub struct VisionAttention<B: Backend> {
 #[derive(Module, Debug)]
 pub struct VisionMlp<B: Backend> {
     /// [I, D]
-    pub linear_fc1: Linear<B>,
+    pub linear_fc1: Projection<B>,
     /// [D, I]
-    pub linear_fc2: Linear<B>,
+    pub linear_fc2: Projection<B>,
     /// Whether the activation is the tanh approximation (`gelu_pytorch_tanh`).
     pub gelu_tanh: bool,
 }
@@ -65,9 +66,9 @@ pub struct PatchMerger<B: Backend> {
     /// Over D per patch (main merger) or over 4D after the shuffle (DeepStack mergers).
     pub norm: LayerNorm<B>,
     /// [4D, 4D]
-    pub linear_fc1: Linear<B>,
+    pub linear_fc1: Projection<B>,
     /// [out, 4D]
-    pub linear_fc2: Linear<B>,
+    pub linear_fc2: Projection<B>,
     /// Normalise after concatenating the 4 patches (DeepStack) rather than before.
     pub postshuffle_norm: bool,
 }
@@ -124,14 +125,14 @@ impl<B: Backend> PatchMerger<B> {
         let norm_dim = if postshuffle_norm { m } else { c.hidden_size };
         Self {
             norm: LayerNorm::init(norm_dim, LN_EPS, device),
-            linear_fc1: Linear::init(m, m, true, device),
-            linear_fc2: Linear::init(m, c.out_hidden_size, true, device),
+            linear_fc1: Projection::init(m, m, true, device),
+            linear_fc2: Projection::init(m, c.out_hidden_size, true, device),
             postshuffle_norm,
         }
     }
 
     /// [N, D] in merge-block order -> [N/4, out].
-    pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+    pub fn forward(&self, x: Tensor<B, 2>, stats: &AdapterStats<B>) -> Tensor<B, 2> {
         let [n, d] = x.dims();
         let m = self.linear_fc1.d_in();
         let x = if self.postshuffle_norm {
@@ -139,7 +140,8 @@ impl<B: Backend> PatchMerger<B> {
         } else {
             self.norm.forward(x).reshape([n * d / m, m])
         };
-        self.linear_fc2.forward(gelu(self.linear_fc1.forward(x)))
+        self.linear_fc2
+            .forward(gelu(self.linear_fc1.forward(x, stats)), stats)
     }
 }
 
@@ -150,13 +152,13 @@ impl<B: Backend> VisionBlock<B> {
             norm1: LayerNorm::init(d, LN_EPS, device),
             norm2: LayerNorm::init(d, LN_EPS, device),
             attn: VisionAttention {
-                qkv: Linear::init(d, 3 * d, true, device),
-                proj: Linear::init(d, d, true, device),
+                qkv: Projection::init(d, 3 * d, true, device),
+                proj: Projection::init(d, d, true, device),
                 num_heads: c.num_heads,
             },
             mlp: VisionMlp {
-                linear_fc1: Linear::init(d, c.intermediate_size, true, device),
-                linear_fc2: Linear::init(c.intermediate_size, d, true, device),
+                linear_fc1: Projection::init(d, c.intermediate_size, true, device),
+                linear_fc2: Projection::init(c.intermediate_size, d, true, device),
                 gelu_tanh: c.act() == VisionAct::GeluTanh,
             },
         }
@@ -168,15 +170,22 @@ impl<B: Backend> VisionBlock<B> {
         x: Tensor<B, 2>,
         rope: &(Tensor<B, 3>, Tensor<B, 3>),
         segments: &[(usize, usize)],
+        stats: &AdapterStats<B>,
     ) -> Tensor<B, 2> {
-        let h = x.clone() + self.attn.forward(self.norm1.forward(x), rope, segments);
-        let y = self.mlp.linear_fc1.forward(self.norm2.forward(h.clone()));
+        let h = x.clone()
+            + self
+                .attn
+                .forward(self.norm1.forward(x), rope, segments, stats);
+        let y = self
+            .mlp
+            .linear_fc1
+            .forward(self.norm2.forward(h.clone()), stats);
         let y = if self.mlp.gelu_tanh {
             gelu_approximate(y)
         } else {
             gelu(y)
         };
-        h + self.mlp.linear_fc2.forward(y)
+        h + self.mlp.linear_fc2.forward(y, stats)
     }
 }
 
@@ -187,13 +196,14 @@ impl<B: Backend> VisionAttention<B> {
         x: Tensor<B, 2>,
         (cos, sin): &(Tensor<B, 3>, Tensor<B, 3>),
         segments: &[(usize, usize)],
+        stats: &AdapterStats<B>,
     ) -> Tensor<B, 2> {
         let [n, d] = x.dims();
         let nh = self.num_heads;
         let hd = d / nh;
         let dtype = x.dtype();
         // [N, 3D] -> [N, 3, nh, hd]; rows of the fused weight are Q | K | V.
-        let qkv = self.qkv.forward(x).reshape([n, 3, nh, hd]);
+        let qkv = self.qkv.forward(x, stats).reshape([n, 3, nh, hd]);
         let part = |i: usize| qkv.clone().narrow(1, i, 1).reshape([n, nh, hd]);
         let rot = |t: Tensor<B, 3>| {
             apply_rotary(t.cast(DType::F32), cos.clone(), sin.clone()).cast(dtype)
@@ -213,7 +223,7 @@ impl<B: Backend> VisionAttention<B> {
                 o.squeeze_dim::<3>(0).swap_dims(0, 1).reshape([len, d])
             })
             .collect();
-        self.proj.forward(Tensor::cat(outs, 0))
+        self.proj.forward(Tensor::cat(outs, 0), stats)
     }
 }
 
@@ -248,6 +258,7 @@ impl<B: Backend> VisionModel<B> {
         &self,
         pixel_values: Tensor<B, 2>,
         grids: &[[usize; 3]],
+        stats: &AdapterStats<B>,
     ) -> Result<VisionOutput<B>> {
         let meta = &self.meta;
         let [n, pd] = pixel_values.dims();
@@ -282,12 +293,12 @@ impl<B: Backend> VisionModel<B> {
         let segments = frame_segments(grids);
         let mut deepstack = Vec::with_capacity(meta.deepstack_indexes.len());
         for (i, block) in self.blocks.iter().enumerate() {
-            x = block.forward(x, &rope, &segments);
+            x = block.forward(x, &rope, &segments, stats);
             if let Some(k) = meta.deepstack_indexes.iter().position(|&j| j == i) {
-                deepstack.push(self.deepstack_merger_list[k].forward(x.clone()));
+                deepstack.push(self.deepstack_merger_list[k].forward(x.clone(), stats));
             }
         }
-        let merged = self.merger.forward(x.clone());
+        let merged = self.merger.forward(x.clone(), stats);
         Ok(VisionOutput {
             last_hidden: x,
             merged,

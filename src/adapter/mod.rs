@@ -1,0 +1,134 @@
+//! LoRA and Mixture-of-Experts LoRA adapters on the model's frozen linear layers.
+//!
+//! * [`Projection`]: a targetable linear layer of the model — plain, [`LoraLinear`] or
+//!   [`MoeLoraLinear`].
+//! * [`inject`]: wraps the layers named by an [`AdapterConfig`] and freezes everything else.
+//! * [`peft`]: PEFT-compatible `adapter_model.safetensors` + `adapter_config.json`.
+
+pub mod config;
+pub mod inject;
+pub mod lora;
+pub mod moe_lora;
+pub mod peft;
+
+use std::cell::RefCell;
+
+use burn::module::Module;
+use burn::prelude::*;
+
+pub use config::{AdapterConfig, AdapterKind};
+pub use lora::LoraLinear;
+pub use moe_lora::{MoeLoraLinear, MoeLoraOptions};
+
+use crate::model::layers::Linear;
+
+/// A frozen base layer an adapter can wrap (dense weights now; NF4 later).
+pub trait FrozenLinear<B: Backend> {
+    /// `x · Wᵀ + b` on the last dimension.
+    fn forward_frozen<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D>;
+}
+
+impl<B: Backend> FrozenLinear<B> for Linear<B> {
+    fn forward_frozen<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        self.forward(x)
+    }
+}
+
+/// Router statistics gathered during one forward pass: each MoE layer's load-balancing loss
+/// and its per-expert token counts.
+#[derive(Debug, Default)]
+pub struct AdapterStats<B: Backend> {
+    aux: RefCell<Vec<Tensor<B, 1>>>,
+    counts: RefCell<Vec<Vec<usize>>>,
+}
+
+impl<B: Backend> AdapterStats<B> {
+    /// Empty statistics.
+    pub fn new() -> Self {
+        Self {
+            aux: RefCell::new(Vec::new()),
+            counts: RefCell::new(Vec::new()),
+        }
+    }
+
+    /// Records one MoE layer's loss and token counts.
+    pub fn record(&self, aux: Tensor<B, 1>, counts: Vec<usize>) {
+        self.aux.borrow_mut().push(aux);
+        self.counts.borrow_mut().push(counts);
+    }
+
+    /// Mean load-balancing loss over the MoE layers (None without MoE layers).
+    pub fn mean_aux_loss(&self) -> Option<Tensor<B, 1>> {
+        let aux = self.aux.borrow();
+        if aux.is_empty() {
+            return None;
+        }
+        Some(Tensor::cat(aux.clone(), 0).mean())
+    }
+
+    /// Tokens routed to each expert, summed over the MoE layers.
+    pub fn expert_tokens(&self) -> Vec<usize> {
+        let counts = self.counts.borrow();
+        let n = counts.iter().map(Vec::len).max().unwrap_or(0);
+        (0..n)
+            .map(|e| counts.iter().map(|c| c.get(e).copied().unwrap_or(0)).sum())
+            .collect()
+    }
+}
+
+/// A linear layer adapters can target.
+#[derive(Module, Debug)]
+pub enum Projection<B: Backend> {
+    /// No adapter.
+    Plain(Linear<B>),
+    /// LoRA.
+    Lora(LoraLinear<B>),
+    /// Mixture of LoRA experts.
+    MoeLora(MoeLoraLinear<B>),
+}
+
+impl<B: Backend> Projection<B> {
+    /// A plain, lazily initialised layer.
+    pub fn init(d_in: usize, d_out: usize, bias: bool, device: &B::Device) -> Self {
+        Projection::Plain(Linear::init(d_in, d_out, bias, device))
+    }
+
+    /// The frozen base layer.
+    pub fn base(&self) -> &Linear<B> {
+        match self {
+            Projection::Plain(l) => l,
+            Projection::Lora(l) => &l.base,
+            Projection::MoeLora(l) => &l.base,
+        }
+    }
+
+    /// Input width.
+    pub fn d_in(&self) -> usize {
+        self.base().d_in()
+    }
+
+    /// Applies the layer (and its adapter) to the last dimension of `x`.
+    pub fn forward<const D: usize>(
+        &self,
+        x: Tensor<B, D>,
+        stats: &AdapterStats<B>,
+    ) -> Tensor<B, D> {
+        match self {
+            Projection::Plain(l) => l.forward(x),
+            Projection::Lora(l) => l.forward(x),
+            Projection::MoeLora(l) => l.forward(x, stats),
+        }
+    }
+
+    /// Trainable adapter parameters of this layer.
+    pub fn adapter_params(&self) -> usize {
+        use crate::model::params::count_params;
+        match self {
+            Projection::Plain(_) => 0,
+            Projection::Lora(l) => count_params(&l.lora_a) + count_params(&l.lora_b),
+            Projection::MoeLora(l) => {
+                count_params(&l.router) + count_params(&l.experts_a) + count_params(&l.experts_b)
+            }
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! PEFT-format adapter folders (filled in below).
