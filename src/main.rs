@@ -10,6 +10,8 @@ use burn::backend::Flex;
 use burn::prelude::Backend;
 use clap::{Parser, Subcommand};
 
+use qwen3_vl_moelora::adapter::peft::read_adapter_config;
+use qwen3_vl_moelora::adapter::{AdapterConfig, AdapterKind};
 use qwen3_vl_moelora::checkpoint::WeightDType;
 use qwen3_vl_moelora::cli::data::{
     bench_preprocess, check_dataset, default_tokenizer, parse_special_ids, write_synthetic_set,
@@ -35,11 +37,30 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Print the architecture and the parameter count by component.
+    /// Print the architecture, the parameter count by component and, with an adapter, the
+    /// peft-style trainable-parameter line.
     Info {
         /// A model folder (holding config.json) or a config.json file.
         #[arg(long)]
         model: PathBuf,
+        /// `lora`, `moelora`, or an adapter folder (adapter_config.json).
+        #[arg(long)]
+        adapter: Option<String>,
+        /// Adapter rank.
+        #[arg(long, default_value_t = 8)]
+        r: usize,
+        /// LoRA alpha.
+        #[arg(long, default_value_t = 16.0)]
+        alpha: f64,
+        /// Comma-separated module names (q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,qkv,proj,linear_fc1,linear_fc2).
+        #[arg(long, default_value = "q_proj,k_proj,v_proj,o_proj")]
+        targets: String,
+        /// MoE-LoRA experts.
+        #[arg(long, default_value_t = 2)]
+        experts: usize,
+        /// MoE-LoRA experts per token.
+        #[arg(long, default_value_t = 1)]
+        top_k: usize,
     },
     /// Run one forward pass on inputs from a safetensors file and write the logits.
     Forward {
@@ -245,8 +266,40 @@ fn forward_on<B: Backend>(opts: &ForwardOptions, device: &B::Device, name: &str)
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Info { model } => {
-            print!("{}", info_report::<Flex>(&model, &FlexDevice)?);
+        Command::Info {
+            model,
+            adapter,
+            r,
+            alpha,
+            targets,
+            experts,
+            top_k,
+        } => {
+            let adapter = match adapter.as_deref() {
+                None => None,
+                Some(kind @ ("lora" | "moelora")) => Some(AdapterConfig {
+                    kind: if kind == "lora" {
+                        AdapterKind::Lora
+                    } else {
+                        AdapterKind::Moelora
+                    },
+                    r,
+                    alpha,
+                    dropout: 0.0,
+                    experts,
+                    top_k,
+                    renormalize: false,
+                    router_dropout: 0.0,
+                    aux_loss_coef: 0.01,
+                    targets: targets.split(',').map(|t| t.trim().to_string()).collect(),
+                    layers: None,
+                }),
+                Some(dir) => Some(read_adapter_config(std::path::Path::new(dir))?),
+            };
+            print!(
+                "{}",
+                info_report::<Flex>(&model, adapter.as_ref(), &FlexDevice)?
+            );
             Ok(())
         }
         Command::Forward {

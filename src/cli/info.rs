@@ -5,17 +5,25 @@ use std::path::Path;
 
 use burn::prelude::*;
 
+use crate::adapter::inject::{inject, trainable_counts, trainable_line};
+use crate::adapter::{AdapterConfig, AdapterKind};
 use crate::error::Result;
 use crate::model::config::config_file;
 use crate::model::params::{group, param_breakdown};
 use crate::model::{Qwen3VlConfig, Qwen3VlModel};
 
-/// Renders the report for the model folder or `config.json` at `path`. Builds the model
-/// lazily on `device`: nothing is allocated, so the 8B prints instantly.
-pub fn info_report<B: Backend>(path: &Path, device: &B::Device) -> Result<String> {
+/// Renders the report for the model folder or `config.json` at `path`, with `adapter`
+/// injected when given (its peft-style trainable line last). Builds the model lazily on
+/// `device`: nothing is allocated, so the 8B prints instantly.
+pub fn info_report<B: Backend>(
+    path: &Path,
+    adapter: Option<&AdapterConfig>,
+    device: &B::Device,
+) -> Result<String> {
     let file = config_file(path);
     let cfg = Qwen3VlConfig::from_path(&file)?;
-    let model = Qwen3VlModel::<B>::init(&cfg, device);
+    let base = Qwen3VlModel::<B>::init(&cfg, device);
+    let model = base;
     let b = param_breakdown(&model);
     let t = &cfg.text_config;
     let v = &cfg.vision_config;
@@ -101,5 +109,28 @@ pub fn info_report<B: Backend>(path: &Path, device: &B::Device) -> Result<String
         b.total() as f64 * 2.0 / 1e9,
         b.total() as f64 * 4.0 / 1e9
     );
+    if let Some(a) = adapter {
+        let (mut adapted, layers) = inject(model, a)?;
+        let (trainable, all) = trainable_counts(&mut adapted);
+        let _ = writeln!(w);
+        let _ = writeln!(
+            w,
+            "adapter: {} r={} alpha={} on {} layers ({}){}",
+            match a.kind {
+                AdapterKind::Lora => "LoRA".to_string(),
+                AdapterKind::Moelora =>
+                    format!("MoE-LoRA with {} experts, top-{}", a.experts, a.top_k),
+            },
+            a.r,
+            a.alpha,
+            layers,
+            a.targets.join(","),
+            match &a.layers {
+                Some(l) => format!(", decoder layers / vision blocks {l:?}"),
+                None => String::new(),
+            }
+        );
+        let _ = writeln!(w, "{}", trainable_line(trainable, all));
+    }
     Ok(s)
 }
