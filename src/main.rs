@@ -82,6 +82,9 @@ enum Command {
         /// Use random weights (the config alone); for timing.
         #[arg(long)]
         random_init: bool,
+        /// Adapter folder (a peft LoRA folder or one of ours) applied on the base.
+        #[arg(long)]
+        adapter: Option<PathBuf>,
         /// Also write vision outputs, DeepStack features and every layer's hidden state.
         #[arg(long)]
         all: bool,
@@ -309,6 +312,7 @@ fn run(cli: Cli) -> Result<()> {
             device,
             dtype,
             random_init,
+            adapter,
             all,
             repeat,
         } => {
@@ -318,6 +322,7 @@ fn run(cli: Cli) -> Result<()> {
                 out,
                 dtype: WeightDType::parse(&dtype)?,
                 random_init,
+                adapter,
                 all,
                 repeat,
             };

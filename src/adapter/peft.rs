@@ -73,6 +73,14 @@ pub fn read_adapter_config(dir: &Path) -> Result<AdapterConfig> {
             ));
         }
     }
+    for field in ["rank_pattern", "alpha_pattern"] {
+        if v[field].as_object().is_some_and(|o| !o.is_empty()) {
+            return Err(bad(
+                field,
+                "per-module ranks or alphas are not supported".into(),
+            ));
+        }
+    }
     if let Some(b) = v["bias"].as_str().filter(|b| *b != "none") {
         return Err(bad(
             "bias",

@@ -8,6 +8,7 @@ use std::time::Instant;
 use burn::prelude::*;
 use burn::tensor::DType;
 
+use crate::adapter::peft::load_adapter;
 use crate::checkpoint::load::random_model;
 use crate::checkpoint::{load_model, HostTensor, TensorFile, WeightDType};
 use crate::error::{Error, Result};
@@ -27,6 +28,8 @@ pub struct ForwardOptions {
     pub dtype: WeightDType,
     /// Random weights instead of a checkpoint (benchmarks).
     pub random_init: bool,
+    /// Adapter folder (peft LoRA or ours) applied on top of the base.
+    pub adapter: Option<PathBuf>,
     /// Also write vision outputs and every layer's hidden state.
     pub all: bool,
     /// Timed repetitions after one warm-up run (0 = a single untimed-warm-up run).
@@ -157,12 +160,16 @@ pub fn prepare_model<B: Backend>(
     opts: &ForwardOptions,
     device: &B::Device,
 ) -> Result<(Qwen3VlConfig, Qwen3VlModel<B>)> {
-    if opts.random_init {
+    let (cfg, model) = if opts.random_init {
         let cfg = Qwen3VlConfig::from_path(&config_file(&opts.model))?;
         let model = random_model(&cfg, device, opts.dtype);
-        Ok((cfg, model))
+        (cfg, model)
     } else {
-        load_model(&opts.model, device, opts.dtype)
+        load_model(&opts.model, device, opts.dtype)?
+    };
+    match &opts.adapter {
+        Some(dir) => Ok((cfg, load_adapter(model, dir)?.0)),
+        None => Ok((cfg, model)),
     }
 }
 

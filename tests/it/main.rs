@@ -1,5 +1,6 @@
 //! Integration tests, in one binary so the generic model code is compiled once.
 
+mod adapters;
 mod batching;
 mod cli;
 mod common;
