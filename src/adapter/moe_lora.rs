@@ -181,3 +181,195 @@ impl<B: Backend> MoeLoraLinear<B> {
         b.matmul(a).mul_scalar(self.scaling)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::{Autodiff, Flex};
+    use burn::module::{AutodiffModule, ParamId};
+
+    type Ad = Autodiff<Flex>;
+
+    fn layer<B: Backend>(experts: usize, top_k: usize, renormalize: bool) -> MoeLoraLinear<B> {
+        let dev = Default::default();
+        let base = Linear::init(5, 4, true, &dev);
+        MoeLoraLinear::new(
+            base,
+            MoeLoraOptions {
+                r: 2,
+                alpha: 4.0,
+                experts,
+                top_k,
+                renormalize,
+                dropout: 0.0,
+                router_dropout: 0.0,
+            },
+        )
+    }
+
+    fn set<B: Backend, const D: usize>(
+        p: &Param<Tensor<B, D>>,
+        t: Tensor<B, D>,
+    ) -> Param<Tensor<B, D>> {
+        Param::initialized(p.id, t.require_grad())
+    }
+
+    fn randn<B: Backend, const D: usize>(shape: [usize; D], seed: u64) -> Tensor<B, D> {
+        let mut rng = crate::data::synthetic::Rng::new(seed);
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|_| (rng.below(2001) as f32 - 1000.0) / 1000.0)
+            .collect();
+        Tensor::from_data(TensorData::new(v, shape), &Default::default())
+    }
+
+    #[test]
+    fn zero_init_equals_base_and_top1_uses_one_expert() {
+        let mut l = layer::<Flex>(2, 1, false);
+        let x = randn::<Flex, 2>([6, 5], 1);
+        let stats = AdapterStats::new();
+        let y = l.forward(x.clone(), &stats);
+        let base = l.base.forward(x.clone());
+        assert_eq!(y.to_data(), base.to_data());
+        // Non-zero experts: each token's update must equal exactly one expert's, weighted.
+        l.experts_b = set(&l.experts_b, randn([2, 4, 2], 2));
+        let y = l.forward(x.clone(), &stats);
+        let update = (y - base).into_data().to_vec::<f32>().unwrap();
+        let probs = softmax(x.clone().matmul(l.router.val().transpose()), 1);
+        let p = probs.into_data().to_vec::<f32>().unwrap();
+        for t in 0..6 {
+            let e = if p[t * 2] >= p[t * 2 + 1] { 0 } else { 1 };
+            let xe = x.clone().narrow(0, t, 1);
+            let want = xe
+                .matmul(l.expert_delta(e).transpose())
+                .mul_scalar(p[t * 2 + e]);
+            let want = want.into_data().to_vec::<f32>().unwrap();
+            for j in 0..4 {
+                assert!((update[t * 4 + j] - want[j]).abs() < 1e-5, "token {t}");
+            }
+        }
+        let counts = stats.expert_tokens();
+        assert_eq!(counts.iter().sum::<usize>(), 12); // two forwards x 6 tokens x top-1
+    }
+
+    #[test]
+    fn aux_loss_is_one_when_uniform_and_grows_with_imbalance() {
+        let mut l = layer::<Flex>(2, 1, false);
+        let x = randn::<Flex, 2>([8, 5], 3);
+        let aux = |l: &MoeLoraLinear<Flex>| {
+            let s = AdapterStats::new();
+            l.forward(x.clone(), &s);
+            s.mean_aux_loss().unwrap().into_scalar()
+        };
+        l.router = set(&l.router, Tensor::zeros([2, 5], &Default::default()));
+        assert!((aux(&l) - 1.0).abs() < 1e-6, "{}", aux(&l));
+        // Feature 0 is 1 for every token; a router keyed on it sends everything to expert 0:
+        // f = (1, 0), P -> (1, 0), aux -> 2. A milder preference lands in between.
+        let ones = Tensor::<Flex, 2>::ones([8, 1], &Default::default());
+        let x1 = Tensor::cat(vec![ones, x.clone().narrow(1, 1, 4)], 1);
+        let aux_x1 = |l: &MoeLoraLinear<Flex>| {
+            let s = AdapterStats::new();
+            l.forward(x1.clone(), &s);
+            s.mean_aux_loss().unwrap().into_scalar()
+        };
+        let mut router = vec![0f32; 10];
+        let mut prev = 1.0;
+        for strength in [0.5f32, 2.0, 20.0] {
+            router[0] = strength;
+            router[5] = -strength;
+            l.router = set(
+                &l.router,
+                Tensor::from_data(TensorData::new(router.clone(), [2, 5]), &Default::default()),
+            );
+            let a = aux_x1(&l);
+            assert!(a > prev, "aux {a} should grow past {prev}");
+            prev = a;
+        }
+        assert!(prev > 1.99, "{prev}");
+    }
+
+    #[test]
+    fn gradients_match_finite_differences_and_skip_the_base() {
+        // Dense mixture (k = E) keeps the loss smooth for finite differences.
+        let mut l = layer::<Ad>(2, 2, false);
+        l.experts_b = set(&l.experts_b, randn([2, 4, 2], 4));
+        l.router = set(&l.router, randn([2, 5], 5));
+        let x = randn::<Ad, 2>([3, 5], 6).require_grad();
+        let c = randn::<Ad, 2>([3, 4], 7);
+        let stats = AdapterStats::new();
+        let loss = (l.forward(x.clone(), &stats) * c.clone()).sum();
+        let grads = loss.backward();
+        assert!(
+            l.base.weight.val().grad(&grads).is_none(),
+            "the base must not get gradients"
+        );
+        let inner = l.valid();
+        let eval = |m: &MoeLoraLinear<Flex>, x: Tensor<Flex, 2>| -> f64 {
+            let s = AdapterStats::new();
+            (m.forward(x, &s) * c.clone().inner()).sum().into_scalar() as f64
+        };
+        let eps = 1e-2f32;
+        // d/d experts_a, experts_b, router: perturb each element.
+        macro_rules! check {
+            ($field:ident, $d:literal) => {{
+                let g = l
+                    .$field
+                    .val()
+                    .grad(&grads)
+                    .unwrap()
+                    .into_data()
+                    .to_vec::<f32>()
+                    .unwrap();
+                let base = inner.$field.val();
+                let flat = base.clone().into_data().to_vec::<f32>().unwrap();
+                let shape = base.dims();
+                for i in 0..flat.len() {
+                    let mut plus = flat.clone();
+                    let mut minus = flat.clone();
+                    plus[i] += eps;
+                    minus[i] -= eps;
+                    let mk = |v: Vec<f32>| {
+                        let mut m = inner.clone();
+                        m.$field = Param::initialized(
+                            ParamId::new(),
+                            Tensor::<Flex, $d>::from_data(
+                                TensorData::new(v, shape),
+                                &Default::default(),
+                            ),
+                        );
+                        m
+                    };
+                    let fd = (eval(&mk(plus), x.clone().inner())
+                        - eval(&mk(minus), x.clone().inner()))
+                        / (2.0 * eps as f64);
+                    assert!(
+                        (fd - g[i] as f64).abs() < 2e-2 * (1.0 + fd.abs()),
+                        "{} [{i}]: fd {fd} vs autodiff {}",
+                        stringify!($field),
+                        g[i]
+                    );
+                }
+            }};
+        }
+        check!(experts_a, 3);
+        check!(experts_b, 3);
+        check!(router, 2);
+        // d/dx
+        let gx = x.grad(&grads).unwrap().into_data().to_vec::<f32>().unwrap();
+        let xf = x.clone().inner().into_data().to_vec::<f32>().unwrap();
+        for i in 0..xf.len() {
+            let (mut p, mut m) = (xf.clone(), xf.clone());
+            p[i] += eps;
+            m[i] -= eps;
+            let t = |v: Vec<f32>| {
+                Tensor::<Flex, 2>::from_data(TensorData::new(v, [3, 5]), &Default::default())
+            };
+            let fd = (eval(&inner, t(p)) - eval(&inner, t(m))) / (2.0 * eps as f64);
+            assert!(
+                (fd - gx[i] as f64).abs() < 2e-2 * (1.0 + fd.abs()),
+                "x[{i}]: fd {fd} vs {}",
+                gx[i]
+            );
+        }
+    }
+}

@@ -115,3 +115,41 @@ fn moelora_round_trips_and_starts_at_the_base() {
         "{err}"
     );
 }
+
+#[test]
+fn only_adapter_tensors_get_gradients() {
+    type Ad = burn::backend::Autodiff<Cpu>;
+    let dev = Default::default();
+    let (_, model) = load_model::<Ad>(&tiny_model(), &dev, WeightDType::F32).unwrap();
+    for kind in [AdapterKind::Lora, AdapterKind::Moelora] {
+        let cfg = AdapterConfig {
+            kind,
+            r: 2,
+            alpha: 4.0,
+            dropout: 0.0,
+            experts: 2,
+            top_k: 1,
+            renormalize: false,
+            router_dropout: 0.0,
+            aux_loss_coef: 0.01,
+            targets: vec!["q_proj".into(), "v_proj".into(), "linear_fc2".into()],
+            layers: None,
+        };
+        let (model, wrapped) = inject(model.clone(), &cfg).unwrap();
+        let inputs = read_inputs::<Ad>(&tiny_inputs(), &dev).unwrap();
+        let out = model.forward(&inputs, false).unwrap();
+        let mut loss = out.logits.powi_scalar(2).mean();
+        if let Some(aux) = out.aux_loss {
+            loss = loss + aux;
+        }
+        let grads = burn::optim::GradientsParams::from_grads(loss.backward(), &model);
+        let per_layer = if kind == AdapterKind::Lora { 2 } else { 3 };
+        assert_eq!(
+            grads.len(),
+            wrapped * per_layer,
+            "{kind:?}: only adapter tensors"
+        );
+        let total = qwen3_vl_moelora::model::params::count_params(&model);
+        assert!(total > 400_000);
+    }
+}
