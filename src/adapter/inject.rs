@@ -1,6 +1,5 @@
 //! Wrapping the model's linear layers with adapters, by module name, and the parameter summary.
 
-use burn::module::Module;
 use burn::prelude::*;
 
 use super::config::{AdapterConfig, AdapterKind};
@@ -103,7 +102,7 @@ pub fn inject<B: Backend>(
     cfg: &AdapterConfig,
 ) -> Result<(Qwen3VlModel<B>, usize)> {
     cfg.validate()?;
-    let mut model = model.no_grad();
+    let mut model = super::freeze(model);
     model.meta.aux_loss_coef = if cfg.kind == AdapterKind::Moelora {
         cfg.aux_loss_coef
     } else {

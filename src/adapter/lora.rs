@@ -39,7 +39,7 @@ impl<B: Backend> LoraLinear<B> {
         let (d_in, d_out) = (base.d_in(), base.d_out());
         let device = base.weight.lazy_device();
         Self {
-            base: base.no_grad(),
+            base: super::freeze(base),
             lora_a: lora_a_init(d_in).init([r, d_in], &device),
             lora_b: Initializer::Zeros.init([d_out, r], &device),
             scaling: alpha / r as f64,

@@ -22,6 +22,21 @@ pub use moe_lora::{MoeLoraLinear, MoeLoraOptions};
 
 use crate::model::layers::Linear;
 
+/// Marks every float parameter of `module` as not trainable, without materialising lazy
+/// parameters (burn's `no_grad` initialises them, i.e. allocates a whole 4B model).
+pub fn freeze<B: Backend, M: Module<B>>(module: M) -> M {
+    struct Freeze;
+    impl<B: Backend> burn::module::ModuleMapper<B> for Freeze {
+        fn map_float<const D: usize>(
+            &mut self,
+            param: burn::module::Param<Tensor<B, D>>,
+        ) -> burn::module::Param<Tensor<B, D>> {
+            param.set_require_grad(false)
+        }
+    }
+    module.map(&mut Freeze)
+}
+
 /// A frozen base layer an adapter can wrap (dense weights now; NF4 later).
 pub trait FrozenLinear<B: Backend> {
     /// `x · Wᵀ + b` on the last dimension.

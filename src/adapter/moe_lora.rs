@@ -65,7 +65,7 @@ impl<B: Backend> MoeLoraLinear<B> {
         let device = base.weight.lazy_device();
         let bound = 1.0 / (d_in as f64).sqrt();
         Self {
-            base: base.no_grad(),
+            base: super::freeze(base),
             router: Initializer::Uniform {
                 min: -bound,
                 max: bound,

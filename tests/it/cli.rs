@@ -193,3 +193,78 @@ fn preprocess_writes_hf_identical_pixels() {
         "--resize",
     );
 }
+
+#[test]
+fn info_prints_peft_trainable_lines() {
+    let run = |args: &[&str]| {
+        let out = bin().args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let c4 = config("qwen3-vl-4b-instruct.json");
+    let text = run(&[
+        "info",
+        "--model",
+        &c4,
+        "--adapter",
+        "lora",
+        "--r",
+        "8",
+        "--alpha",
+        "16",
+        "--targets",
+        "q_proj,k_proj,v_proj,o_proj",
+    ]);
+    assert!(
+        text.lines().any(|l| l
+            == "trainable params: 5,898,240 || all params: 4,443,714,048 || trainable%: 0.1327"),
+        "{text}"
+    );
+    let text = run(&[
+        "info",
+        "--model",
+        &c4,
+        "--adapter",
+        "moelora",
+        "--experts",
+        "2",
+        "--targets",
+        "q_proj,k_proj,v_proj,o_proj",
+    ]);
+    assert!(
+        text.lines().any(|l| l
+            == "trainable params: 12,644,352 || all params: 4,450,460,160 || trainable%: 0.2841"),
+        "{text}"
+    );
+    // A peft-made folder: the same line peft printed when it made it.
+    let m = tiny_model();
+    let a = reference("tiny-qwen3-vl-lora");
+    let text = run(&[
+        "info",
+        "--model",
+        m.to_str().unwrap(),
+        "--adapter",
+        a.to_str().unwrap(),
+    ]);
+    assert!(
+        text.lines()
+            .any(|l| l == "trainable params: 17,920 || all params: 417,056 || trainable%: 4.2968"),
+        "{text}"
+    );
+    fails_with(
+        &[
+            "info",
+            "--model",
+            &c4,
+            "--adapter",
+            "lora",
+            "--targets",
+            "visual_q_proj",
+        ],
+        "valid names: q_proj",
+    );
+}
