@@ -10,6 +10,7 @@ use burn::backend::Flex;
 use burn::prelude::Backend;
 use clap::{Parser, Subcommand};
 
+use qwen3_vl_moelora::adapter::merge::{merge_lora, MergeDType};
 use qwen3_vl_moelora::adapter::peft::read_adapter_config;
 use qwen3_vl_moelora::adapter::{AdapterConfig, AdapterKind};
 use qwen3_vl_moelora::checkpoint::WeightDType;
@@ -114,6 +115,21 @@ enum Command {
     Data {
         #[command(subcommand)]
         action: DataCommand,
+    },
+    /// Merge a LoRA adapter into the base weights and write a full HF checkpoint.
+    Merge {
+        /// Base checkpoint folder.
+        #[arg(long)]
+        model: PathBuf,
+        /// LoRA adapter folder (peft format).
+        #[arg(long)]
+        adapter: PathBuf,
+        /// Output folder (must not exist or be empty).
+        #[arg(long)]
+        out: PathBuf,
+        /// keep (each tensor's dtype in the base checkpoint) or f32.
+        #[arg(long, default_value = "keep")]
+        dtype: String,
     },
     /// Fine-tune with LoRA / MoE-LoRA (not implemented yet).
     Train {
@@ -358,10 +374,33 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Data { action } => run_data(action),
+        Command::Merge {
+            model,
+            adapter,
+            out,
+            dtype,
+        } => {
+            let dtype = match dtype.as_str() {
+                "keep" => MergeDType::Keep,
+                "f32" => MergeDType::F32,
+                other => {
+                    return Err(Error::Argument {
+                        arg: "--dtype".into(),
+                        message: format!("expected keep or f32, found `{other}`"),
+                    })
+                }
+            };
+            let n = merge_lora(&model, &adapter, &out, dtype)?;
+            eprintln!(
+                "merged the adapter into {n} weights; wrote {}",
+                out.display()
+            );
+            Ok(())
+        }
         Command::Train { .. } => Err(Error::Argument {
             arg: "train".into(),
             message: "training is not implemented yet (it arrives with the training issue); \
-                      available now: info, forward, preprocess, data"
+                      available now: info, forward, preprocess, data, merge"
                 .into(),
         }),
     }

@@ -8,6 +8,7 @@
 pub mod config;
 pub mod inject;
 pub mod lora;
+pub mod merge;
 pub mod moe_lora;
 pub mod peft;
 

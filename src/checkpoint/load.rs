@@ -128,7 +128,7 @@ pub fn load_weights<B: Backend>(
             location: shard.display().to_string(),
             device: device.clone(),
             dtype: dtype.dtype(),
-            path: Vec::new(),
+            path: ModulePath::default(),
             loaded: &mut loaded,
             error: None,
             patch_shape: &patch_shape,
@@ -164,7 +164,7 @@ struct ShardLoader<'a, B: Backend> {
     location: String,
     device: B::Device,
     dtype: DType,
-    path: Vec<String>,
+    path: ModulePath,
     loaded: &'a mut BTreeSet<String>,
     error: Option<Error>,
     patch_shape: &'a [usize],
@@ -205,29 +205,43 @@ impl<B: Backend> ShardLoader<'_, B> {
     }
 }
 
-/// Enum variants (`Projection::Plain`...) are not part of HF names.
-fn is_variant(container: &str) -> bool {
-    container.starts_with("Enum:")
+/// The module path while burn walks a model; enum variants (`Projection::Plain`...) are not
+/// part of HF names and are left out.
+#[derive(Default)]
+struct ModulePath(Vec<String>);
+
+impl ModulePath {
+    fn enter(&mut self, name: &str, container: &str) {
+        if !container.starts_with("Enum:") {
+            self.0.push(name.to_string());
+        }
+    }
+
+    fn exit(&mut self, container: &str) {
+        if !container.starts_with("Enum:") {
+            self.0.pop();
+        }
+    }
+
+    fn hf_name(&self) -> String {
+        hf_name(&self.0.join("."))
+    }
 }
 
 impl<B: Backend> ModuleMapper<B> for ShardLoader<'_, B> {
     fn enter_module(&mut self, name: &str, container: &str) {
-        if !is_variant(container) {
-            self.path.push(name.to_string());
-        }
+        self.path.enter(name, container);
     }
 
     fn exit_module(&mut self, _name: &str, container: &str) {
-        if !is_variant(container) {
-            self.path.pop();
-        }
+        self.path.exit(container);
     }
 
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
         if self.error.is_some() {
             return param;
         }
-        let name = hf_name(&self.path.join("."));
+        let name = self.path.hf_name();
         let expected = param.lazy_shape().dims::<D>().to_vec();
         match self.tensor::<D>(&name, &expected) {
             Ok(Some(t)) => {
@@ -247,25 +261,21 @@ impl<B: Backend> ModuleMapper<B> for ShardLoader<'_, B> {
 /// Collects the HF names of all float parameters.
 #[derive(Default)]
 struct NameCollector {
-    path: Vec<String>,
+    path: ModulePath,
     names: Vec<String>,
 }
 
 impl<B: Backend> ModuleVisitor<B> for NameCollector {
     fn enter_module(&mut self, name: &str, container: &str) {
-        if !is_variant(container) {
-            self.path.push(name.to_string());
-        }
+        self.path.enter(name, container);
     }
 
     fn exit_module(&mut self, _name: &str, container: &str) {
-        if !is_variant(container) {
-            self.path.pop();
-        }
+        self.path.exit(container);
     }
 
     fn visit_float<const D: usize>(&mut self, _param: &Param<Tensor<B, D>>) {
-        self.names.push(hf_name(&self.path.join(".")));
+        self.names.push(self.path.hf_name());
     }
 }
 

@@ -200,8 +200,7 @@ impl<B: Backend> Qwen3VlModel<B> {
         let mask = causal_padding_mask::<B>(inputs.attention_mask.as_deref(), b, t, &device);
         let out = self.language_model.forward(
             embeds.clone(),
-            &cos,
-            &sin,
+            (&cos, &sin),
             Some(mask),
             deepstack.as_ref(),
             keep_hidden,

@@ -172,12 +172,12 @@ impl<B: Backend> TextModel<B> {
         }
     }
 
-    /// Runs the decoder on `inputs_embeds` [B, T, H].
+    /// Runs the decoder on `inputs_embeds` [B, T, H] with rotary tables `(cos, sin)`
+    /// [B, 1, T, d] and the attention mask [B, 1, T, T].
     pub fn forward(
         &self,
         inputs_embeds: Tensor<B, 3>,
-        cos: &Tensor<B, 4>,
-        sin: &Tensor<B, 4>,
+        (cos, sin): (&Tensor<B, 4>, &Tensor<B, 4>),
         mask: Option<Tensor<B, 4, Bool>>,
         deepstack: Option<&DeepStackInjection<B>>,
         keep_layer_outputs: bool,

@@ -17,6 +17,22 @@ fn logits(model: &Qwen3VlModel<Cpu>) -> HostTensor {
         .unwrap()
 }
 
+fn moe(r: usize, targets: &[&str]) -> AdapterConfig {
+    AdapterConfig {
+        kind: AdapterKind::Moelora,
+        r,
+        alpha: 2.0 * r as f64,
+        dropout: 0.0,
+        experts: 2,
+        top_k: 1,
+        renormalize: false,
+        router_dropout: 0.0,
+        aux_loss_coef: 0.01,
+        targets: targets.iter().map(|t| t.to_string()).collect(),
+        layers: None,
+    }
+}
+
 fn base() -> Qwen3VlModel<Cpu> {
     load_model::<Cpu>(&tiny_model(), &Default::default(), WeightDType::F32)
         .unwrap()
@@ -124,16 +140,7 @@ fn only_adapter_tensors_get_gradients() {
     for kind in [AdapterKind::Lora, AdapterKind::Moelora] {
         let cfg = AdapterConfig {
             kind,
-            r: 2,
-            alpha: 4.0,
-            dropout: 0.0,
-            experts: 2,
-            top_k: 1,
-            renormalize: false,
-            router_dropout: 0.0,
-            aux_loss_coef: 0.01,
-            targets: vec!["q_proj".into(), "v_proj".into(), "linear_fc2".into()],
-            layers: None,
+            ..moe(2, &["q_proj", "v_proj", "linear_fc2"])
         };
         let (model, wrapped) = inject(model.clone(), &cfg).unwrap();
         let inputs = read_inputs::<Ad>(&tiny_inputs(), &dev).unwrap();
@@ -152,4 +159,48 @@ fn only_adapter_tensors_get_gradients() {
         let total = qwen3_vl_moelora::model::params::count_params(&model);
         assert!(total > 400_000);
     }
+}
+
+#[test]
+fn merge_folds_lora_into_the_weights_and_refuses_moelora() {
+    use qwen3_vl_moelora::adapter::merge::{merge_lora, MergeDType};
+    let out = tempfile::tempdir().unwrap();
+    let dir = out.path().join("merged");
+    let n = merge_lora(
+        &tiny_model(),
+        &reference("tiny-qwen3-vl-lora"),
+        &dir,
+        MergeDType::F32,
+    )
+    .unwrap();
+    // q,k,v,o in 4 layers + qkv and linear_fc1 in 4 blocks + linear_fc1 of 4 mergers.
+    assert_eq!(n, 16 + 4 + 4 + 4);
+    let (_, merged) = load_model::<Cpu>(&dir, &Default::default(), WeightDType::F32).unwrap();
+    let want = TensorFile::read(&reference("tiny-qwen3-vl-lora-reference.safetensors")).unwrap();
+    let err = rel_err(
+        &logits(&merged),
+        &want.tensors["logits"],
+        Some(&tiny_mask()),
+    );
+    assert!(err <= 1e-4, "merged logits vs peft: {err:.3e}");
+    // Kept dtype (bf16 like the base): close, rounded.
+    let dir16 = out.path().join("merged16");
+    merge_lora(
+        &tiny_model(),
+        &reference("tiny-qwen3-vl-lora"),
+        &dir16,
+        MergeDType::Keep,
+    )
+    .unwrap();
+    let (_, m16) = load_model::<Cpu>(&dir16, &Default::default(), WeightDType::F32).unwrap();
+    let err16 = rel_err(&logits(&m16), &want.tensors["logits"], Some(&tiny_mask()));
+    assert!(err16 < 2e-2, "{err16}");
+
+    // MoE-LoRA is refused with the reason.
+    let cfg = moe(2, &["q_proj"]);
+    let (mut model, _) = inject(base(), &cfg).unwrap();
+    let moe = out.path().join("moe");
+    save_adapter(&mut model, &cfg, "tiny", &moe).unwrap();
+    let err = merge_lora(&tiny_model(), &moe, &out.path().join("x"), MergeDType::Keep).unwrap_err();
+    assert!(err.to_string().contains("cannot be merged"), "{err}");
 }
