@@ -5,15 +5,14 @@ use burn::nn::{Dropout, DropoutConfig};
 use burn::prelude::*;
 
 use super::FrozenLinear;
-use crate::model::layers::Linear;
 
 /// LoRA on a frozen linear layer. A [r, in] starts Kaiming-uniform (bound 1/√in, as peft),
 /// B [out, r] starts at zero, so a fresh adapter leaves the layer unchanged. A and B are kept in
 /// f32 and cast to the activation dtype in the forward pass.
 #[derive(Module, Debug)]
-pub struct LoraLinear<B: Backend> {
+pub struct LoraLinear<B: Backend, W> {
     /// The frozen layer.
-    pub base: Linear<B>,
+    pub base: W,
     /// [r, in]
     pub lora_a: Param<Tensor<B, 2>>,
     /// [out, r]
@@ -33,11 +32,11 @@ pub fn lora_a_init(d_in: usize) -> Initializer {
     }
 }
 
-impl<B: Backend> LoraLinear<B> {
+impl<B: Backend, W: FrozenLinear<B>> LoraLinear<B, W> {
     /// Wraps `base` (frozen here) with a rank-`r` adapter.
-    pub fn new(base: Linear<B>, r: usize, alpha: f64, dropout: f64) -> Self {
+    pub fn new(base: W, r: usize, alpha: f64, dropout: f64) -> Self {
         let (d_in, d_out) = (base.d_in(), base.d_out());
-        let device = base.weight.lazy_device();
+        let device = base.device();
         Self {
             base: super::freeze(base),
             lora_a: lora_a_init(d_in).init([r, d_in], &device),

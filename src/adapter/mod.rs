@@ -38,15 +38,31 @@ pub fn freeze<B: Backend, M: Module<B>>(module: M) -> M {
     module.map(&mut Freeze)
 }
 
-/// A frozen base layer an adapter can wrap (dense weights now; NF4 later).
-pub trait FrozenLinear<B: Backend> {
+/// A frozen base layer an adapter can wrap: dense f32/f16/bf16 weights ([`Linear`]) now, the
+/// packed NF4 weight later.
+pub trait FrozenLinear<B: Backend>: Module<B> + core::fmt::Debug {
     /// `x · Wᵀ + b` on the last dimension.
     fn forward_frozen<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D>;
+    /// Input width.
+    fn d_in(&self) -> usize;
+    /// Output width.
+    fn d_out(&self) -> usize;
+    /// Device of the weights (without materialising lazy ones).
+    fn device(&self) -> B::Device;
 }
 
 impl<B: Backend> FrozenLinear<B> for Linear<B> {
     fn forward_frozen<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         self.forward(x)
+    }
+    fn d_in(&self) -> usize {
+        Linear::d_in(self)
+    }
+    fn d_out(&self) -> usize {
+        Linear::d_out(self)
+    }
+    fn device(&self) -> B::Device {
+        self.weight.lazy_device()
     }
 }
 
@@ -98,9 +114,9 @@ pub enum Projection<B: Backend> {
     /// No adapter.
     Plain(Linear<B>),
     /// LoRA.
-    Lora(LoraLinear<B>),
+    Lora(LoraLinear<B, Linear<B>>),
     /// Mixture of LoRA experts.
-    MoeLora(MoeLoraLinear<B>),
+    MoeLora(MoeLoraLinear<B, Linear<B>>),
 }
 
 impl<B: Backend> Projection<B> {

@@ -14,13 +14,12 @@ use burn::tensor::{DType, IndexingUpdateOp};
 
 use super::lora::lora_a_init;
 use super::{AdapterStats, FrozenLinear};
-use crate::model::layers::Linear;
 
 /// Mixture-of-LoRA-experts on a frozen linear layer.
 #[derive(Module, Debug)]
-pub struct MoeLoraLinear<B: Backend> {
+pub struct MoeLoraLinear<B: Backend, W> {
     /// The frozen layer.
-    pub base: Linear<B>,
+    pub base: W,
     /// Router weight [E, in].
     pub router: Param<Tensor<B, 2>>,
     /// Expert A matrices [E, r, in].
@@ -58,11 +57,11 @@ pub struct MoeLoraOptions {
     pub router_dropout: f64,
 }
 
-impl<B: Backend> MoeLoraLinear<B> {
+impl<B: Backend, W: FrozenLinear<B>> MoeLoraLinear<B, W> {
     /// Wraps `base` (frozen here) with `o.experts` LoRA experts and a router.
-    pub fn new(base: Linear<B>, o: MoeLoraOptions) -> Self {
+    pub fn new(base: W, o: MoeLoraOptions) -> Self {
         let (d_in, d_out) = (base.d_in(), base.d_out());
-        let device = base.weight.lazy_device();
+        let device = base.device();
         let bound = 1.0 / (d_in as f64).sqrt();
         Self {
             base: super::freeze(base),
@@ -190,7 +189,13 @@ mod tests {
 
     type Ad = Autodiff<Flex>;
 
-    fn layer<B: Backend>(experts: usize, top_k: usize, renormalize: bool) -> MoeLoraLinear<B> {
+    use crate::model::layers::Linear;
+
+    fn layer<B: Backend>(
+        experts: usize,
+        top_k: usize,
+        renormalize: bool,
+    ) -> MoeLoraLinear<B, Linear<B>> {
         let dev = Default::default();
         let base = Linear::init(5, 4, true, &dev);
         MoeLoraLinear::new(
@@ -256,7 +261,7 @@ mod tests {
     fn aux_loss_is_one_when_uniform_and_grows_with_imbalance() {
         let mut l = layer::<Flex>(2, 1, false);
         let x = randn::<Flex, 2>([8, 5], 3);
-        let aux = |l: &MoeLoraLinear<Flex>| {
+        let aux = |l: &MoeLoraLinear<Flex, Linear<Flex>>| {
             let s = AdapterStats::new();
             l.forward(x.clone(), &s);
             s.mean_aux_loss().unwrap().into_scalar()
@@ -267,7 +272,7 @@ mod tests {
         // f = (1, 0), P -> (1, 0), aux -> 2. A milder preference lands in between.
         let ones = Tensor::<Flex, 2>::ones([8, 1], &Default::default());
         let x1 = Tensor::cat(vec![ones, x.clone().narrow(1, 1, 4)], 1);
-        let aux_x1 = |l: &MoeLoraLinear<Flex>| {
+        let aux_x1 = |l: &MoeLoraLinear<Flex, Linear<Flex>>| {
             let s = AdapterStats::new();
             l.forward(x1.clone(), &s);
             s.mean_aux_loss().unwrap().into_scalar()
@@ -304,7 +309,7 @@ mod tests {
             "the base must not get gradients"
         );
         let inner = l.valid();
-        let eval = |m: &MoeLoraLinear<Flex>, x: Tensor<Flex, 2>| -> f64 {
+        let eval = |m: &MoeLoraLinear<Flex, Linear<Flex>>, x: Tensor<Flex, 2>| -> f64 {
             let s = AdapterStats::new();
             (m.forward(x, &s) * c.clone().inner()).sum().into_scalar() as f64
         };

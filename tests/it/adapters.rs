@@ -104,7 +104,13 @@ fn moelora_round_trips_and_starts_at_the_base() {
     };
     let (mut model, n) = inject(base(), &cfg).unwrap();
     assert_eq!(n, 2 + 2 + 2); // q_proj, down_proj in layers 0, 2; qkv in blocks 0, 2
-                              // Zero-initialised B: the output equals the base model's exactly.
+                              // A fresh plain LoRA leaves the model unchanged as well.
+    let lora = AdapterConfig {
+        kind: AdapterKind::Lora,
+        ..cfg.clone()
+    };
+    assert_eq!(logits(&inject(base(), &lora).unwrap().0), logits(&base()));
+    // Zero-initialised B: the output equals the base model's exactly.
     assert_eq!(logits(&model), logits(&base()));
     let inputs = read_inputs::<Cpu>(&tiny_inputs(), &Default::default()).unwrap();
     let out = model.forward(&inputs, false).unwrap();
