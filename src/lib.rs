@@ -2,6 +2,9 @@
 //!
 //! * [`model`]: the network (pure math, generic over the backend).
 //! * [`checkpoint`]: HF safetensors loading and tensor files.
+//! * [`adapter`]: LoRA and MoE-LoRA layers, injection, PEFT format, merge.
+//! * [`data`]: dataset sources, image preprocessing, chat template, batching.
+//! * [`experiment`]: `experiments/*.toml` run descriptions.
 //! * [`cli`]: the subcommands behind the binary.
 
 pub mod adapter;
@@ -9,6 +12,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod data;
 pub mod error;
+pub mod experiment;
 pub mod model;
 
 pub use error::{Error, Result};

@@ -23,6 +23,7 @@ use qwen3_vl_moelora::cli::info::info_report;
 use qwen3_vl_moelora::cli::preprocess::{parse_size, preprocess_to_file};
 use qwen3_vl_moelora::data::sources::Source;
 use qwen3_vl_moelora::data::ImageOptions;
+use qwen3_vl_moelora::experiment::Experiment;
 use qwen3_vl_moelora::{Error, Result};
 
 #[derive(Parser)]
@@ -41,9 +42,16 @@ enum Command {
     /// Print the architecture, the parameter count by component and, with an adapter, the
     /// peft-style trainable-parameter line.
     Info {
-        /// A model folder (holding config.json) or a config.json file.
+        /// A model folder (holding config.json) or a config.json file; overrides the
+        /// experiment's model.path.
+        #[arg(long, required_unless_present = "experiment")]
+        model: Option<PathBuf>,
+        /// An experiment file: prints its resolved settings and its adapter's trainable line.
         #[arg(long)]
-        model: PathBuf,
+        experiment: Option<PathBuf>,
+        /// Experiment overrides, `section.key=value` (repeatable).
+        #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+        set: Vec<String>,
         /// `lora`, `moelora`, or an adapter folder (adapter_config.json).
         #[arg(long)]
         adapter: Option<String>,
@@ -158,6 +166,9 @@ enum DataCommand {
     },
     /// Validate a dataset: every row and image; counts, token lengths, image sizes.
     Check {
+        /// An experiment file: checks its [data] with its settings.
+        #[arg(long, conflicts_with_all = ["csv", "json", "coco"])]
+        config: Option<PathBuf>,
         /// image_path,caption CSV.
         #[arg(long, conflicts_with_all = ["json", "coco"])]
         csv: Option<PathBuf>,
@@ -287,6 +298,25 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Info {
             model,
+            experiment: Some(file),
+            set,
+            ..
+        } => {
+            let mut exp = Experiment::load(&file, &set)?;
+            if let Some(m) = model {
+                exp.model.path = m;
+            }
+            println!("# {} (resolved)\n{}", file.display(), exp.to_toml());
+            print!(
+                "{}",
+                info_report::<Flex>(&exp.model.path, Some(&exp.adapter), &FlexDevice)?
+            );
+            Ok(())
+        }
+        Command::Info {
+            model,
+            experiment: None,
+            set: _,
             adapter,
             r,
             alpha,
@@ -315,6 +345,7 @@ fn run(cli: Cli) -> Result<()> {
                 }),
                 Some(dir) => Some(read_adapter_config(std::path::Path::new(dir))?),
             };
+            let model = model.expect("clap requires --model without --experiment");
             print!(
                 "{}",
                 info_report::<Flex>(&model, adapter.as_ref(), &FlexDevice)?
@@ -423,6 +454,27 @@ fn run_data(action: DataCommand) -> Result<()> {
             Ok(())
         }
         DataCommand::Check {
+            config: Some(file),
+            tokenizer,
+            skip_bad,
+            ..
+        } => {
+            let exp = Experiment::load(&file, &[])?;
+            let tok = tokenizer
+                .or_else(|| default_tokenizer(&exp.data.train))
+                .or_else(|| Some(exp.model.path.join("tokenizer.json")).filter(|p| p.exists()));
+            let opts = CheckOptions {
+                source: exp.source(),
+                tokenizer: tok,
+                image: exp.image_options(),
+                prompt: exp.data.prompt.clone(),
+                max_length: exp.data.max_length,
+                skip_bad: skip_bad || exp.data.skip_bad,
+            };
+            finish_check(&opts)
+        }
+        DataCommand::Check {
+            config: None,
             csv,
             json,
             coco,
@@ -463,17 +515,7 @@ fn run_data(action: DataCommand) -> Result<()> {
                 max_length,
                 skip_bad,
             };
-            let report = check_dataset(&opts)?;
-            print!("{}", report.text);
-            if !report.bad.is_empty() && !skip_bad {
-                return Err(Error::Input(format!(
-                    "{} bad rows (first: {}: {}); fix them or pass --skip-bad",
-                    report.bad.len(),
-                    report.bad[0].origin,
-                    report.bad[0].reason
-                )));
-            }
-            Ok(())
+            finish_check(&opts)
         }
         DataCommand::Bench {
             images,
@@ -481,6 +523,21 @@ fn run_data(action: DataCommand) -> Result<()> {
             repeat,
         } => run_bench(images, resize, repeat),
     }
+}
+
+/// Runs `data check` and fails when a bad row was found without `--skip-bad`.
+fn finish_check(opts: &CheckOptions) -> Result<()> {
+    let report = check_dataset(opts)?;
+    print!("{}", report.text);
+    if !report.bad.is_empty() && !opts.skip_bad {
+        return Err(Error::Input(format!(
+            "{} bad rows (first: {}: {}); fix them or pass --skip-bad",
+            report.bad.len(),
+            report.bad[0].origin,
+            report.bad[0].reason
+        )));
+    }
+    Ok(())
 }
 
 fn run_bench(images: PathBuf, resize: Option<String>, repeat: usize) -> Result<()> {

@@ -16,6 +16,7 @@ pub enum AdapterKind {
 
 /// Which layers get an adapter and how it is shaped.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct AdapterConfig {
     /// `lora` or `moelora`.
     #[serde(rename = "type")]

@@ -268,3 +268,56 @@ fn info_prints_peft_trainable_lines() {
         "valid names: q_proj",
     );
 }
+
+#[test]
+fn experiment_files_resolve_and_print_the_trainable_line() {
+    let c4 = config("qwen3-vl-4b-instruct.json");
+    let exp = format!(
+        "{}/experiments/qwen3-vl-4b-lora.toml",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let out = bin()
+        .args(["info", "--experiment", &exp, "--model", &c4])
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("grad_accum = 8") && text.contains("lr = 0.0001"),
+        "{text}"
+    );
+    assert!(
+        text.lines().any(|l| l
+            == "trainable params: 5,898,240 || all params: 4,443,714,048 || trainable%: 0.1327"),
+        "{text}"
+    );
+    // Without the checkpoint: where to put it, non-zero exit.
+    fails_with(
+        &["info", "--experiment", &exp],
+        "model/Qwen3-VL-4B-Instruct",
+    );
+    fails_with(
+        &[
+            "info",
+            "--experiment",
+            &exp,
+            "--model",
+            &c4,
+            "--set",
+            "train.lrr=3",
+        ],
+        "unknown field `lrr`",
+    );
+    fails_with(
+        &[
+            "info",
+            "--experiment",
+            &exp,
+            "--model",
+            &c4,
+            "--set",
+            "model.dtype=f8",
+        ],
+        "model.dtype",
+    );
+}
