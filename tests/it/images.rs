@@ -57,7 +57,7 @@ fn matches_hf_image_processor() {
         .keys()
         .filter_map(|k| k.strip_suffix(".grid").map(str::to_string))
         .collect();
-    assert_eq!(cases.len(), 8);
+    assert_eq!(cases.len(), 10);
     let mut report = String::new();
     let mut results = Vec::new();
     for case in &cases {

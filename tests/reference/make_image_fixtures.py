@@ -2,7 +2,8 @@
 """Image-processor parity fixtures: images plus what HF's Qwen3-VL image processor makes of them.
 
 Writes into tests/reference/ (or OUT_DIR):
-  images/<case>.<ext>                       the input files (PNG, JPEG; grayscale, RGBA, EXIF-rotated)
+  images/<case>.<ext>                       the input files (PNG, JPEG, WebP; grayscale, RGBA,
+                                            CMYK, EXIF-rotated)
   image-processor-reference.safetensors     per case: `<case>.levels` [N, 768] uint8, the patch
                                             rows' first temporal frame as uint8 levels
                                             (pixel value = (level - 127.5) / 127.5), `<case>.grid`
@@ -51,6 +52,8 @@ CASES = [
     ("jpeg_77x123", (77, 123), "jpeg", 4096, None),
     ("exif_rot90_96x64", (96, 64), "exif", 4096, None),
     ("resize280_375x500", (375, 500), "png", 65536, (280, 280)),
+    ("webp_lossless_64x96_exact", (64, 96), "webp", 4096, None),
+    ("jpeg_cmyk_64x96", (64, 96), "cmyk", 4096, None),
 ]
 
 
@@ -70,6 +73,10 @@ def write_image(path, hw, kind, seed):
         exif = Image.Exif()
         exif[0x0112] = 6
         img.save(path, exif=exif.tobytes(), quality=95)
+    elif kind == "webp":
+        Image.fromarray(arr).save(path, lossless=True)
+    elif kind == "cmyk":
+        Image.fromarray(arr).convert("CMYK").save(path, quality=95)
     else:
         Image.fromarray(arr).save(path)
 
@@ -79,7 +86,7 @@ def main():
     os.makedirs(os.path.join(out, "images"), exist_ok=True)
     tensors = {}
     for seed, (name, hw, kind, min_pixels, resize) in enumerate(CASES):
-        ext = "jpg" if kind in ("jpeg", "exif") else "png"
+        ext = {"jpeg": "jpg", "exif": "jpg", "cmyk": "jpg", "webp": "webp"}.get(kind, "png")
         path = os.path.join(out, "images", f"{name}.{ext}")
         write_image(path, hw, kind, seed)
         proc = Qwen2VLImageProcessor(
