@@ -14,5 +14,6 @@ pub mod data;
 pub mod error;
 pub mod experiment;
 pub mod model;
+pub mod train;
 
 pub use error::{Error, Result};
