@@ -4,13 +4,14 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use safetensors::tensor::TensorView;
-use safetensors::{Dtype, SafeTensors};
+use safetensors::Dtype;
 
 use super::config::AdapterKind;
 use super::peft::{read_adapter_config, WEIGHTS_FILE};
 use crate::checkpoint::shards::CheckpointFiles;
-use crate::checkpoint::tensor_file::{decode_f32, write_atomically};
+use crate::checkpoint::tensor_file::{
+    decode_f32, parse_safetensors, write_atomically, write_raw, RawTensor,
+};
 use crate::checkpoint::TensorFile;
 use crate::error::{Error, Result};
 
@@ -96,12 +97,9 @@ pub fn merge_lora(
     let mut merged = 0;
     for shard in &files.shards {
         let bytes = std::fs::read(shard).map_err(|e| Error::io(shard, e))?;
-        let st = SafeTensors::deserialize(&bytes).map_err(|e| Error::Safetensors {
-            path: shard.clone(),
-            message: e.to_string(),
-        })?;
+        let st = parse_safetensors(shard, &bytes)?;
         let location = shard.display().to_string();
-        let mut out: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+        let mut out: Vec<RawTensor> = Vec::new();
         for (name, view) in st.tensors() {
             let shape = view.shape().to_vec();
             let target = match (dtype, view.dtype()) {
@@ -137,19 +135,9 @@ pub fn merge_lora(
                 out.push((name.clone(), target, shape, view.data().to_vec()));
             }
         }
-        let views: Vec<(String, TensorView)> = out
-            .iter()
-            .map(|(n, d, s, b)| {
-                Ok((
-                    n.clone(),
-                    TensorView::new(*d, s.clone(), b).map_err(|e| Error::Input(e.to_string()))?,
-                ))
-            })
-            .collect::<Result<_>>()?;
-        let data = safetensors::serialize(views, None).map_err(|e| Error::Input(e.to_string()))?;
-        write_atomically(
+        write_raw(
             &out_dir.join(shard.file_name().expect("shard file name")),
-            &data,
+            &out,
         )?;
     }
     if merged != updates.len() {

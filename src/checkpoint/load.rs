@@ -13,7 +13,7 @@ use burn::tensor::DType;
 use safetensors::SafeTensors;
 
 use super::shards::CheckpointFiles;
-use super::tensor_file::decode_f32;
+use super::tensor_file::{decode_f32, parse_safetensors};
 use crate::error::{Error, Result};
 use crate::model::config::config_file;
 use crate::model::{Qwen3VlConfig, Qwen3VlModel};
@@ -119,10 +119,7 @@ pub fn load_weights<B: Backend>(
         // SAFETY: the file is only read while mapped; a concurrent writer would be a user error
         // that at worst yields wrong weights, which the shape checks partly catch.
         let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(shard, e))?;
-        let st = SafeTensors::deserialize(&mmap).map_err(|e| Error::Safetensors {
-            path: shard.clone(),
-            message: e.to_string(),
-        })?;
+        let st = parse_safetensors(shard, &mmap)?;
         let mut mapper = ShardLoader::<B> {
             shard: &st,
             location: shard.display().to_string(),

@@ -83,6 +83,34 @@ pub fn decode_i64(name: &str, location: &str, view: &TensorView<'_>) -> Result<V
     })
 }
 
+/// Parses safetensors `bytes` read from `path`; a corrupt file is an error naming it.
+pub fn parse_safetensors<'a>(path: &Path, bytes: &'a [u8]) -> Result<SafeTensors<'a>> {
+    SafeTensors::deserialize(bytes).map_err(|e| Error::Safetensors {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
+/// A tensor ready to write: (name, dtype, shape, little-endian bytes).
+pub type RawTensor = (String, Dtype, Vec<usize>, Vec<u8>);
+
+/// Writes raw tensors to `path` as safetensors, via a temporary file and a rename.
+pub fn write_raw(path: &Path, tensors: &[RawTensor]) -> Result<()> {
+    let views = tensors
+        .iter()
+        .map(|(n, d, s, b)| {
+            TensorView::new(*d, s.clone(), b)
+                .map(|v| (n.clone(), v))
+                .map_err(|e| Error::Input(format!("tensor `{n}`: {e}")))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let data = safetensors::serialize(views, None).map_err(|e| Error::Safetensors {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    write_atomically(path, &data)
+}
+
 /// All tensors of a safetensors file, by name.
 #[derive(Debug, Clone)]
 pub struct TensorFile {
@@ -102,10 +130,7 @@ impl TensorFile {
             });
         }
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        let st = SafeTensors::deserialize(&bytes).map_err(|e| Error::Safetensors {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })?;
+        let st = parse_safetensors(path, &bytes)?;
         let location = path.display().to_string();
         let mut tensors = BTreeMap::new();
         for (name, view) in st.tensors() {
@@ -164,36 +189,24 @@ impl TensorFile {
 
 /// Writes tensors (f32 stays f32, i64 stays i64) to `path`, via a temporary file and a rename.
 pub fn write_tensors(path: &Path, tensors: &BTreeMap<String, HostTensor>) -> Result<()> {
-    let bytes: Vec<(String, Vec<u8>, Dtype, Vec<usize>)> = tensors
+    let raw: Vec<RawTensor> = tensors
         .iter()
         .map(|(name, t)| match t {
             HostTensor::F32(v, s) => (
                 name.clone(),
-                v.iter().flat_map(|x| x.to_le_bytes()).collect(),
                 Dtype::F32,
                 s.clone(),
+                v.iter().flat_map(|x| x.to_le_bytes()).collect(),
             ),
             HostTensor::I64(v, s) => (
                 name.clone(),
-                v.iter().flat_map(|x| x.to_le_bytes()).collect(),
                 Dtype::I64,
                 s.clone(),
+                v.iter().flat_map(|x| x.to_le_bytes()).collect(),
             ),
         })
         .collect();
-    let views = bytes
-        .iter()
-        .map(|(n, b, d, s)| {
-            TensorView::new(*d, s.clone(), b)
-                .map(|v| (n.clone(), v))
-                .map_err(|e| Error::Input(format!("tensor `{n}`: {e}")))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let data = safetensors::serialize(views, None).map_err(|e| Error::Safetensors {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    })?;
-    write_atomically(path, &data)
+    write_raw(path, &raw)
 }
 
 /// Writes `data` to `path.tmp` and renames it onto `path`, so a crash never leaves half a file.
