@@ -178,8 +178,8 @@ pub fn run_forward<B: Backend>(opts: &ForwardOptions, device: &B::Device) -> Res
     let t0 = Instant::now();
     let (_cfg, model) = prepare_model::<B>(opts, device)?;
     let inputs = read_inputs::<B>(&opts.inputs, device)?;
-    // Materialise every weight before timing (lazy random init happens on first use).
-    let _ = model.dtype();
+    // Loaded and random weights are already materialised (random_model casts each one); wait
+    // for the device to finish creating them so the load time is not billed to the forward.
     B::sync(device).map_err(|e| Error::Input(format!("device sync failed: {e:?}")))?;
     let load_s = t0.elapsed().as_secs_f64();
 
