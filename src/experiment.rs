@@ -68,6 +68,40 @@ pub struct DataSection {
     /// Skip and count bad rows instead of failing.
     #[serde(default)]
     pub skip_bad: bool,
+    /// tokenizer.json (default: the one in the model folder).
+    #[serde(default)]
+    pub tokenizer: Option<PathBuf>,
+    /// Generate this many synthetic samples into the folder of `train` when it is missing.
+    #[serde(default)]
+    pub synthetic: Option<usize>,
+    /// Seed of the generated synthetic set.
+    #[serde(default)]
+    pub synthetic_seed: u64,
+}
+
+/// `[pretrain]`: for the built-in demo, trains every weight of a randomly initialised small
+/// model first (on a different task) and saves it as the base checkpoint `model.path`, which
+/// the adapter run then loads like any downloaded checkpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PretrainSection {
+    /// Architecture (config.json); vocabulary size and special-token ids are taken from the
+    /// tokenizer.
+    pub config: PathBuf,
+    /// Its training captions (CSV), same images.
+    pub train: PathBuf,
+    /// Its prompt.
+    pub prompt: String,
+    /// Passes over the data.
+    pub epochs: usize,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Samples per micro-batch.
+    #[serde(default = "one")]
+    pub batch_size: usize,
+    /// Warmup optimizer steps.
+    #[serde(default)]
+    pub warmup_steps: usize,
 }
 
 /// `[train]`
@@ -130,6 +164,9 @@ pub struct Experiment {
     pub adapter: AdapterConfig,
     /// `[train]`
     pub train: TrainSection,
+    /// `[pretrain]` (demo only)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pretrain: Option<PretrainSection>,
 }
 
 fn default_dtype() -> String {
@@ -203,7 +240,7 @@ fn set_key(doc: &mut toml::Table, assignment: &str, file: &Path) -> Result<()> {
         .and_then(toml::Value::as_table_mut)
         .ok_or_else(|| {
             bad(format!(
-                "no section [{section}]; sections: model, data, adapter, train"
+                "no section [{section}]; sections: model, data, adapter, train, pretrain"
             ))
         })?;
     table.insert(field.to_string(), parsed);

@@ -5,6 +5,8 @@
 //! * [`adapter`]: LoRA and MoE-LoRA layers, injection, PEFT format, merge.
 //! * [`data`]: dataset sources, image preprocessing, chat template, batching.
 //! * [`experiment`]: `experiments/*.toml` run descriptions.
+//! * [`train`]: training with burn-train (`train`, sweeps).
+//! * [`infer`]: captioning.
 //! * [`cli`]: the subcommands behind the binary.
 
 pub mod adapter;
@@ -13,6 +15,7 @@ pub mod cli;
 pub mod data;
 pub mod error;
 pub mod experiment;
+pub mod infer;
 pub mod model;
 pub mod train;
 

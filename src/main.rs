@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use burn::backend::cuda::{Cuda, CudaDevice};
 use burn::backend::flex::FlexDevice;
-use burn::backend::Flex;
+use burn::backend::{Autodiff, Flex};
 use burn::prelude::Backend;
 use clap::{Parser, Subcommand};
 
@@ -24,6 +24,8 @@ use qwen3_vl_moelora::cli::preprocess::{parse_size, preprocess_to_file};
 use qwen3_vl_moelora::data::sources::Source;
 use qwen3_vl_moelora::data::ImageOptions;
 use qwen3_vl_moelora::experiment::Experiment;
+use qwen3_vl_moelora::train::sweep::run_sweep;
+use qwen3_vl_moelora::train::{train, TrainOptions};
 use qwen3_vl_moelora::{Error, Result};
 
 #[derive(Parser)]
@@ -140,11 +142,95 @@ enum Command {
         dtype: String,
     },
     /// Fine-tune with LoRA / MoE-LoRA (not implemented yet).
-    Train {
-        /// Anything; the command is not available yet.
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-        args: Vec<String>,
+    /// Train an adapter (default: the built-in demo, experiments/default.toml).
+    Train(TrainArgs),
+    /// Run every combination of a sweep file and print the results table.
+    Sweep {
+        /// Sweep file (experiments/sweep-*.toml).
+        file: PathBuf,
+        /// auto, cpu, cuda or cuda:N (passed to each run).
+        #[arg(long, default_value = "auto")]
+        device: String,
     },
+}
+
+/// Arguments of `train`.
+#[derive(clap::Args)]
+struct TrainArgs {
+    /// Experiment file.
+    #[arg(long, default_value = "experiments/default.toml")]
+    config: PathBuf,
+    /// Base checkpoint folder (model.path).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Training data file (data.train).
+    #[arg(long)]
+    train_data: Option<PathBuf>,
+    /// Output folder (train.output_dir).
+    #[arg(long)]
+    output_dir: Option<PathBuf>,
+    /// Override any field: section.key=value (repeatable).
+    #[arg(long = "set")]
+    set: Vec<String>,
+    /// Continue the run in OUTPUT_DIR from its newest checkpoint (uses its config.toml).
+    #[arg(long, value_name = "OUTPUT_DIR")]
+    resume: Option<PathBuf>,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Plain log lines even on a terminal (no dashboard).
+    #[arg(long)]
+    plain: bool,
+}
+
+impl TrainArgs {
+    /// The experiment with the path flags folded into the overrides.
+    fn experiment(&self) -> Result<Experiment> {
+        let quoted = |p: &PathBuf| toml::Value::String(p.display().to_string()).to_string();
+        let mut set = self.set.clone();
+        let file = match &self.resume {
+            Some(dir) => {
+                set.push(format!("train.output_dir={}", quoted(dir)));
+                dir.join("config.toml")
+            }
+            None => self.config.clone(),
+        };
+        for (key, value) in [
+            ("model.path", &self.model),
+            ("data.train", &self.train_data),
+            ("train.output_dir", &self.output_dir),
+        ] {
+            if let Some(v) = value {
+                set.push(format!("{key}={}", quoted(v)));
+            }
+        }
+        Experiment::load(&file, &set)
+    }
+}
+
+fn run_train(args: TrainArgs) -> Result<()> {
+    use std::io::IsTerminal;
+    let exp = args.experiment()?;
+    if exp.train.gradient_checkpointing {
+        println!(
+            "note: train.gradient_checkpointing is not implemented yet; training keeps all \
+             activations"
+        );
+    }
+    let opts = TrainOptions {
+        resume: args.resume.is_some(),
+        dashboard: std::io::stdout().is_terminal() && !args.plain,
+    };
+    match choose_device(&args.device)? {
+        DeviceChoice::Cpu => {
+            println!("device: cpu (flex)");
+            train::<Autodiff<Flex>>(&exp, &opts, &FlexDevice).map(|_| ())
+        }
+        DeviceChoice::Cuda(i) => {
+            println!("device: cuda:{i}");
+            train::<Autodiff<Cuda>>(&exp, &opts, &CudaDevice::new(i)).map(|_| ())
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -428,12 +514,18 @@ fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Command::Train { .. } => Err(Error::Argument {
-            arg: "train".into(),
-            message: "training is not implemented yet (it arrives with the training issue); \
-                      available now: info, forward, preprocess, data, merge"
-                .into(),
-        }),
+        Command::Train(args) => run_train(args),
+        Command::Sweep { file, device } => {
+            let exe = std::env::current_exe().map_err(|e| Error::io("current executable", e))?;
+            let results = run_sweep(&file, &exe, &device)?;
+            match results.iter().filter(|r| r.error.is_some()).count() {
+                0 => Ok(()),
+                n => Err(Error::Input(format!(
+                    "{n} of {} sweep runs failed",
+                    results.len()
+                ))),
+            }
+        }
     }
 }
 

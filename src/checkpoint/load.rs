@@ -9,13 +9,14 @@ use std::path::Path;
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::prelude::*;
-use burn::tensor::DType;
+use burn::tensor::{DType, Distribution};
 use safetensors::SafeTensors;
 
 use super::shards::CheckpointFiles;
 use super::tensor_file::{decode_f32, parse_safetensors};
 use crate::error::{Error, Result};
 use crate::model::config::config_file;
+use crate::model::layers::INIT_STD as LAYER_INIT_STD;
 use crate::model::{Qwen3VlConfig, Qwen3VlModel};
 
 /// Float format of the weights (and activations) on the device.
@@ -80,20 +81,51 @@ pub fn load_model<B: Backend>(
     Ok((cfg, model))
 }
 
-/// Materialises a randomly initialised model in `dtype` (for benchmarks and tests).
+/// Materialises a randomly initialised model in `dtype`, as HF initialises one: weight
+/// matrices and embeddings normal with the config's `initializer_range` (text and vision
+/// towers separately), biases zero, norms one.
 pub fn random_model<B: Backend>(
     cfg: &Qwen3VlConfig,
     device: &B::Device,
     dtype: WeightDType,
 ) -> Qwen3VlModel<B> {
-    struct Cast(DType);
-    impl<B: Backend> ModuleMapper<B> for Cast {
+    struct Init<B: Backend> {
+        dtype: DType,
+        text_std: f64,
+        vision_std: f64,
+        path: ModulePath,
+        device: B::Device,
+    }
+    impl<B: Backend> ModuleMapper<B> for Init<B> {
+        fn enter_module(&mut self, name: &str, container: &str) {
+            self.path.enter(name, container);
+        }
+        fn exit_module(&mut self, _name: &str, container: &str) {
+            self.path.exit(container);
+        }
         fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
-            let dt = self.0;
-            param.map(|t| t.cast(dt))
+            let name = self.path.hf_name();
+            let std = if name.starts_with("model.visual.") {
+                self.vision_std
+            } else {
+                self.text_std
+            };
+            let dt = self.dtype;
+            if D < 2 || std == LAYER_INIT_STD {
+                return param.map(|t| t.cast(dt));
+            }
+            let shape = param.lazy_shape();
+            let t = Tensor::<B, D>::random(shape, Distribution::Normal(0.0, std), &self.device);
+            Param::initialized(param.id, t.cast(dt).require_grad())
         }
     }
-    Qwen3VlModel::init(cfg, device).map(&mut Cast(dtype.dtype()))
+    Qwen3VlModel::init(cfg, device).map(&mut Init::<B> {
+        dtype: dtype.dtype(),
+        text_std: cfg.text_config.initializer_range,
+        vision_std: cfg.vision_config.initializer_range,
+        path: ModulePath::default(),
+        device: device.clone(),
+    })
 }
 
 /// Fills every parameter of `model` from the shards of `files`; errors name the tensor.
@@ -205,22 +237,22 @@ impl<B: Backend> ShardLoader<'_, B> {
 /// The module path while burn walks a model; enum variants (`Projection::Plain`...) are not
 /// part of HF names and are left out.
 #[derive(Default)]
-struct ModulePath(Vec<String>);
+pub(crate) struct ModulePath(Vec<String>);
 
 impl ModulePath {
-    fn enter(&mut self, name: &str, container: &str) {
+    pub(crate) fn enter(&mut self, name: &str, container: &str) {
         if !container.starts_with("Enum:") {
             self.0.push(name.to_string());
         }
     }
 
-    fn exit(&mut self, container: &str) {
+    pub(crate) fn exit(&mut self, container: &str) {
         if !container.starts_with("Enum:") {
             self.0.pop();
         }
     }
 
-    fn hf_name(&self) -> String {
+    pub(crate) fn hf_name(&self) -> String {
         hf_name(&self.0.join("."))
     }
 }

@@ -48,8 +48,11 @@ impl Rng {
 pub struct SyntheticSample {
     /// The picture.
     pub image: Rgb8,
-    /// Its caption.
+    /// Its caption ("a red circle to the left of a blue square").
     pub caption: String,
+    /// The two objects in reading order, without the relation ("a blue square and a red
+    /// circle" when the square is on the left or on top).
+    pub objects: String,
 }
 
 fn draw(img: &mut Rgb8, shape: &str, cx: f64, cy: f64, r: f64, color: [u8; 3]) {
@@ -73,11 +76,13 @@ fn draw(img: &mut Rgb8, shape: &str, cx: f64, cy: f64, r: f64, color: [u8; 3]) {
     }
 }
 
-/// Sample `index` of the set with `seed`: sizes from 96 to 320 pixels per side.
+/// Sample `index` of the set with `seed`: square, 96 to 320 pixels per side.
 pub fn synthetic_sample(seed: u64, index: usize) -> SyntheticSample {
     let mut rng = Rng::new(seed ^ (index as u64).wrapping_mul(0x2545_F491_4F6C_DD1D));
     let width = 96 + 16 * rng.below(15);
-    let height = 96 + 16 * rng.below(15);
+    // Square pictures: a fixed-size resize then keeps circles round and squares square.
+    let _unused_height_draw = rng.below(15);
+    let height = width;
     let shade = 200 + rng.below(40) as u8;
     let mut image = Rgb8 {
         width,
@@ -115,11 +120,26 @@ pub fn synthetic_sample(seed: u64, index: usize) -> SyntheticSample {
         r,
         COLORS[c2].1,
     );
+    // Name the left (or upper) object first, so each picture has exactly one right caption
+    // (with the first-drawn object first, "a red circle to the left of a blue square" and "a
+    // blue square to the right of a red circle" would both be right for the same picture).
+    let (first, second) = ((COLORS[c1].0, SHAPES[s1]), (COLORS[c2].0, SHAPES[s2]));
+    let (first, second) = if rel % 2 == 1 {
+        (second, first)
+    } else {
+        (first, second)
+    };
+    let relation = if rel < 2 { RELATIONS[0] } else { RELATIONS[2] };
     let caption = format!(
-        "a {} {} {} a {} {}",
-        COLORS[c1].0, SHAPES[s1], RELATIONS[rel], COLORS[c2].0, SHAPES[s2]
+        "a {} {} {relation} a {} {}",
+        first.0, first.1, second.0, second.1
     );
-    SyntheticSample { image, caption }
+    let objects = format!("a {} {} and a {} {}", first.0, first.1, second.0, second.1);
+    SyntheticSample {
+        image,
+        caption,
+        objects,
+    }
 }
 
 /// Text the synthetic tokenizer is trained on: every word the captions and the template use.
@@ -130,6 +150,8 @@ pub fn synthetic_corpus() -> Vec<String> {
         "system".to_string(),
         "COCO Yes:".to_string(),
         "Describe this image.".to_string(),
+        "Name the objects.".to_string(),
+        "and".to_string(),
     ];
     for (color, _) in COLORS {
         for shape in SHAPES {
@@ -141,11 +163,13 @@ pub fn synthetic_corpus() -> Vec<String> {
     c
 }
 
-/// Writes `n` samples to `out/images/NNNNNN.png`, `out/captions.csv` and `out/tokenizer.json`.
+/// Writes `n` samples to `out/images/NNNNNN.png`, `out/captions.csv`, `out/objects.csv`
+/// (the same images captioned with their objects only) and `out/tokenizer.json`.
 pub fn write_synthetic_set(out: &Path, n: usize, seed: u64, ids: SpecialIds) -> Result<()> {
     let images = out.join("images");
     std::fs::create_dir_all(&images).map_err(|e| Error::io(&images, e))?;
     let mut csv = String::from("image_path,caption\n");
+    let mut objects = csv.clone();
     for i in 0..n {
         let s = synthetic_sample(seed, i);
         let name = format!("{i:06}.png");
@@ -161,8 +185,10 @@ pub fn write_synthetic_set(out: &Path, n: usize, seed: u64, ids: SpecialIds) -> 
         .map_err(|e| Error::Input(format!("{}: {e}", path.display())))?;
         write_atomically(&path, &bytes)?;
         csv.push_str(&format!("images/{name},{}\n", s.caption));
+        objects.push_str(&format!("images/{name},{}\n", s.objects));
     }
     write_atomically(&out.join("captions.csv"), csv.as_bytes())?;
+    write_atomically(&out.join("objects.csv"), objects.as_bytes())?;
     let tok = build_tokenizer_json(&synthetic_corpus(), 400, ids)?;
     write_atomically(&out.join("tokenizer.json"), tok.as_bytes())
 }
@@ -179,10 +205,25 @@ mod tests {
         let sizes: std::collections::BTreeSet<_> = (0..20)
             .map(|i| {
                 let s = synthetic_sample(7, i);
-                (s.image.width, s.image.height)
+                assert_eq!(s.image.width, s.image.height);
+                s.image.width
             })
             .collect();
-        assert!(sizes.len() > 10);
+        assert!(sizes.len() > 8);
         assert!(a.caption.starts_with("a ") && a.caption.split(' ').count() >= 7);
+        // Objects in reading order: the left/upper one first; only "to the left of" and
+        // "above" are needed then.
+        for i in 0..40 {
+            let s = synthetic_sample(7, i);
+            let w: Vec<&str> = s.caption.split(' ').collect();
+            let first = format!("a {} {} and", w[1], w[2]);
+            assert!(
+                s.objects.starts_with(&first),
+                "{} / {}",
+                s.caption,
+                s.objects
+            );
+            assert!(s.caption.contains("to the left of") || s.caption.contains("above"));
+        }
     }
 }

@@ -26,6 +26,9 @@ pub struct RopeParameters {
 /// `text_config`: the Qwen3 decoder.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct TextConfig {
+    /// Std of the normal initialisation of weight matrices and embeddings.
+    #[serde(default = "default_init_std")]
+    pub initializer_range: f64,
     /// Rows of the embedding table (and of the LM head).
     pub vocab_size: usize,
     /// Width of the residual stream.
@@ -68,6 +71,9 @@ pub struct TextConfig {
 /// `vision_config`: the ViT with DeepStack taps.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct VisionConfig {
+    /// Std of the normal initialisation of weight matrices and embeddings.
+    #[serde(default = "default_init_std")]
+    pub initializer_range: f64,
     /// Number of vision blocks.
     pub depth: usize,
     /// Width of the vision residual stream.
@@ -128,6 +134,10 @@ pub struct Qwen3VlConfig {
     /// Whether the LM head shares the embedding table (top-level flag, as HF 5.x reads it).
     #[serde(default)]
     pub tie_word_embeddings: bool,
+}
+
+fn default_init_std() -> f64 {
+    0.02
 }
 
 fn default_silu() -> String {

@@ -7,6 +7,9 @@ use burn::module::{Initializer, Module, Param};
 use burn::prelude::*;
 use burn::tensor::DType;
 
+/// Default std of the normal initialisation (HF's `initializer_range`).
+pub const INIT_STD: f64 = 0.02;
+
 /// `nn.Linear` in HF layout: `y = x · weightᵀ + bias`, weight [out, in].
 #[derive(Module, Debug)]
 pub struct Linear<B: Backend> {
@@ -21,7 +24,7 @@ impl<B: Backend> Linear<B> {
     pub fn init(d_in: usize, d_out: usize, bias: bool, device: &B::Device) -> Self {
         let weight = Initializer::Normal {
             mean: 0.0,
-            std: 0.02,
+            std: INIT_STD,
         }
         .init([d_out, d_in], device);
         let bias = bias.then(|| Initializer::Zeros.init([d_out], device));
@@ -121,7 +124,7 @@ impl<B: Backend> Embedding<B> {
         Self {
             weight: Initializer::Normal {
                 mean: 0.0,
-                std: 0.02,
+                std: INIT_STD,
             }
             .init([rows, d], device),
         }

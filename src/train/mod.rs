@@ -1,5 +1,22 @@
-//! Training: the pieces that exist so far.
+//! Training with burn-train's Learner.
 //!
-//! * [`schedule`]: warmup + cosine/linear learning-rate schedule in optimizer steps.
+//! * [`run`]: `train` — data, model + adapter, Learner, final adapter, predictions, plots.
+//! * [`step`]: the train/valid steps, loss, loss scaling, clipping, per-step hooks.
+//! * [`data`]: run order (seeded epochs, resumable position) and the batcher.
+//! * [`state`]: shared run state, loss scaler, `metrics.csv`.
+//! * [`checkpoint`]: atomic step checkpoints and resume.
+//! * [`metrics`]: dashboard metrics; [`plot`]: loss/lr PNGs; [`schedule`]: warmup + decay.
+//! * [`sweep`]: grids of runs.
+//! * [`sweep`]: grids of runs.
 
+pub mod checkpoint;
+pub mod data;
+pub mod metrics;
+pub mod plot;
+pub mod run;
 pub mod schedule;
+pub mod state;
+pub mod step;
+pub mod sweep;
+
+pub use run::{train, TrainOptions, TrainReport};

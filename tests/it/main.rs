@@ -9,3 +9,4 @@ mod images;
 mod loading;
 mod parity;
 mod template;
+mod train;

@@ -1,0 +1,643 @@
+//! `train`: one run of an experiment with burn-train's Learner. Prepares the data, loads the
+//! base and injects the adapter (or resumes both from the newest checkpoint), trains, then
+//! writes the final adapter, `predictions.jsonl` for the held-out samples, `loss.png`/`lr.png`
+//! and `summary.json` into the output folder. A `[pretrain]` section (the demo) first builds
+//! the base checkpoint by training a random small model on another task.
+
+use std::panic::AssertUnwindSafe;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use burn::data::dataloader::DataLoaderBuilder;
+use burn::optim::{AdamWConfig, Optimizer};
+use burn::prelude::*;
+use burn::tensor::backend::AutodiffBackend;
+use burn::train::metric::LearningRateMetric;
+use burn::train::{Learner, SupervisedTraining};
+use serde::Serialize;
+
+use super::checkpoint::{latest_checkpoint, load_optimizer, CheckpointState};
+use super::data::{RunOrder, TrainBatcher};
+use super::metrics::{Quantity, QuietRenderer, ScalarMetric};
+use super::plot::plot_run;
+use super::schedule::{Decay, WarmupDecay};
+use super::state::{read_rows, truncate_rows, RunSettings, RunState, StepRow};
+use super::step::TrainModel;
+use crate::adapter::inject::{inject, trainable_counts, trainable_line};
+use crate::adapter::peft::{load_adapter, save_adapter};
+use crate::adapter::AdapterConfig;
+use crate::checkpoint::tensor_file::write_atomically;
+use crate::checkpoint::{load_model, save_model, stable_param_ids, CheckpointFiles, WeightDType};
+use crate::data::batch::{CaptionBatcher, PadSide, PreparedSample, SamplePreparer};
+use crate::data::sources::{split, Sample};
+use crate::data::synthetic::write_synthetic_set;
+use crate::data::template::ChatEncoder;
+use crate::data::tokenizer::{load_tokenizer, SpecialIds};
+use crate::error::{Error, Result};
+use crate::experiment::Experiment;
+use crate::infer::generate::greedy_caption;
+use crate::model::config::Qwen3VlConfig;
+use crate::model::params::count_params;
+use crate::model::Qwen3VlModel;
+
+/// How `train` runs.
+#[derive(Debug, Clone, Default)]
+pub struct TrainOptions {
+    /// Continue the run in `output_dir` from its newest checkpoint.
+    pub resume: bool,
+    /// Show burn's terminal dashboard (stdout is a terminal) instead of log lines.
+    pub dashboard: bool,
+}
+
+/// What a finished run reports (also written as `summary.json`).
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainReport {
+    /// Output folder.
+    pub output_dir: PathBuf,
+    /// Optimizer steps of the run.
+    pub steps: usize,
+    /// Mean loss of the last tenth of the steps.
+    pub final_loss: f64,
+    /// Held-out captions that match their reference exactly.
+    pub exact_matches: usize,
+    /// Held-out samples.
+    pub held_out: usize,
+    /// Training wall time (seconds, resumed runs included).
+    pub seconds: f64,
+    /// Trained parameters.
+    pub trainable_params: usize,
+    /// All parameters.
+    pub all_params: usize,
+    /// Peak resident memory of the process (bytes; Linux).
+    pub peak_rss_bytes: Option<u64>,
+}
+
+impl TrainReport {
+    /// `held-out exact match: 0.92 (11/12)`.
+    pub fn exact_match_line(&self) -> String {
+        format!(
+            "held-out exact match: {:.2} ({}/{})",
+            self.exact_matches as f64 / self.held_out.max(1) as f64,
+            self.exact_matches,
+            self.held_out
+        )
+    }
+}
+
+/// Runs `exp`: its `[pretrain]` stage first when the base checkpoint is missing.
+pub fn train<B: AutodiffBackend>(
+    exp: &Experiment,
+    opts: &TrainOptions,
+    device: &B::Device,
+) -> Result<TrainReport> {
+    ensure_synthetic(exp)?;
+    if let Some(pre) = &exp.pretrain {
+        if CheckpointFiles::find(&exp.model.path).is_err() {
+            let mut stage = exp.clone();
+            stage.model.path = pre.config.clone();
+            stage.data.train = pre.train.clone();
+            stage.data.prompt = pre.prompt.clone();
+            stage.train.epochs = pre.epochs;
+            stage.train.lr = pre.lr;
+            stage.train.batch_size = pre.batch_size;
+            stage.train.grad_accum = 1;
+            stage.train.warmup_steps = pre.warmup_steps;
+            stage.train.output_dir = exp.train.output_dir.join("pretrain");
+            stage.pretrain = None;
+            println!(
+                "pretraining the demo base ({} epochs on {}) into {}",
+                pre.epochs,
+                pre.train.display(),
+                exp.model.path.display()
+            );
+            let fresh = TrainOptions {
+                resume: false,
+                ..opts.clone()
+            };
+            run_stage::<B>(&stage, None, &fresh, device)?;
+            let from = stage.train.output_dir.join("model");
+            std::fs::create_dir_all(&exp.model.path).map_err(|e| Error::io(&exp.model.path, e))?;
+            for f in ["config.json", "model.safetensors"] {
+                let dst = exp.model.path.join(f);
+                std::fs::copy(from.join(f), &dst).map_err(|e| Error::io(&dst, e))?;
+            }
+            let tok = tokenizer_path(&stage);
+            let dst = exp.model.path.join("tokenizer.json");
+            std::fs::copy(&tok, &dst).map_err(|e| Error::io(&dst, e))?;
+        }
+    }
+    run_stage::<B>(exp, Some(&exp.adapter), opts, device)
+}
+
+/// Generates the synthetic set when the experiment asks for one and it is missing.
+fn ensure_synthetic(exp: &Experiment) -> Result<()> {
+    let Some(n) = exp.data.synthetic else {
+        return Ok(());
+    };
+    if exp.data.train.exists() {
+        return Ok(());
+    }
+    let dir = exp.data.train.parent().unwrap_or(Path::new("."));
+    println!("generating {n} synthetic samples into {}", dir.display());
+    write_synthetic_set(dir, n, exp.data.synthetic_seed, SpecialIds::Compact)
+}
+
+fn tokenizer_path(exp: &Experiment) -> PathBuf {
+    exp.data.tokenizer.clone().unwrap_or_else(|| {
+        if exp.model.path.is_dir() {
+            exp.model.path.join("tokenizer.json")
+        } else {
+            exp.model.path.with_file_name("tokenizer.json")
+        }
+    })
+}
+
+/// Files a run writes into its output folder (a fresh run removes an earlier run's).
+const RUN_FILES: [&str; 9] = [
+    "metrics.csv",
+    "checkpoints",
+    "predictions.jsonl",
+    "adapter",
+    "model",
+    "loss.png",
+    "lr.png",
+    "summary.json",
+    "burn",
+];
+
+/// The data of a run, prepared.
+struct RunData {
+    encoder: ChatEncoder,
+    train: Vec<PreparedSample>,
+    train_origins: Vec<String>,
+    test: Vec<PreparedSample>,
+    test_samples: Vec<Sample>,
+}
+
+/// The run's tokenizer with its chat tokens.
+fn run_encoder(exp: &Experiment) -> Result<ChatEncoder> {
+    let tok = tokenizer_path(exp);
+    ChatEncoder::new(load_tokenizer(&tok)?, &tok.display().to_string())
+}
+
+/// The experiment's image settings with the patch geometry of model `cfg`.
+fn image_options(exp: &Experiment, cfg: &Qwen3VlConfig) -> crate::data::ImageOptions {
+    let v = &cfg.vision_config;
+    crate::data::ImageOptions {
+        patch_size: v.patch_size,
+        temporal_patch_size: v.temporal_patch_size,
+        merge_size: v.spatial_merge_size,
+        ..exp.image_options()
+    }
+}
+
+fn prepare_data(
+    exp: &Experiment,
+    encoder: ChatEncoder,
+    images: crate::data::ImageOptions,
+) -> Result<RunData> {
+    let loaded = exp.source().read(exp.data.skip_bad)?;
+    for b in &loaded.skipped {
+        eprintln!("skipped {}: {}", b.origin, b.reason);
+    }
+    let parts = split(
+        loaded.samples,
+        exp.data.max_samples,
+        exp.data.test_samples,
+        exp.data.shuffle_seed,
+    )?;
+    let cache = exp
+        .data
+        .train
+        .parent()
+        .unwrap_or(Path::new("."))
+        .join(".cache");
+    let preparer = SamplePreparer {
+        images,
+        encoder: encoder.clone(),
+        prompt: exp.data.prompt.clone(),
+        max_length: exp.data.max_length,
+        cache_dir: Some(cache),
+    };
+    let started = std::time::Instant::now();
+    let (train, bad) = preparer.prepare_all(&parts.train, exp.data.skip_bad)?;
+    let (test, bad_test) = preparer.prepare_all(&parts.test, exp.data.skip_bad)?;
+    for b in bad.iter().chain(&bad_test) {
+        eprintln!("skipped {}: {}", b.origin, b.reason);
+    }
+    let truncated = train.iter().filter(|s| s.truncated).count();
+    println!(
+        "data: {} training + {} held-out samples prepared in {:.1} s{}",
+        train.len(),
+        test.len(),
+        started.elapsed().as_secs_f64(),
+        if truncated > 0 {
+            format!(" ({truncated} captions cut to max_length)")
+        } else {
+            String::new()
+        }
+    );
+    let bad_names: std::collections::BTreeSet<&str> =
+        bad.iter().map(|b| b.origin.as_str()).collect();
+    let train_origins = parts
+        .train
+        .iter()
+        .filter(|s| !bad_names.contains(s.origin.as_str()))
+        .map(|s| s.origin.clone())
+        .collect();
+    let bad_test: std::collections::BTreeSet<&str> =
+        bad_test.iter().map(|b| b.origin.as_str()).collect();
+    let test_samples = parts
+        .test
+        .into_iter()
+        .filter(|s| !bad_test.contains(s.origin.as_str()))
+        .collect();
+    Ok(RunData {
+        encoder,
+        train,
+        train_origins,
+        test,
+        test_samples,
+    })
+}
+
+/// The base model of a run and its config.json text: loaded from a checkpoint folder, or
+/// random from a config.json file with the tokenizer's vocabulary and special ids.
+fn base_model<B: Backend>(
+    exp: &Experiment,
+    enc: &ChatEncoder,
+    device: &B::Device,
+) -> Result<(Qwen3VlModel<B>, String, Qwen3VlConfig)> {
+    let dtype = WeightDType::parse(&exp.model.dtype)?;
+    let path = &exp.model.path;
+    if path.is_file() {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let mut json: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Json {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        let t = &enc.tokens;
+        json["text_config"]["vocab_size"] = enc.tokenizer.get_vocab_size(true).into();
+        json["image_token_id"] = t.image_pad.into();
+        json["video_token_id"] = t.video_pad.into();
+        json["vision_start_token_id"] = t.vision_start.into();
+        json["vision_end_token_id"] = t.vision_end.into();
+        let text = serde_json::to_string_pretty(&json).expect("json");
+        let cfg = Qwen3VlConfig::from_json(&text, path)?;
+        let model = crate::checkpoint::load::random_model::<B>(&cfg, device, dtype);
+        return Ok((model, text, cfg));
+    }
+    let (cfg, model) = load_model::<B>(path, device, dtype)?;
+    let file = path.join("config.json");
+    let text = std::fs::read_to_string(&file).map_err(|e| Error::io(&file, e))?;
+    Ok((model, text, cfg))
+}
+
+fn is_adapter_param(name: &str) -> bool {
+    ["lora_a", "lora_b", "router", "experts_a", "experts_b"]
+        .iter()
+        .any(|k| name.ends_with(k) || name.contains(&format!(".{k}.")))
+}
+
+fn peak_rss() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// One training stage: `adapter` None trains every weight.
+fn run_stage<B: AutodiffBackend>(
+    exp: &Experiment,
+    adapter: Option<&AdapterConfig>,
+    opts: &TrainOptions,
+    device: &B::Device,
+) -> Result<TrainReport> {
+    let out = exp.train.output_dir.clone();
+    let resume_from = if opts.resume {
+        Some(latest_checkpoint(&out)?.ok_or_else(|| {
+            Error::Input(format!(
+                "{}: no complete checkpoint to resume from (checkpoints/step-*/state.json)",
+                out.display()
+            ))
+        })?)
+    } else {
+        for f in RUN_FILES {
+            let p = out.join(f);
+            if p.is_dir() {
+                std::fs::remove_dir_all(&p).map_err(|e| Error::io(&p, e))?;
+            } else if p.exists() {
+                std::fs::remove_file(&p).map_err(|e| Error::io(&p, e))?;
+            }
+        }
+        None
+    };
+    std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
+    if !opts.resume {
+        write_atomically(&out.join("config.toml"), exp.to_toml().as_bytes())?;
+    }
+    let encoder = run_encoder(exp)?;
+    // Random initialisation (and anything else drawn before the first batch) is seeded too.
+    B::seed(device, exp.train.seed);
+    // Model: base + adapter (or every weight), resumed from the checkpoint when asked.
+    let (base, config_json, cfg) = base_model::<B>(exp, &encoder, device)?;
+    let images = image_options(exp, &cfg);
+    let data = prepare_data(exp, encoder, images.clone())?;
+    if data.train.is_empty() {
+        return Err(Error::Input(format!(
+            "{}: no training samples",
+            exp.data.train.display()
+        )));
+    }
+    let mut model = match (adapter, &resume_from) {
+        (Some(cfg), None) => inject(base, cfg)?.0,
+        (Some(_), Some((dir, _))) => load_adapter(base, &dir.join("adapter"))?.0,
+        (None, None) => base,
+        (None, Some((dir, _))) => {
+            let dtype = WeightDType::parse(&exp.model.dtype)?;
+            load_model::<B>(&dir.join("model"), device, dtype)?.1
+        }
+    };
+    let (trainable, all) = match adapter {
+        Some(_) => trainable_counts(&mut model),
+        None => {
+            let n = count_params(&model);
+            (n, n)
+        }
+    };
+    let model = if adapter.is_some() {
+        stable_param_ids(model, is_adapter_param)
+    } else {
+        stable_param_ids(model, |_| true)
+    };
+
+    let n = data.train.len();
+    let per_step = exp.train.batch_size * exp.train.grad_accum;
+    let total_steps = exp.train.epochs * n / per_step;
+    if total_steps == 0 {
+        return Err(Error::Config {
+            path: out.join("config.toml"),
+            field: "train.batch_size".into(),
+            message: format!(
+                "{} epochs of {n} samples make no optimizer step of batch_size x grad_accum = \
+                 {per_step}",
+                exp.train.epochs
+            ),
+        });
+    }
+    println!("{}", trainable_line(trainable, all));
+    println!(
+        "training {} for {total_steps} optimizer steps ({} epochs x {n} samples, {} per step) into {}",
+        match adapter {
+            Some(a) => format!("{:?} adapter (r {})", a.kind, a.r).to_lowercase(),
+            None => "every weight".into(),
+        },
+        exp.train.epochs,
+        per_step,
+        out.display()
+    );
+
+    let settings = RunSettings {
+        seed: exp.train.seed,
+        grad_accum: exp.train.grad_accum,
+        batch_size: exp.train.batch_size,
+        dynamic_loss_scale: exp.model.dtype == "f16" && exp.train.loss_scale == "dynamic",
+        max_grad_norm: exp.train.max_grad_norm,
+        log_every: if opts.dashboard {
+            0
+        } else {
+            exp.train.log_every
+        },
+        save_every: exp.train.save_every,
+        keep_last: exp.train.keep_last,
+        total_steps,
+        samples_per_epoch: n,
+        out_dir: out.clone(),
+        adapter: adapter.cloned(),
+        base_model: exp.model.path.display().to_string(),
+        max_consecutive_skips: 25,
+    };
+    let run = Arc::new(RunState::new(settings, data.train_origins.clone()));
+    let mut optim = AdamWConfig::new()
+        .with_beta_1(0.9)
+        .with_beta_2(0.999)
+        .with_epsilon(1e-8)
+        .with_weight_decay(exp.train.weight_decay as f32)
+        .init::<B, TrainModel<B>>();
+    let mut start = 0;
+    let mut calls = 0;
+    if let Some((dir, state)) = &resume_from {
+        optim = optim.load_record(load_optimizer::<B, _>(dir, device)?);
+        resume_progress(&run, state, truncate_rows(&out, state.step)?);
+        start = state.position;
+        calls = state.scheduler_calls;
+        println!("resuming at step {} from {}", state.step, dir.display());
+    }
+    let schedule = WarmupDecay {
+        peak: exp.train.lr,
+        min_lr: 0.0,
+        warmup_steps: exp.train.warmup_steps,
+        total_steps,
+        decay: if exp.train.schedule == "linear" {
+            Decay::Linear
+        } else {
+            Decay::Cosine
+        },
+        calls_per_step: exp.train.grad_accum,
+        calls,
+    };
+
+    // Data loaders: the run order from the resume position, and the held-out set.
+    let batcher = CaptionBatcher {
+        pad_id: data.encoder.tokens.endoftext,
+        side: PadSide::Right,
+        temporal_patch_size: images.temporal_patch_size,
+    };
+    let samples = Arc::new(data.train.clone());
+    let end = total_steps * per_step;
+    let order = RunOrder::new(samples, exp.train.epochs, exp.train.seed, true, start, end);
+    let train_loader = DataLoaderBuilder::new(TrainBatcher(batcher.clone()))
+        .batch_size(exp.train.batch_size)
+        .build(order);
+    let valid_loader =
+        DataLoaderBuilder::<B::InnerBackend, _, _>::new(TrainBatcher(batcher.clone()))
+            .batch_size(exp.train.batch_size)
+            .build(RunOrder::once(Arc::new(data.test.clone())));
+
+    let mut training = SupervisedTraining::new(out.join("burn"), train_loader, valid_loader)
+        .metric_train_numeric(ScalarMetric::new(Quantity::Loss))
+        .metric_train_numeric(ScalarMetric::new(Quantity::LmLoss))
+        .metric_train_numeric(LearningRateMetric::new())
+        .metric_train_numeric(ScalarMetric::new(Quantity::GradNorm))
+        .metric_train_numeric(ScalarMetric::new(Quantity::TokensPerSec))
+        .metric_train_numeric(ScalarMetric::new(Quantity::SamplesPerSec))
+        .metric_train_numeric(ScalarMetric::new(Quantity::Skipped))
+        .metric_valid_numeric(ScalarMetric::new(Quantity::Loss))
+        .metric_valid_numeric(ScalarMetric::new(Quantity::LmLoss))
+        .num_epochs(1)
+        .with_application_logger(None);
+    if let Some(a) = adapter.filter(|a| a.kind == crate::adapter::AdapterKind::Moelora) {
+        training = training.metric_train_numeric(ScalarMetric::new(Quantity::AuxLoss));
+        for e in 0..a.experts {
+            training = training.metric_train_numeric(ScalarMetric::new(Quantity::ExpertShare(e)));
+        }
+    }
+    if exp.train.grad_accum > 1 {
+        training = training.grads_accumulation(exp.train.grad_accum);
+    }
+    if !opts.dashboard {
+        training = training.renderer(QuietRenderer);
+    }
+    let learner = Learner::new(
+        TrainModel {
+            model,
+            run: run.clone(),
+            config_json: Arc::new(config_json.clone()),
+        },
+        optim,
+        schedule,
+    );
+
+    let quiet_panics = std::panic::take_hook();
+    let state_for_hook = run.clone();
+    std::panic::set_hook(Box::new(move |info| {
+        if state_for_hook
+            .error
+            .lock()
+            .map(|e| e.is_none())
+            .unwrap_or(true)
+        {
+            eprintln!("{info}");
+        }
+    }));
+    let result = std::panic::catch_unwind(AssertUnwindSafe(|| training.launch(learner)));
+    std::panic::set_hook(quiet_panics);
+    let trained = match result {
+        Ok(r) => r.model,
+        Err(panic) => {
+            return Err(run.take_error().unwrap_or_else(|| {
+                let msg = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "unknown panic".into());
+                Error::Input(format!("training stopped: {msg}"))
+            }))
+        }
+    };
+    let mut trained: TrainModel<B::InnerBackend> = trained;
+    finish::<B>(
+        exp,
+        adapter,
+        &run,
+        &data,
+        &batcher,
+        &mut trained,
+        trainable,
+        all,
+    )
+}
+
+fn resume_progress(run: &RunState, state: &CheckpointState, rows: Vec<StepRow>) {
+    let mut p = run.lock();
+    p.step = state.step;
+    p.scaler = state.scaler;
+    p.skipped = state.skipped;
+    p.seconds_before = state.seconds;
+    p.rows = rows;
+    p.checkpoints.push(state.step);
+}
+
+/// After training: final weights, predictions, plots, summary.
+#[allow(clippy::too_many_arguments)]
+fn finish<B: AutodiffBackend>(
+    exp: &Experiment,
+    adapter: Option<&AdapterConfig>,
+    run: &RunState,
+    data: &RunData,
+    batcher: &CaptionBatcher,
+    trained: &mut TrainModel<B::InnerBackend>,
+    trainable: usize,
+    all: usize,
+) -> Result<TrainReport> {
+    let out = &exp.train.output_dir;
+    match adapter {
+        Some(cfg) => save_adapter(
+            &mut trained.model,
+            cfg,
+            &exp.model.path.display().to_string(),
+            &out.join("adapter"),
+        )?,
+        None => save_model(&trained.model, &trained.config_json, &out.join("model"))?,
+    }
+    let mut lines = String::new();
+    let mut hits = 0;
+    for (s, p) in data.test_samples.iter().zip(&data.test) {
+        let max_new = p.labels.len().max(16) * 2;
+        let g = greedy_caption(
+            &trained.model,
+            batcher,
+            &data.encoder,
+            p,
+            max_new,
+            &trained
+                .model
+                .language_model
+                .embed_tokens
+                .weight
+                .val()
+                .device(),
+        )?;
+        let norm = |t: &str| {
+            t.split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ")
+                .to_lowercase()
+        };
+        let exact = norm(&g.text) == norm(&s.caption);
+        hits += exact as usize;
+        lines.push_str(
+            &serde_json::json!({
+                "image": s.image.display().to_string(),
+                "origin": s.origin,
+                "reference": s.caption,
+                "prediction": g.text,
+                "exact_match": exact,
+            })
+            .to_string(),
+        );
+        lines.push('\n');
+    }
+    write_atomically(&out.join("predictions.jsonl"), lines.as_bytes())?;
+    let rows = read_rows(out)?;
+    plot_run(out, &rows)?;
+    let tail = (rows.len() / 10).max(1).min(rows.len().max(1));
+    let final_loss = rows.iter().rev().take(tail).map(|r| r.loss).sum::<f64>() / tail as f64;
+    let report = TrainReport {
+        output_dir: out.clone(),
+        steps: rows.last().map(|r| r.step).unwrap_or(0),
+        final_loss,
+        exact_matches: hits,
+        held_out: data.test.len(),
+        seconds: rows.last().map(|r| r.seconds).unwrap_or(0.0),
+        trainable_params: trainable,
+        all_params: all,
+        peak_rss_bytes: peak_rss(),
+    };
+    let json = serde_json::to_string_pretty(&report).expect("json");
+    write_atomically(&out.join("summary.json"), json.as_bytes())?;
+    let p = run.lock();
+    println!(
+        "done: {} steps in {:.1} s, final loss {:.4}, {} skipped; wrote {}",
+        report.steps,
+        report.seconds,
+        report.final_loss,
+        p.skipped,
+        out.display()
+    );
+    match adapter {
+        Some(_) => println!("{}", report.exact_match_line()),
+        None => println!("base model {}", report.exact_match_line()),
+    }
+    Ok(report)
+}

@@ -1,0 +1,402 @@
+//! The model as burn-train sees it: [`TrainModel`] wraps [`Qwen3VlModel`] and implements
+//! `TrainStep` (forward, caption loss, backward of the scaled loss) and `InferenceStep`
+//! (held-out loss), and overrides `optimize` for what burn 0.21 leaves to us: loss-scale
+//! unscaling, global gradient-norm clipping, skipping non-finite steps, metrics rows, log lines
+//! and step checkpoints.
+
+use std::sync::Arc;
+
+use burn::module::{AutodiffModule, Module, ModuleVisitor, Param};
+use burn::optim::{GradientsParams, Optimizer};
+use burn::prelude::*;
+use burn::tensor::activation::log_softmax;
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::DType;
+use burn::train::metric::ItemLazy;
+use burn::train::{InferenceStep, TrainOutput, TrainStep};
+
+use super::checkpoint::{save_checkpoint, CheckpointState};
+use super::data::TrainBatch;
+use super::state::{append_row, RunState, StepRow, Window};
+use crate::error::Error;
+use crate::model::Qwen3VlModel;
+
+/// The trained model plus the run's shared state.
+#[derive(Module, Debug)]
+pub struct TrainModel<B: Backend> {
+    /// The network (with adapters when they are trained).
+    pub model: Qwen3VlModel<B>,
+    /// Settings, loss scaler, metrics.
+    #[module(skip)]
+    pub run: Arc<RunState>,
+    /// The base model's config.json text (written with full-model checkpoints).
+    #[module(skip)]
+    pub config_json: Arc<String>,
+}
+
+/// What one micro-batch reports to the metrics (already on the host).
+#[derive(Debug, Clone, Default)]
+pub struct StepOutput {
+    /// LM loss + aux loss.
+    pub loss: f64,
+    /// Caption cross-entropy (mean over target tokens).
+    pub lm_loss: f64,
+    /// Weighted MoE load-balancing loss.
+    pub aux_loss: f64,
+    /// Tokens in the batch.
+    pub tokens: usize,
+    /// Samples in the batch.
+    pub samples: usize,
+    /// Tokens routed to each expert.
+    pub expert_tokens: Vec<usize>,
+    /// Gradient norm of the last optimizer step.
+    pub grad_norm: f64,
+    /// Steps skipped so far.
+    pub skipped: usize,
+}
+
+impl ItemLazy for StepOutput {
+    type ItemSync = StepOutput;
+    fn sync(self) -> StepOutput {
+        self
+    }
+}
+
+/// Mean cross-entropy of the target tokens: `rows` index the flattened [B·T] positions that
+/// predict `ids` (the label one position later).
+pub fn caption_loss<B: Backend>(logits: Tensor<B, 3>, rows: &[i64], ids: &[i64]) -> Tensor<B, 1> {
+    let [b, t, v] = logits.dims();
+    let device = logits.device();
+    if rows.is_empty() {
+        return Tensor::zeros([1], (&device, DType::F32));
+    }
+    let n = rows.len();
+    let rows = Tensor::<B, 1, Int>::from_data(TensorData::new(rows.to_vec(), [n]), &device);
+    let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids.to_vec(), [n, 1]), &device);
+    let picked = logits.cast(DType::F32).reshape([b * t, v]).select(0, rows); // [n, V]
+    let logp = log_softmax(picked, 1).gather(1, ids); // [n, 1]
+    logp.sum().neg().div_scalar(n as f64)
+}
+
+/// Seed of the micro-batch starting at run position `position`.
+fn batch_seed(seed: u64, position: usize) -> u64 {
+    let mut z = seed ^ (position as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 31)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z ^ (z >> 29)
+}
+
+impl<B: Backend> TrainModel<B> {
+    /// Forward pass and losses: (LM loss, weighted aux loss, tokens per expert).
+    pub fn losses(
+        &self,
+        batch: &TrainBatch<B>,
+    ) -> crate::Result<(Tensor<B, 1>, Option<Tensor<B, 1>>, Vec<usize>)> {
+        let out = self.model.forward(&batch.batch.inputs, false)?;
+        let lm = caption_loss(out.logits, &batch.target_rows, &batch.target_ids);
+        Ok((lm, out.aux_loss, out.expert_tokens))
+    }
+
+    fn device(&self) -> B::Device {
+        self.model.language_model.embed_tokens.weight.val().device()
+    }
+}
+
+fn scalar<B: Backend>(t: &Tensor<B, 1>) -> f64 {
+    t.clone().cast(DType::F32).into_scalar().elem::<f64>()
+}
+
+impl<B: AutodiffBackend> TrainStep for TrainModel<B> {
+    type Input = TrainBatch<B>;
+    type Output = StepOutput;
+
+    fn step(&self, batch: TrainBatch<B>) -> TrainOutput<StepOutput> {
+        let s = &self.run.settings;
+        B::seed(&self.device(), batch_seed(s.seed, batch.positions[0]));
+        let (lm, aux, expert_tokens) = match self.losses(&batch) {
+            Ok(l) => l,
+            Err(e) => self.run.fail(Error::Input(format!(
+                "training batch of {}: {e}",
+                self.run.describe(&batch.indexes)
+            ))),
+        };
+        let lm_v = scalar(&lm);
+        let aux_v = aux.as_ref().map(scalar).unwrap_or(0.0);
+        if !lm_v.is_finite() && !s.dynamic_loss_scale {
+            self.run.fail(Error::Input(format!(
+                "the loss is {lm_v} on the batch of {} (f32 compute has no loss scaling to \
+                 recover; lower train.lr or check these samples)",
+                self.run.describe(&batch.indexes)
+            )));
+        }
+        let total = match aux {
+            Some(a) => lm + a.cast(DType::F32),
+            None => lm,
+        };
+        let (scale, grad_norm, skipped) = {
+            let mut p = self.run.lock();
+            let w = &mut p.window;
+            w.lm += lm_v;
+            w.aux += aux_v;
+            w.micro += 1;
+            w.tokens += batch.batch.tokens;
+            w.samples += batch.positions.len();
+            w.indexes.extend(&batch.indexes);
+            if w.expert_tokens.len() < expert_tokens.len() {
+                w.expert_tokens.resize(expert_tokens.len(), 0);
+            }
+            for (a, b) in w.expert_tokens.iter_mut().zip(&expert_tokens) {
+                *a += b;
+            }
+            let last = p.rows.last().map(|r| r.grad_norm).unwrap_or(0.0);
+            (p.scaler.scale, last, p.skipped)
+        };
+        let scaled = total.mul_scalar(scale / s.grad_accum as f64);
+        let grads = scaled.backward();
+        TrainOutput::new(
+            self,
+            grads,
+            StepOutput {
+                loss: lm_v + aux_v,
+                lm_loss: lm_v,
+                aux_loss: aux_v,
+                tokens: batch.batch.tokens,
+                samples: batch.positions.len(),
+                expert_tokens,
+                grad_norm,
+                skipped,
+            },
+        )
+    }
+
+    fn optimize<B2, O>(self, optim: &mut O, lr: f64, mut grads: GradientsParams) -> Self
+    where
+        B2: AutodiffBackend,
+        O: Optimizer<Self, B2>,
+        Self: AutodiffModule<B2>,
+    {
+        let run = self.run.clone();
+        let s = &run.settings;
+        let mut p = run.lock();
+        let scale = p.scaler.scale;
+        let norm = grad_sq_sum::<B2, Self>(&self, &grads).sqrt() / scale;
+        p.step += 1;
+        let window = std::mem::take(&mut p.window);
+        let mut model = if norm.is_finite() {
+            let clip = if s.max_grad_norm > 0.0 && norm > s.max_grad_norm {
+                s.max_grad_norm / norm
+            } else {
+                1.0
+            };
+            let factor = clip / scale;
+            if factor != 1.0 {
+                scale_grads::<B2, Self>(&self, &mut grads, factor);
+            }
+            p.scaler.good();
+            p.consecutive_skips = 0;
+            optim.step(lr, self, grads)
+        } else {
+            p.skipped += 1;
+            p.consecutive_skips += 1;
+            p.scaler.overflow();
+            if p.consecutive_skips > s.max_consecutive_skips {
+                let msg = format!(
+                    "step {}: gradients were not finite for {} steps in a row (loss scale now \
+                     {}); last samples: {}",
+                    p.step,
+                    p.consecutive_skips,
+                    p.scaler.scale,
+                    run.describe(&window.indexes)
+                );
+                drop(p);
+                run.fail(Error::Input(msg));
+            }
+            self
+        };
+        let row = step_row(&mut p, &window, lr, norm, s.samples_per_epoch, s.grad_accum);
+        if let Err(e) = append_row(&s.out_dir, &row) {
+            drop(p);
+            run.fail(e);
+        }
+        if s.log_every > 0 && (row.step % s.log_every == 0 || row.step == s.total_steps) {
+            println!("{}", log_line(&row, s.total_steps));
+        }
+        p.rows.push(row);
+        let save = (s.save_every > 0 && p.step % s.save_every == 0) || p.step == s.total_steps;
+        if save {
+            let state = CheckpointState {
+                step: p.step,
+                position: p.step * s.grad_accum * s.batch_size,
+                scheduler_calls: p.step * s.grad_accum,
+                scaler: p.scaler,
+                skipped: p.skipped,
+                seconds: p.seconds_before + p.started.elapsed().as_secs_f64(),
+                seed: s.seed,
+            };
+            let config = model.config_json.clone();
+            match save_checkpoint::<B, B2, _>(
+                &mut model.model,
+                &config,
+                optim.to_record(),
+                &state,
+                s,
+            ) {
+                Ok(_) => p.checkpoints.push(state.step),
+                Err(e) => {
+                    drop(p);
+                    run.fail(e)
+                }
+            }
+        }
+        model
+    }
+}
+
+impl<B: Backend> InferenceStep for TrainModel<B> {
+    type Input = TrainBatch<B>;
+    type Output = StepOutput;
+
+    fn step(&self, batch: TrainBatch<B>) -> StepOutput {
+        let (lm, aux, expert_tokens) = match self.losses(&batch) {
+            Ok(l) => l,
+            Err(e) => self.run.fail(Error::Input(format!("held-out batch: {e}"))),
+        };
+        let (lm_v, aux_v) = (scalar(&lm), aux.as_ref().map(scalar).unwrap_or(0.0));
+        StepOutput {
+            loss: lm_v + aux_v,
+            lm_loss: lm_v,
+            aux_loss: aux_v,
+            tokens: batch.batch.tokens,
+            samples: batch.positions.len(),
+            expert_tokens,
+            ..Default::default()
+        }
+    }
+}
+
+fn step_row(
+    p: &mut super::state::Progress,
+    w: &Window,
+    lr: f64,
+    norm: f64,
+    samples_per_epoch: usize,
+    _accum: usize,
+) -> StepRow {
+    let now = std::time::Instant::now();
+    let dt = (now - p.last_step_at).as_secs_f64().max(1e-9);
+    p.last_step_at = now;
+    let micro = w.micro.max(1) as f64;
+    let routed: usize = w.expert_tokens.iter().sum();
+    let consumed =
+        p.rows.last().map(|r| r.epoch).unwrap_or(0.0) * samples_per_epoch as f64 + w.samples as f64;
+    StepRow {
+        step: p.step,
+        epoch: consumed / samples_per_epoch.max(1) as f64,
+        lr,
+        loss: (w.lm + w.aux) / micro,
+        lm_loss: w.lm / micro,
+        aux_loss: w.aux / micro,
+        grad_norm: norm,
+        loss_scale: p.scaler.scale,
+        skipped: p.skipped,
+        tokens: w.tokens,
+        samples: w.samples,
+        seconds: p.seconds_before + p.started.elapsed().as_secs_f64(),
+        tokens_per_s: w.tokens as f64 / dt,
+        samples_per_s: w.samples as f64 / dt,
+        expert_share: w
+            .expert_tokens
+            .iter()
+            .map(|&c| c as f64 / routed.max(1) as f64)
+            .collect(),
+    }
+}
+
+/// The plain progress line printed every `log_every` steps.
+pub fn log_line(r: &StepRow, total: usize) -> String {
+    let mut s = format!(
+        "step {:>5}/{total} | epoch {:.2} | loss {:.4} | lm {:.4} | aux {:.4} | lr {:.3e} | \
+         grad {:.3} | {:.0} tok/s | {:.2} samples/s | skipped {}",
+        r.step,
+        r.epoch,
+        r.loss,
+        r.lm_loss,
+        r.aux_loss,
+        r.lr,
+        r.grad_norm,
+        r.tokens_per_s,
+        r.samples_per_s,
+        r.skipped
+    );
+    if !r.expert_share.is_empty() {
+        let shares: Vec<String> = r
+            .expert_share
+            .iter()
+            .map(|v| format!("{:.0}%", v * 100.0))
+            .collect();
+        s.push_str(&format!(" | experts {}", shares.join("/")));
+    }
+    s
+}
+
+/// Σ‖g‖² over every gradient of `module` (one host sync).
+fn grad_sq_sum<B: AutodiffBackend, M: AutodiffModule<B>>(
+    module: &M,
+    grads: &GradientsParams,
+) -> f64 {
+    struct SqSum<'a, B: AutodiffBackend> {
+        grads: &'a GradientsParams,
+        sum: Option<Tensor<B::InnerBackend, 1>>,
+    }
+    impl<B: AutodiffBackend> ModuleVisitor<B> for SqSum<'_, B> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            if let Some(g) = self.grads.get::<B::InnerBackend, D>(param.id) {
+                let s = g.cast(DType::F32).powi_scalar(2).sum();
+                self.sum = Some(match self.sum.take() {
+                    Some(a) => a + s,
+                    None => s,
+                });
+            }
+        }
+    }
+    let mut v = SqSum::<B> { grads, sum: None };
+    module.visit(&mut v);
+    v.sum.map(|t| t.into_scalar().elem::<f64>()).unwrap_or(0.0)
+}
+
+/// Multiplies every gradient of `module` by `factor`.
+fn scale_grads<B: AutodiffBackend, M: AutodiffModule<B>>(
+    module: &M,
+    grads: &mut GradientsParams,
+    factor: f64,
+) {
+    struct Scale<'a> {
+        grads: &'a mut GradientsParams,
+        factor: f64,
+    }
+    impl<B: AutodiffBackend> ModuleVisitor<B> for Scale<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            if let Some(g) = self.grads.remove::<B::InnerBackend, D>(param.id) {
+                self.grads.register(param.id, g.mul_scalar(self.factor));
+            }
+        }
+    }
+    module.visit(&mut Scale { grads, factor });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type B = burn::backend::Flex;
+
+    #[test]
+    fn caption_loss_is_the_mean_target_nll() {
+        let dev = Default::default();
+        // [1, 3, 2] logits; predict id 1 from position 0 and id 0 from position 1.
+        let logits = Tensor::<B, 3>::from_floats([[[0.0, 1.0], [2.0, 0.0], [5.0, 5.0]]], &dev);
+        let l = caption_loss(logits, &[0, 1], &[1, 0]).into_scalar();
+        let nll = |a: f32, b: f32| -(a - (a.exp() + b.exp()).ln());
+        let want = (nll(1.0, 0.0) + nll(2.0, 0.0)) / 2.0;
+        assert!((l - want).abs() < 1e-6, "{l} vs {want}");
+    }
+}

@@ -1,0 +1,189 @@
+//! `train` through the binary: a run's outputs, exact resume after kill -9, and errors.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use qwen3_vl_moelora::train::state::read_rows;
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_qwen3-vl-moelora"))
+}
+
+/// A small MoE-LoRA experiment on the demo architecture (random frozen base), with dropout on
+/// so resume has random state to restore.
+fn experiment(dir: &Path) -> PathBuf {
+    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("model/configs/qwen3-vl-demo.json");
+    let text = format!(
+        r#"
+[model]
+path = {config:?}
+dtype = "f32"
+
+[data]
+train = {train:?}
+synthetic = 40
+tokenizer = {tok:?}
+test_samples = 4
+resize = [32, 32]
+min_pixels = 256
+max_length = 128
+
+[adapter]
+type = "moelora"
+r = 4
+alpha = 8
+dropout = 0.1
+targets = ["q_proj", "v_proj", "up_proj"]
+experts = 2
+router_dropout = 0.1
+
+[train]
+epochs = 6
+batch_size = 2
+grad_accum = 2
+lr = 5e-3
+warmup_steps = 3
+log_every = 1
+save_every = 5
+keep_last = 2
+output_dir = "unused"
+"#,
+        config = config.display().to_string(),
+        train = dir.join("synth/captions.csv").display().to_string(),
+        tok = dir.join("synth/tokenizer.json").display().to_string(),
+    );
+    let f = dir.join("exp.toml");
+    std::fs::write(&f, text).unwrap();
+    f
+}
+
+fn train(exp: &Path, out: &Path) -> Command {
+    let mut c = bin();
+    c.args(["train", "--plain", "--device", "cpu", "--config"])
+        .arg(exp)
+        .arg("--output-dir")
+        .arg(out);
+    c
+}
+
+#[test]
+fn killed_run_resumes_with_identical_losses() {
+    let dir = tempfile::tempdir().unwrap();
+    let exp = experiment(dir.path());
+    let full = dir.path().join("full");
+    let o = train(&exp, &full).output().unwrap();
+    let log = String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{log}");
+    let expected = read_rows(&full).unwrap();
+    assert_eq!(
+        expected.len(),
+        54,
+        "6 epochs x 36 samples / 4 per step\n{log}"
+    );
+    assert!(log.contains("held-out exact match: "), "{log}");
+    // The run's outputs.
+    for f in [
+        "metrics.csv",
+        "loss.png",
+        "lr.png",
+        "predictions.jsonl",
+        "summary.json",
+        "config.toml",
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+    ] {
+        assert!(full.join(f).exists(), "{f} missing");
+    }
+    let predictions = std::fs::read_to_string(full.join("predictions.jsonl")).unwrap();
+    assert_eq!(predictions.lines().count(), 4);
+    let kept: Vec<_> = std::fs::read_dir(full.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    assert_eq!(kept.len(), 2, "keep_last = 2: {kept:?}");
+    assert!(kept.contains(&"step-000054".to_string()), "{kept:?}");
+
+    // The same run, killed with SIGKILL after its first checkpoint, then resumed.
+    let cut = dir.path().join("cut");
+    let mut child = train(&exp, &cut)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let first = cut.join("checkpoints/step-000005/state.json");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !first.exists() {
+        assert!(Instant::now() < deadline, "no checkpoint written");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(
+        !cut.join("summary.json").exists(),
+        "the run finished before it was killed"
+    );
+    let o = bin()
+        .args(["train", "--plain", "--device", "cpu", "--resume"])
+        .arg(&cut)
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{log}");
+    assert!(log.contains("resuming at step "), "{log}");
+    let resumed = read_rows(&cut).unwrap();
+    assert_eq!(resumed.len(), expected.len());
+    for (a, b) in expected.iter().zip(&resumed) {
+        assert_eq!(a.step, b.step);
+        for (x, y, what) in [
+            (a.loss, b.loss, "loss"),
+            (a.lm_loss, b.lm_loss, "lm_loss"),
+            (a.aux_loss, b.aux_loss, "aux_loss"),
+            (a.lr, b.lr, "lr"),
+        ] {
+            assert!(
+                (x - y).abs() <= 1e-6 * x.abs().max(1.0),
+                "step {} {what}: {x} vs {y}",
+                a.step
+            );
+        }
+    }
+    // The loss went down over the run.
+    let head: f64 = expected[..5].iter().map(|r| r.lm_loss).sum::<f64>() / 5.0;
+    let tail: f64 = expected[49..].iter().map(|r| r.lm_loss).sum::<f64>() / 5.0;
+    assert!(tail < head * 0.8, "loss {head} -> {tail}");
+}
+
+#[test]
+fn bad_values_and_missing_checkpoints_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let exp = experiment(dir.path());
+    let o = train(&exp, &dir.path().join("x"))
+        .args(["--set", "train.schedule=step"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("train.schedule") && err.contains("cosine, linear"),
+        "{err}"
+    );
+    let o = train(&exp, &dir.path().join("x"))
+        .args(["--model", "model/Qwen3-VL-Nope"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(err.contains("model/Qwen3-VL-Nope"), "{err}");
+    let o = bin()
+        .args(["train", "--resume"])
+        .arg(dir.path().join("nothing"))
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("config.toml"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
