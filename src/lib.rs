@@ -6,7 +6,7 @@
 //! * [`data`]: dataset sources, image preprocessing, chat template, batching.
 //! * [`experiment`]: `experiments/*.toml` run descriptions.
 //! * [`train`]: training with burn-train (`train`, sweeps).
-//! * [`infer`]: captioning.
+//! * [`infer`]: captioning with a trained model.
 //! * [`cli`]: the subcommands behind the binary.
 
 pub mod adapter;

@@ -85,12 +85,12 @@ fn batch_seed(seed: u64, position: usize) -> u64 {
     z ^ (z >> 29)
 }
 
+/// (LM loss, weighted aux loss, tokens per expert) of one batch.
+pub type Losses<B> = (Tensor<B, 1>, Option<Tensor<B, 1>>, Vec<usize>);
+
 impl<B: Backend> TrainModel<B> {
-    /// Forward pass and losses: (LM loss, weighted aux loss, tokens per expert).
-    pub fn losses(
-        &self,
-        batch: &TrainBatch<B>,
-    ) -> crate::Result<(Tensor<B, 1>, Option<Tensor<B, 1>>, Vec<usize>)> {
+    /// Forward pass and losses.
+    pub fn losses(&self, batch: &TrainBatch<B>) -> crate::Result<Losses<B>> {
         let out = self.model.forward(&batch.batch.inputs, false)?;
         let lm = caption_loss(out.logits, &batch.target_rows, &batch.target_ids);
         Ok((lm, out.aux_loss, out.expert_tokens))
@@ -212,16 +212,17 @@ impl<B: AutodiffBackend> TrainStep for TrainModel<B> {
             }
             self
         };
-        let row = step_row(&mut p, &window, lr, norm, s.samples_per_epoch, s.grad_accum);
+        let row = step_row(&mut p, &window, lr, norm, s.samples_per_epoch);
         if let Err(e) = append_row(&s.out_dir, &row) {
             drop(p);
             run.fail(e);
         }
-        if s.log_every > 0 && (row.step % s.log_every == 0 || row.step == s.total_steps) {
+        if s.log_every > 0 && (row.step.is_multiple_of(s.log_every) || row.step == s.total_steps) {
             println!("{}", log_line(&row, s.total_steps));
         }
         p.rows.push(row);
-        let save = (s.save_every > 0 && p.step % s.save_every == 0) || p.step == s.total_steps;
+        let save =
+            (s.save_every > 0 && p.step.is_multiple_of(s.save_every)) || p.step == s.total_steps;
         if save {
             let state = CheckpointState {
                 step: p.step,
@@ -279,7 +280,6 @@ fn step_row(
     lr: f64,
     norm: f64,
     samples_per_epoch: usize,
-    _accum: usize,
 ) -> StepRow {
     let now = std::time::Instant::now();
     let dt = (now - p.last_step_at).as_secs_f64().max(1e-9);

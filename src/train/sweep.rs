@@ -272,7 +272,7 @@ mod tests {
              \"adapter.type\" = [\"lora\", \"moelora\"]\n\"adapter.r\" = [4, 8]\n",
             base.display().to_string()
         );
-        std::fs::write(&f, text).unwrap();
+        std::fs::write(&f, &text).unwrap();
         let (_, runs) = SweepFile::load(&f).unwrap();
         assert_eq!(runs.len(), 4);
         assert_eq!(runs[0].name, "adapter.r=4,adapter.type=lora");

@@ -116,7 +116,10 @@ fn bad_inputs_fail_clearly() {
         &["forward", "--model", m, "--inputs", m, "--out", o],
         "tiny-qwen3-vl",
     );
-    fails_with(&["train"], "not implemented yet");
+    fails_with(
+        &["train", "--config", "experiments/nope.toml"],
+        "experiments/nope.toml",
+    );
 
     // Inputs whose image tokens do not match the grids.
     let f = TensorFile::read(&inputs).unwrap();

@@ -154,6 +154,56 @@ fn killed_run_resumes_with_identical_losses() {
     assert!(tail < head * 0.8, "loss {head} -> {tail}");
 }
 
+/// The built-in demo as `cargo run --release -- train` runs it (experiments/default.toml:
+/// synthetic data, base pretraining, MoE-LoRA), with its files redirected to a temp folder.
+#[test]
+fn demo_learns_the_held_out_captions() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |s: &str| toml_string(&dir.path().join(s));
+    let started = Instant::now();
+    let o = bin()
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(["train", "--plain", "--device", "cpu"])
+        .args(["--set", &format!("data.train={}", p("synth/captions.csv"))])
+        .args([
+            "--set",
+            &format!("data.tokenizer={}", p("synth/tokenizer.json")),
+        ])
+        .args([
+            "--set",
+            &format!("pretrain.train={}", p("synth/objects.csv")),
+        ])
+        .args(["--set", &format!("model.path={}", p("base"))])
+        .args(["--set", &format!("train.output_dir={}", p("out"))])
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{log}");
+    let line = log
+        .lines()
+        .find(|l| l.starts_with("held-out exact match: "))
+        .unwrap_or_else(|| panic!("no result line:\n{log}"));
+    let rate: f64 = line["held-out exact match: ".len()..]
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    println!("{line} in {:.0} s", started.elapsed().as_secs_f64());
+    assert!(rate >= 0.80, "{line}\n{log}");
+    // The base checkpoint it built loads like any HF folder, and the loss fell.
+    assert!(dir.path().join("base/model.safetensors").exists());
+    let rows = read_rows(&dir.path().join("out")).unwrap();
+    assert!(
+        rows.last().unwrap().lm_loss < rows[0].lm_loss * 0.5,
+        "{rows:?}"
+    );
+}
+
+fn toml_string(p: &Path) -> String {
+    format!("{:?}", p.display().to_string())
+}
+
 #[test]
 fn bad_values_and_missing_checkpoints_are_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
