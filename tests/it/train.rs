@@ -154,6 +154,38 @@ fn killed_run_resumes_with_identical_losses() {
     assert!(tail < head * 0.8, "loss {head} -> {tail}");
 }
 
+/// f16 compute (f32 adapter weights and AdamW state) with dynamic loss scaling.
+#[test]
+fn f16_compute_with_loss_scaling_trains() {
+    let dir = tempfile::tempdir().unwrap();
+    let exp = experiment(dir.path());
+    let out = dir.path().join("f16");
+    let o = train(&exp, &out)
+        .args(["--set", "model.dtype=f16", "--set", "train.save_every=0"])
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{log}");
+    let rows = read_rows(&out).unwrap();
+    assert_eq!(rows.len(), 54);
+    assert!(rows
+        .iter()
+        .all(|r| r.loss_scale == 65536.0 && r.skipped == 0));
+    assert!(rows
+        .iter()
+        .all(|r| r.loss.is_finite() && r.grad_norm.is_finite()));
+    let head: f64 = rows[..5].iter().map(|r| r.lm_loss).sum::<f64>() / 5.0;
+    let tail: f64 = rows[49..].iter().map(|r| r.lm_loss).sum::<f64>() / 5.0;
+    assert!(tail < head * 0.8, "loss {head} -> {tail}");
+    // The adapter weights stay f32 on disk.
+    let bytes = std::fs::read(out.join("adapter/adapter_model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    assert!(!st.is_empty());
+    for (name, t) in st.tensors() {
+        assert_eq!(t.dtype(), safetensors::Dtype::F32, "{name}");
+    }
+}
+
 /// The built-in demo as `cargo run --release -- train` runs it (experiments/default.toml:
 /// synthetic data, base pretraining, MoE-LoRA), with its files redirected to a temp folder.
 #[test]
