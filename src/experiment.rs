@@ -133,7 +133,8 @@ pub struct TrainSection {
     /// Random seed.
     #[serde(default = "default_seed")]
     pub seed: u64,
-    /// Recompute activations in the backward pass.
+    /// Recompute element-wise activations in the backward pass (GPU; burn's balanced
+    /// checkpointing).
     #[serde(default)]
     pub gradient_checkpointing: bool,
     /// Loss scaling for f16: `dynamic` or `none`.

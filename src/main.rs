@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
 use burn::backend::cuda::{Cuda, CudaDevice};
 use burn::backend::flex::FlexDevice;
 use burn::backend::{Autodiff, Flex};
@@ -211,12 +212,6 @@ impl TrainArgs {
 fn run_train(args: TrainArgs) -> Result<()> {
     use std::io::IsTerminal;
     let exp = args.experiment()?;
-    if exp.train.gradient_checkpointing {
-        println!(
-            "note: train.gradient_checkpointing is not implemented yet; training keeps all \
-             activations"
-        );
-    }
     let opts = TrainOptions {
         resume: args.resume.is_some(),
         dashboard: std::io::stdout().is_terminal() && !args.plain,
@@ -224,7 +219,17 @@ fn run_train(args: TrainArgs) -> Result<()> {
     match choose_device(&args.device)? {
         DeviceChoice::Cpu => {
             println!("device: cpu (flex)");
+            if exp.train.gradient_checkpointing {
+                println!("note: gradient checkpointing is used on the GPU only");
+            }
             train::<Autodiff<Flex>>(&exp, &opts, &FlexDevice).map(|_| ())
+        }
+        // burn's checkpointing is chosen by type: element-wise activations are recomputed in
+        // the backward pass instead of kept.
+        DeviceChoice::Cuda(i) if exp.train.gradient_checkpointing => {
+            println!("device: cuda:{i} (gradient checkpointing)");
+            train::<Autodiff<Cuda, BalancedCheckpointing>>(&exp, &opts, &CudaDevice::new(i))
+                .map(|_| ())
         }
         DeviceChoice::Cuda(i) => {
             println!("device: cuda:{i}");

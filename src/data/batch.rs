@@ -187,7 +187,8 @@ pub struct CaptionBatch<B: Backend> {
     pub tokens: usize,
 }
 
-/// Pads to the longest sequence of the batch and concatenates all images' patch rows.
+/// Pads to the longest sequence of the batch (rounded up to `pad_to_multiple`) and
+/// concatenates all images' patch rows.
 #[derive(Debug, Clone)]
 pub struct CaptionBatcher {
     /// Padding token (`<|endoftext|>`).
@@ -196,9 +197,17 @@ pub struct CaptionBatcher {
     pub side: PadSide,
     /// Frames per temporal patch (the levels are repeated this many times).
     pub temporal_patch_size: usize,
+    /// Round the padded length up to a multiple of this (1 = no rounding). On the GPU every
+    /// new length compiles and autotunes kernels, so a few bucket lengths save minutes.
+    pub pad_to_multiple: usize,
 }
 
 impl CaptionBatcher {
+    /// Padded length of a batch whose longest sequence has `longest` tokens.
+    pub fn padded_len(&self, longest: usize) -> usize {
+        longest.div_ceil(self.pad_to_multiple.max(1)) * self.pad_to_multiple.max(1)
+    }
+
     /// Host-side batch: ids, mask, labels [B·T], pixel values, grids.
     #[allow(clippy::type_complexity)]
     pub fn collate(
@@ -212,7 +221,7 @@ impl CaptionBatcher {
         Vec<f32>,
         Vec<[usize; 3]>,
     ) {
-        let t = items.iter().map(|s| s.input_ids.len()).max().unwrap_or(0);
+        let t = self.padded_len(items.iter().map(|s| s.input_ids.len()).max().unwrap_or(0));
         let (mut ids, mut mask, mut labels) = (Vec::new(), Vec::new(), Vec::new());
         for s in items {
             let pad = t - s.input_ids.len();

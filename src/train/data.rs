@@ -125,11 +125,13 @@ impl<B: Backend> Batcher<B, TrainItem, TrainBatch<B>> for TrainBatcher {
     fn batch(&self, items: Vec<TrainItem>, device: &B::Device) -> TrainBatch<B> {
         let positions = items.iter().map(|i| i.position).collect();
         let indexes = items.iter().map(|i| i.index).collect();
-        let t = items
-            .iter()
-            .map(|i| i.sample.input_ids.len())
-            .max()
-            .unwrap_or(0);
+        let t = self.0.padded_len(
+            items
+                .iter()
+                .map(|i| i.sample.input_ids.len())
+                .max()
+                .unwrap_or(0),
+        );
         // Position p of row r predicts the label at p + 1: flattened index r·T + offset + p.
         let (mut target_rows, mut target_ids) = (Vec::new(), Vec::new());
         for (r, item) in items.iter().enumerate() {

@@ -35,7 +35,7 @@ use crate::data::template::ChatEncoder;
 use crate::data::tokenizer::{load_tokenizer, SpecialIds};
 use crate::error::{Error, Result};
 use crate::experiment::Experiment;
-use crate::infer::generate::greedy_caption;
+use crate::infer::generate::greedy_captions;
 use crate::model::config::Qwen3VlConfig;
 use crate::model::params::count_params;
 use crate::model::Qwen3VlModel;
@@ -452,6 +452,7 @@ fn run_stage<B: AutodiffBackend>(
         pad_id: data.encoder.tokens.endoftext,
         side: PadSide::Right,
         temporal_patch_size: images.temporal_patch_size,
+        pad_to_multiple: 16,
     };
     let samples = Arc::new(data.train.clone());
     let end = total_steps * per_step;
@@ -572,22 +573,24 @@ fn finish<B: AutodiffBackend>(
     }
     let mut lines = String::new();
     let mut hits = 0;
-    for (s, p) in data.test_samples.iter().zip(&data.test) {
-        let max_new = p.labels.len().max(16) * 2;
-        let g = greedy_caption(
-            &trained.model,
-            batcher,
-            &data.encoder,
-            p,
-            max_new,
-            &trained
-                .model
-                .language_model
-                .embed_tokens
-                .weight
-                .val()
-                .device(),
-        )?;
+    let longest = data.test.iter().map(|p| p.labels.len()).max().unwrap_or(0);
+    let device = trained
+        .model
+        .language_model
+        .embed_tokens
+        .weight
+        .val()
+        .device();
+    let generated = greedy_captions(
+        &trained.model,
+        batcher,
+        &data.encoder,
+        &data.test,
+        longest.max(16) * 2,
+        16,
+        &device,
+    )?;
+    for (s, g) in data.test_samples.iter().zip(&generated) {
         let norm = |t: &str| {
             t.split_whitespace()
                 .collect::<Vec<_>>()

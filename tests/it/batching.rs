@@ -45,6 +45,7 @@ fn prepared_batches_run_through_the_model() {
         pad_id: enc.tokens.endoftext,
         side: PadSide::Right,
         temporal_patch_size: 2,
+        pad_to_multiple: 1,
     };
     let (_, _, _, _, pixels, _) = batcher.collate(&items[..1]);
     assert_eq!(
@@ -59,10 +60,13 @@ fn prepared_batches_run_through_the_model() {
     for side in [PadSide::Right, PadSide::Left] {
         let batcher = CaptionBatcher {
             side,
+            pad_to_multiple: if side == PadSide::Left { 16 } else { 1 },
             ..batcher.clone()
         };
         let batch: CaptionBatch<Cpu> = batcher.batch(items[..3].to_vec(), &dev);
-        let t = items[..3].iter().map(|s| s.input_ids.len()).max().unwrap();
+        let longest = items[..3].iter().map(|s| s.input_ids.len()).max().unwrap();
+        let t = batcher.padded_len(longest);
+        assert!(t >= longest && t.is_multiple_of(batcher.pad_to_multiple));
         assert_eq!((batch.inputs.batch, batch.inputs.len), (3, t));
         let mask = batch.inputs.attention_mask.clone().unwrap();
         let labels: Vec<i64> = batch.labels.to_data().convert::<i64>().to_vec().unwrap();
