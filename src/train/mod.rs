@@ -3,6 +3,7 @@
 //! * [`run`]: `train` — data, model + adapter, Learner, final adapter, predictions, plots.
 //! * [`step`]: the train/valid steps, loss, loss scaling, clipping, per-step hooks.
 //! * [`data`]: run order (seeded epochs, resumable position) and the batcher.
+//! * [`prepare`]: the run's tokenizer, image settings and prepared samples.
 //! * [`state`]: shared run state, loss scaler, `metrics.csv`.
 //! * [`checkpoint`]: atomic step checkpoints and resume.
 //! * [`metrics`]: dashboard metrics; [`plot`]: loss/lr PNGs; [`schedule`]: warmup + decay.
@@ -13,6 +14,7 @@ pub mod checkpoint;
 pub mod data;
 pub mod metrics;
 pub mod plot;
+pub mod prepare;
 pub mod run;
 pub mod schedule;
 pub mod state;

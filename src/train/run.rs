@@ -20,6 +20,7 @@ use super::checkpoint::{latest_checkpoint, load_optimizer, CheckpointState};
 use super::data::{RunOrder, TrainBatcher};
 use super::metrics::{Quantity, QuietRenderer, ScalarMetric};
 use super::plot::plot_run;
+use super::prepare::{image_options, prepare_data, run_encoder, tokenizer_path, RunData};
 use super::schedule::{Decay, WarmupDecay};
 use super::state::{read_rows, truncate_rows, RunSettings, RunState, StepRow};
 use super::step::TrainModel;
@@ -28,11 +29,10 @@ use crate::adapter::peft::{load_adapter, save_adapter};
 use crate::adapter::AdapterConfig;
 use crate::checkpoint::tensor_file::write_atomically;
 use crate::checkpoint::{load_model, save_model, stable_param_ids, CheckpointFiles, WeightDType};
-use crate::data::batch::{CaptionBatcher, PadSide, PreparedSample, SamplePreparer};
-use crate::data::sources::{split, Sample};
+use crate::data::batch::{CaptionBatcher, PadSide};
 use crate::data::synthetic::write_synthetic_set;
 use crate::data::template::ChatEncoder;
-use crate::data::tokenizer::{load_tokenizer, SpecialIds};
+use crate::data::tokenizer::SpecialIds;
 use crate::error::{Error, Result};
 use crate::experiment::Experiment;
 use crate::infer::generate::greedy_captions;
@@ -142,16 +142,6 @@ fn ensure_synthetic(exp: &Experiment) -> Result<()> {
     write_synthetic_set(dir, n, exp.data.synthetic_seed, SpecialIds::Compact)
 }
 
-fn tokenizer_path(exp: &Experiment) -> PathBuf {
-    exp.data.tokenizer.clone().unwrap_or_else(|| {
-        if exp.model.path.is_dir() {
-            exp.model.path.join("tokenizer.json")
-        } else {
-            exp.model.path.with_file_name("tokenizer.json")
-        }
-    })
-}
-
 /// Files a run writes into its output folder (a fresh run removes an earlier run's).
 const RUN_FILES: [&str; 9] = [
     "metrics.csv",
@@ -164,102 +154,6 @@ const RUN_FILES: [&str; 9] = [
     "summary.json",
     "burn",
 ];
-
-/// The data of a run, prepared.
-struct RunData {
-    encoder: ChatEncoder,
-    train: Vec<PreparedSample>,
-    train_origins: Vec<String>,
-    test: Vec<PreparedSample>,
-    test_samples: Vec<Sample>,
-}
-
-/// The run's tokenizer with its chat tokens.
-fn run_encoder(exp: &Experiment) -> Result<ChatEncoder> {
-    let tok = tokenizer_path(exp);
-    ChatEncoder::new(load_tokenizer(&tok)?, &tok.display().to_string())
-}
-
-/// The experiment's image settings with the patch geometry of model `cfg`.
-fn image_options(exp: &Experiment, cfg: &Qwen3VlConfig) -> crate::data::ImageOptions {
-    let v = &cfg.vision_config;
-    crate::data::ImageOptions {
-        patch_size: v.patch_size,
-        temporal_patch_size: v.temporal_patch_size,
-        merge_size: v.spatial_merge_size,
-        ..exp.image_options()
-    }
-}
-
-fn prepare_data(
-    exp: &Experiment,
-    encoder: ChatEncoder,
-    images: crate::data::ImageOptions,
-) -> Result<RunData> {
-    let loaded = exp.source().read(exp.data.skip_bad)?;
-    for b in &loaded.skipped {
-        eprintln!("skipped {}: {}", b.origin, b.reason);
-    }
-    let parts = split(
-        loaded.samples,
-        exp.data.max_samples,
-        exp.data.test_samples,
-        exp.data.shuffle_seed,
-    )?;
-    let cache = exp
-        .data
-        .train
-        .parent()
-        .unwrap_or(Path::new("."))
-        .join(".cache");
-    let preparer = SamplePreparer {
-        images,
-        encoder: encoder.clone(),
-        prompt: exp.data.prompt.clone(),
-        max_length: exp.data.max_length,
-        cache_dir: Some(cache),
-    };
-    let started = std::time::Instant::now();
-    let (train, bad) = preparer.prepare_all(&parts.train, exp.data.skip_bad)?;
-    let (test, bad_test) = preparer.prepare_all(&parts.test, exp.data.skip_bad)?;
-    for b in bad.iter().chain(&bad_test) {
-        eprintln!("skipped {}: {}", b.origin, b.reason);
-    }
-    let truncated = train.iter().filter(|s| s.truncated).count();
-    println!(
-        "data: {} training + {} held-out samples prepared in {:.1} s{}",
-        train.len(),
-        test.len(),
-        started.elapsed().as_secs_f64(),
-        if truncated > 0 {
-            format!(" ({truncated} captions cut to max_length)")
-        } else {
-            String::new()
-        }
-    );
-    let bad_names: std::collections::BTreeSet<&str> =
-        bad.iter().map(|b| b.origin.as_str()).collect();
-    let train_origins = parts
-        .train
-        .iter()
-        .filter(|s| !bad_names.contains(s.origin.as_str()))
-        .map(|s| s.origin.clone())
-        .collect();
-    let bad_test: std::collections::BTreeSet<&str> =
-        bad_test.iter().map(|b| b.origin.as_str()).collect();
-    let test_samples = parts
-        .test
-        .into_iter()
-        .filter(|s| !bad_test.contains(s.origin.as_str()))
-        .collect();
-    Ok(RunData {
-        encoder,
-        train,
-        train_origins,
-        test,
-        test_samples,
-    })
-}
 
 /// The base model of a run and its config.json text: loaded from a checkpoint folder, or
 /// random from a config.json file with the tokenizer's vocabulary and special ids.

@@ -1,0 +1,119 @@
+//! The data of a training run: tokenizer, image settings from the model's patch geometry, and
+//! every training and held-out sample prepared (decoded, resized, tokenised; cached on disk).
+
+use std::path::{Path, PathBuf};
+
+use crate::data::batch::{PreparedSample, SamplePreparer};
+use crate::data::sources::{split, Sample};
+use crate::data::template::ChatEncoder;
+use crate::data::tokenizer::load_tokenizer;
+use crate::error::Result;
+use crate::experiment::Experiment;
+use crate::model::config::Qwen3VlConfig;
+
+/// The run's tokenizer.json: `data.tokenizer`, else the one beside the model.
+pub(crate) fn tokenizer_path(exp: &Experiment) -> PathBuf {
+    exp.data.tokenizer.clone().unwrap_or_else(|| {
+        if exp.model.path.is_dir() {
+            exp.model.path.join("tokenizer.json")
+        } else {
+            exp.model.path.with_file_name("tokenizer.json")
+        }
+    })
+}
+
+/// The data of a run, prepared.
+pub(crate) struct RunData {
+    pub(crate) encoder: ChatEncoder,
+    pub(crate) train: Vec<PreparedSample>,
+    pub(crate) train_origins: Vec<String>,
+    pub(crate) test: Vec<PreparedSample>,
+    pub(crate) test_samples: Vec<Sample>,
+}
+
+/// The run's tokenizer with its chat tokens.
+pub(crate) fn run_encoder(exp: &Experiment) -> Result<ChatEncoder> {
+    let tok = tokenizer_path(exp);
+    ChatEncoder::new(load_tokenizer(&tok)?, &tok.display().to_string())
+}
+
+/// The experiment's image settings with the patch geometry of model `cfg`.
+pub(crate) fn image_options(exp: &Experiment, cfg: &Qwen3VlConfig) -> crate::data::ImageOptions {
+    let v = &cfg.vision_config;
+    crate::data::ImageOptions {
+        patch_size: v.patch_size,
+        temporal_patch_size: v.temporal_patch_size,
+        merge_size: v.spatial_merge_size,
+        ..exp.image_options()
+    }
+}
+
+pub(crate) fn prepare_data(
+    exp: &Experiment,
+    encoder: ChatEncoder,
+    images: crate::data::ImageOptions,
+) -> Result<RunData> {
+    let loaded = exp.source().read(exp.data.skip_bad)?;
+    for b in &loaded.skipped {
+        eprintln!("skipped {}: {}", b.origin, b.reason);
+    }
+    let parts = split(
+        loaded.samples,
+        exp.data.max_samples,
+        exp.data.test_samples,
+        exp.data.shuffle_seed,
+    )?;
+    let cache = exp
+        .data
+        .train
+        .parent()
+        .unwrap_or(Path::new("."))
+        .join(".cache");
+    let preparer = SamplePreparer {
+        images,
+        encoder: encoder.clone(),
+        prompt: exp.data.prompt.clone(),
+        max_length: exp.data.max_length,
+        cache_dir: Some(cache),
+    };
+    let started = std::time::Instant::now();
+    let (train, bad) = preparer.prepare_all(&parts.train, exp.data.skip_bad)?;
+    let (test, bad_test) = preparer.prepare_all(&parts.test, exp.data.skip_bad)?;
+    for b in bad.iter().chain(&bad_test) {
+        eprintln!("skipped {}: {}", b.origin, b.reason);
+    }
+    let truncated = train.iter().filter(|s| s.truncated).count();
+    println!(
+        "data: {} training + {} held-out samples prepared in {:.1} s{}",
+        train.len(),
+        test.len(),
+        started.elapsed().as_secs_f64(),
+        if truncated > 0 {
+            format!(" ({truncated} captions cut to max_length)")
+        } else {
+            String::new()
+        }
+    );
+    let bad_names: std::collections::BTreeSet<&str> =
+        bad.iter().map(|b| b.origin.as_str()).collect();
+    let train_origins = parts
+        .train
+        .iter()
+        .filter(|s| !bad_names.contains(s.origin.as_str()))
+        .map(|s| s.origin.clone())
+        .collect();
+    let bad_test: std::collections::BTreeSet<&str> =
+        bad_test.iter().map(|b| b.origin.as_str()).collect();
+    let test_samples = parts
+        .test
+        .into_iter()
+        .filter(|s| !bad_test.contains(s.origin.as_str()))
+        .collect();
+    Ok(RunData {
+        encoder,
+        train,
+        train_origins,
+        test,
+        test_samples,
+    })
+}
