@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::data::batch::{PreparedSample, SamplePreparer};
-use crate::data::sources::{split, Sample};
+use crate::data::sources::{split, BadRow, Sample};
 use crate::data::template::ChatEncoder;
 use crate::data::tokenizer::load_tokenizer;
 use crate::error::Result;
@@ -94,21 +94,11 @@ pub(crate) fn prepare_data(
             String::new()
         }
     );
-    let bad_names: std::collections::BTreeSet<&str> =
-        bad.iter().map(|b| b.origin.as_str()).collect();
-    let train_origins = parts
-        .train
-        .iter()
-        .filter(|s| !bad_names.contains(s.origin.as_str()))
-        .map(|s| s.origin.clone())
-        .collect();
-    let bad_test: std::collections::BTreeSet<&str> =
-        bad_test.iter().map(|b| b.origin.as_str()).collect();
-    let test_samples = parts
-        .test
+    let train_origins = kept(parts.train, &bad)
         .into_iter()
-        .filter(|s| !bad_test.contains(s.origin.as_str()))
+        .map(|s| s.origin)
         .collect();
+    let test_samples = kept(parts.test, &bad_test);
     Ok(RunData {
         encoder,
         train,
@@ -116,4 +106,13 @@ pub(crate) fn prepare_data(
         test,
         test_samples,
     })
+}
+
+/// `samples` without the rows listed in `bad`.
+fn kept(samples: Vec<Sample>, bad: &[BadRow]) -> Vec<Sample> {
+    let bad: std::collections::BTreeSet<&str> = bad.iter().map(|b| b.origin.as_str()).collect();
+    samples
+        .into_iter()
+        .filter(|s| !bad.contains(s.origin.as_str()))
+        .collect()
 }
