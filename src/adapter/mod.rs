@@ -38,6 +38,14 @@ pub fn freeze<B: Backend, M: Module<B>>(module: M) -> M {
     module.map(&mut Freeze)
 }
 
+/// Whether the parameter named `name` (HF-style path) belongs to an adapter: LoRA's
+/// `lora_a`/`lora_b`, MoE-LoRA's `router`/`experts_a`/`experts_b`.
+pub fn is_adapter_param(name: &str) -> bool {
+    ["lora_a", "lora_b", "router", "experts_a", "experts_b"]
+        .iter()
+        .any(|k| name.ends_with(k) || name.contains(&format!(".{k}.")))
+}
+
 /// A frozen base layer an adapter can wrap: dense f32/f16/bf16 weights ([`Linear`]) now, the
 /// packed NF4 weight later.
 pub trait FrozenLinear<B: Backend>: Module<B> + core::fmt::Debug {

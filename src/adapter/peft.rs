@@ -18,8 +18,9 @@ use serde_json::{json, Value};
 use super::config::{AdapterConfig, AdapterKind};
 use super::inject::{inject, sites};
 use super::Projection;
+use crate::checkpoint::save::to_host_f32;
 use crate::checkpoint::tensor_file::{write_atomically, write_tensors};
-use crate::checkpoint::{HostTensor, TensorFile};
+use crate::checkpoint::TensorFile;
 use crate::error::{Error, Result};
 use crate::model::Qwen3VlModel;
 
@@ -135,17 +136,6 @@ pub fn read_adapter_config(dir: &Path) -> Result<AdapterConfig> {
     Ok(cfg)
 }
 
-fn host<const D: usize, B: Backend>(t: Tensor<B, D>) -> HostTensor {
-    let shape = t.dims().to_vec();
-    let v = t
-        .cast(DType::F32)
-        .into_data()
-        .convert::<f32>()
-        .to_vec::<f32>()
-        .expect("f32");
-    HostTensor::F32(v, shape)
-}
-
 /// Writes the adapter of `model` to `dir` (each file via a temporary file and a rename).
 pub fn save_adapter<B: Backend>(
     model: &mut Qwen3VlModel<B>,
@@ -158,21 +148,24 @@ pub fn save_adapter<B: Backend>(
         match &*s.proj {
             Projection::Plain(_) => {}
             Projection::Lora(l) => {
-                tensors.insert(key(&s.name, "lora_A.weight"), host(l.lora_a.val()));
-                tensors.insert(key(&s.name, "lora_B.weight"), host(l.lora_b.val()));
+                tensors.insert(key(&s.name, "lora_A.weight"), to_host_f32(l.lora_a.val()));
+                tensors.insert(key(&s.name, "lora_B.weight"), to_host_f32(l.lora_b.val()));
             }
             Projection::MoeLora(l) => {
-                tensors.insert(key(&s.name, "moe_router.weight"), host(l.router.val()));
+                tensors.insert(
+                    key(&s.name, "moe_router.weight"),
+                    to_host_f32(l.router.val()),
+                );
                 for e in 0..l.experts() {
                     let a = l.experts_a.val().narrow(0, e, 1).squeeze_dim::<2>(0);
                     let b = l.experts_b.val().narrow(0, e, 1).squeeze_dim::<2>(0);
                     tensors.insert(
                         key(&s.name, &format!("moe_experts.{e}.lora_A.weight")),
-                        host(a),
+                        to_host_f32(a),
                     );
                     tensors.insert(
                         key(&s.name, &format!("moe_experts.{e}.lora_B.weight")),
-                        host(b),
+                        to_host_f32(b),
                     );
                 }
             }

@@ -32,21 +32,27 @@ impl<B: Backend> ModuleVisitor<B> for Collect {
     }
 
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        let t = param.val();
         let name = self.path.hf_name();
-        let shape = if name.ends_with("patch_embed.proj.weight") {
-            self.patch_shape.clone()
-        } else {
-            t.dims().to_vec()
-        };
-        let values = t
-            .cast(DType::F32)
-            .into_data()
-            .convert::<f32>()
-            .to_vec::<f32>()
-            .expect("f32 data");
-        self.tensors.insert(name, HostTensor::F32(values, shape));
+        let mut host = to_host_f32(param.val());
+        if name.ends_with("patch_embed.proj.weight") {
+            if let HostTensor::F32(_, shape) = &mut host {
+                shape.clone_from(&self.patch_shape);
+            }
+        }
+        self.tensors.insert(name, host);
     }
+}
+
+/// A tensor's values as an f32 host tensor (any float dtype on the device).
+pub fn to_host_f32<B: Backend, const D: usize>(t: Tensor<B, D>) -> HostTensor {
+    let shape = t.dims().to_vec();
+    let values = t
+        .cast(DType::F32)
+        .into_data()
+        .convert::<f32>()
+        .to_vec::<f32>()
+        .expect("f32 data");
+    HostTensor::F32(values, shape)
 }
 
 /// Writes `model`'s weights (f32) and `config_json` to `dir` in HF layout; loadable by

@@ -26,7 +26,7 @@ use super::state::{read_rows, truncate_rows, RunSettings, RunState, StepRow};
 use super::step::TrainModel;
 use crate::adapter::inject::{inject, trainable_counts, trainable_line};
 use crate::adapter::peft::{load_adapter, save_adapter};
-use crate::adapter::AdapterConfig;
+use crate::adapter::{is_adapter_param, AdapterConfig};
 use crate::checkpoint::tensor_file::write_atomically;
 use crate::checkpoint::{load_model, save_model, stable_param_ids, CheckpointFiles, WeightDType};
 use crate::data::batch::{CaptionBatcher, PadSide};
@@ -185,12 +185,6 @@ fn base_model<B: Backend>(
     let file = path.join("config.json");
     let text = std::fs::read_to_string(&file).map_err(|e| Error::io(&file, e))?;
     Ok((model, text, cfg))
-}
-
-fn is_adapter_param(name: &str) -> bool {
-    ["lora_a", "lora_b", "router", "experts_a", "experts_b"]
-        .iter()
-        .any(|k| name.ends_with(k) || name.contains(&format!(".{k}.")))
 }
 
 fn peak_rss() -> Option<u64> {

@@ -9,6 +9,7 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use crate::adapter::AdapterConfig;
+use crate::checkpoint::tensor_file::write_atomically;
 use crate::error::{Error, Result};
 
 /// Fixed settings of a run (what the step hooks need to know).
@@ -331,16 +332,30 @@ pub fn read_rows(dir: &Path) -> Result<Vec<StepRow>> {
     Ok(rows)
 }
 
-/// Keeps the rows up to `step` (a resumed run rewrites what came after its checkpoint).
+/// Keeps the rows up to `step` (a resumed run rewrites what came after its checkpoint),
+/// rewriting the file in one atomic write.
 pub fn truncate_rows(dir: &Path, step: usize) -> Result<Vec<StepRow>> {
     let rows: Vec<StepRow> = read_rows(dir)?
         .into_iter()
         .filter(|r| r.step <= step)
         .collect();
-    let path = metrics_file(dir);
-    let _ = std::fs::remove_file(&path);
+    let mut text = String::new();
+    if let Some(first) = rows.first() {
+        text.push_str(&StepRow::header(first.expert_share.len()));
+        text.push('\n');
+    }
     for r in &rows {
-        append_row(dir, r)?;
+        text.push_str(&r.csv());
+        text.push('\n');
+    }
+    let path = metrics_file(dir);
+    if rows.is_empty() {
+        // No row yet: the next append writes the header.
+        if path.exists() {
+            std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+        }
+    } else {
+        write_atomically(&path, text.as_bytes())?;
     }
     Ok(rows)
 }

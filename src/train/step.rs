@@ -96,6 +96,30 @@ impl<B: Backend> TrainModel<B> {
         Ok((lm, out.aux_loss, out.expert_tokens))
     }
 
+    /// The losses of `batch` and what they report (values read back to the host); a failed
+    /// forward pass stops the run with an error naming `what`.
+    fn measured_losses(
+        &self,
+        batch: &TrainBatch<B>,
+        what: impl Fn() -> String,
+    ) -> (Tensor<B, 1>, Option<Tensor<B, 1>>, StepOutput) {
+        let (lm, aux, expert_tokens) = match self.losses(batch) {
+            Ok(l) => l,
+            Err(e) => self.run.fail(Error::Input(format!("{}: {e}", what()))),
+        };
+        let (lm_v, aux_v) = (scalar(&lm), aux.as_ref().map(scalar).unwrap_or(0.0));
+        let output = StepOutput {
+            loss: lm_v + aux_v,
+            lm_loss: lm_v,
+            aux_loss: aux_v,
+            tokens: batch.batch.tokens,
+            samples: batch.positions.len(),
+            expert_tokens,
+            ..Default::default()
+        };
+        (lm, aux, output)
+    }
+
     fn device(&self) -> B::Device {
         self.model.language_model.embed_tokens.weight.val().device()
     }
@@ -112,27 +136,21 @@ impl<B: AutodiffBackend> TrainStep for TrainModel<B> {
     fn step(&self, batch: TrainBatch<B>) -> TrainOutput<StepOutput> {
         let s = &self.run.settings;
         B::seed(&self.device(), batch_seed(s.seed, batch.positions[0]));
-        let (lm, aux, expert_tokens) = match self.losses(&batch) {
-            Ok(l) => l,
-            Err(e) => self.run.fail(Error::Input(format!(
-                "training batch of {}: {e}",
-                self.run.describe(&batch.indexes)
-            ))),
-        };
-        let lm_v = scalar(&lm);
-        let aux_v = aux.as_ref().map(scalar).unwrap_or(0.0);
+        let what = || format!("training batch of {}", self.run.describe(&batch.indexes));
+        let (lm, aux, mut output) = self.measured_losses(&batch, what);
+        let (lm_v, aux_v) = (output.lm_loss, output.aux_loss);
         if !lm_v.is_finite() && !s.dynamic_loss_scale {
             self.run.fail(Error::Input(format!(
-                "the loss is {lm_v} on the batch of {} (f32 compute has no loss scaling to \
-                 recover; lower train.lr or check these samples)",
-                self.run.describe(&batch.indexes)
+                "the loss is {lm_v} on the {} (f32 compute has no loss scaling to recover; \
+                 lower train.lr or check these samples)",
+                what()
             )));
         }
         let total = match aux {
             Some(a) => lm + a.cast(DType::F32),
             None => lm,
         };
-        let (scale, grad_norm, skipped) = {
+        let scale = {
             let mut p = self.run.lock();
             let w = &mut p.window;
             w.lm += lm_v;
@@ -141,31 +159,19 @@ impl<B: AutodiffBackend> TrainStep for TrainModel<B> {
             w.tokens += batch.batch.tokens;
             w.samples += batch.positions.len();
             w.indexes.extend(&batch.indexes);
-            if w.expert_tokens.len() < expert_tokens.len() {
-                w.expert_tokens.resize(expert_tokens.len(), 0);
+            let routed = &output.expert_tokens;
+            if w.expert_tokens.len() < routed.len() {
+                w.expert_tokens.resize(routed.len(), 0);
             }
-            for (a, b) in w.expert_tokens.iter_mut().zip(&expert_tokens) {
+            for (a, b) in w.expert_tokens.iter_mut().zip(routed) {
                 *a += b;
             }
-            let last = p.rows.last().map(|r| r.grad_norm).unwrap_or(0.0);
-            (p.scaler.scale, last, p.skipped)
+            output.grad_norm = p.rows.last().map(|r| r.grad_norm).unwrap_or(0.0);
+            output.skipped = p.skipped;
+            p.scaler.scale
         };
         let scaled = total.mul_scalar(scale / s.grad_accum as f64);
-        let grads = scaled.backward();
-        TrainOutput::new(
-            self,
-            grads,
-            StepOutput {
-                loss: lm_v + aux_v,
-                lm_loss: lm_v,
-                aux_loss: aux_v,
-                tokens: batch.batch.tokens,
-                samples: batch.positions.len(),
-                expert_tokens,
-                grad_norm,
-                skipped,
-            },
-        )
+        TrainOutput::new(self, scaled.backward(), output)
     }
 
     fn optimize<B2, O>(self, optim: &mut O, lr: f64, mut grads: GradientsParams) -> Self
@@ -257,20 +263,7 @@ impl<B: Backend> InferenceStep for TrainModel<B> {
     type Output = StepOutput;
 
     fn step(&self, batch: TrainBatch<B>) -> StepOutput {
-        let (lm, aux, expert_tokens) = match self.losses(&batch) {
-            Ok(l) => l,
-            Err(e) => self.run.fail(Error::Input(format!("held-out batch: {e}"))),
-        };
-        let (lm_v, aux_v) = (scalar(&lm), aux.as_ref().map(scalar).unwrap_or(0.0));
-        StepOutput {
-            loss: lm_v + aux_v,
-            lm_loss: lm_v,
-            aux_loss: aux_v,
-            tokens: batch.batch.tokens,
-            samples: batch.positions.len(),
-            expert_tokens,
-            ..Default::default()
-        }
+        self.measured_losses(&batch, || "held-out batch".into()).2
     }
 }
 
