@@ -9,6 +9,7 @@ use burn::backend::cuda::{Cuda, CudaDevice};
 use burn::backend::flex::FlexDevice;
 use burn::backend::{Autodiff, Flex};
 use burn::prelude::Backend;
+use burn::tensor::backend::AutodiffBackend;
 use clap::{Parser, Subcommand};
 
 use qwen3_vl_moelora::adapter::merge::{merge_lora, MergeDType};
@@ -25,6 +26,7 @@ use qwen3_vl_moelora::cli::preprocess::{parse_size, preprocess_to_file};
 use qwen3_vl_moelora::data::sources::Source;
 use qwen3_vl_moelora::data::ImageOptions;
 use qwen3_vl_moelora::experiment::Experiment;
+use qwen3_vl_moelora::train::bench::{bench_train, BenchOptions, BenchReport};
 use qwen3_vl_moelora::train::sweep::run_sweep;
 use qwen3_vl_moelora::train::{train, TrainOptions};
 use qwen3_vl_moelora::{Error, Result};
@@ -142,9 +144,13 @@ enum Command {
         #[arg(long, default_value = "keep")]
         dtype: String,
     },
-    /// Fine-tune with LoRA / MoE-LoRA (not implemented yet).
     /// Train an adapter (default: the built-in demo, experiments/default.toml).
     Train(TrainArgs),
+    /// Benchmarks of the hot paths.
+    Bench {
+        #[command(subcommand)]
+        what: BenchCommand,
+    },
     /// Run every combination of a sweep file and print the results table.
     Sweep {
         /// Sweep file (experiments/sweep-*.toml).
@@ -153,6 +159,44 @@ enum Command {
         #[arg(long, default_value = "auto")]
         device: String,
     },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Time the training step of an experiment: samples/s, tokens/s, model FLOP utilisation.
+    Train(BenchTrainArgs),
+}
+
+/// Arguments of `bench train`.
+#[derive(clap::Args)]
+struct BenchTrainArgs {
+    /// Experiment file (its model, adapter, dtype, accumulation and checkpointing are used).
+    #[arg(long)]
+    config: PathBuf,
+    /// Model folder or config.json (model.path).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Override any field: section.key=value (repeatable).
+    #[arg(long = "set")]
+    set: Vec<String>,
+    /// Random weights from the config alone (speed does not depend on the values).
+    #[arg(long)]
+    random_weights: bool,
+    /// Timed optimizer steps (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    steps: usize,
+    /// Untimed optimizer steps first (compilation, autotuning).
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    /// Tokens per sample, image tokens included.
+    #[arg(long, default_value_t = 120)]
+    tokens: usize,
+    /// The card's dense f16/bf16 peak in TFLOP/s (H100/H200 SXM: 989).
+    #[arg(long, default_value_t = 989.0)]
+    peak_tflops: f64,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: String,
 }
 
 /// Arguments of `train`.
@@ -216,26 +260,84 @@ fn run_train(args: TrainArgs) -> Result<()> {
         resume: args.resume.is_some(),
         dashboard: std::io::stdout().is_terminal() && !args.plain,
     };
-    match choose_device(&args.device)? {
+    struct Job(Experiment, TrainOptions);
+    impl TrainJob for Job {
+        type Out = ();
+        fn run<B: AutodiffBackend>(self, device: &B::Device) -> Result<()> {
+            train::<B>(&self.0, &self.1, device).map(|_| ())
+        }
+    }
+    let checkpointing = exp.train.gradient_checkpointing;
+    on_train_backend(&args.device, checkpointing, Job(exp, opts))
+}
+
+/// Work that runs on an autodiff backend chosen at run time.
+trait TrainJob {
+    /// What the work returns.
+    type Out;
+    /// Runs on backend `B`.
+    fn run<B: AutodiffBackend>(self, device: &B::Device) -> Result<Self::Out>;
+}
+
+/// Runs `job` on the device `--device` names: Flex on the CPU, CUDA with burn's balanced
+/// gradient checkpointing when `checkpointing` (element-wise activations are recomputed in the
+/// backward pass instead of kept).
+fn on_train_backend<J: TrainJob>(device: &str, checkpointing: bool, job: J) -> Result<J::Out> {
+    match choose_device(device)? {
         DeviceChoice::Cpu => {
             println!("device: cpu (flex)");
-            if exp.train.gradient_checkpointing {
+            if checkpointing {
                 println!("note: gradient checkpointing is used on the GPU only");
             }
-            train::<Autodiff<Flex>>(&exp, &opts, &FlexDevice).map(|_| ())
+            job.run::<Autodiff<Flex>>(&FlexDevice)
         }
-        // burn's checkpointing is chosen by type: element-wise activations are recomputed in
-        // the backward pass instead of kept.
-        DeviceChoice::Cuda(i) if exp.train.gradient_checkpointing => {
+        DeviceChoice::Cuda(i) if checkpointing => {
             println!("device: cuda:{i} (gradient checkpointing)");
-            train::<Autodiff<Cuda, BalancedCheckpointing>>(&exp, &opts, &CudaDevice::new(i))
-                .map(|_| ())
+            job.run::<Autodiff<Cuda, BalancedCheckpointing>>(&CudaDevice::new(i))
         }
         DeviceChoice::Cuda(i) => {
             println!("device: cuda:{i}");
-            train::<Autodiff<Cuda>>(&exp, &opts, &CudaDevice::new(i)).map(|_| ())
+            job.run::<Autodiff<Cuda>>(&CudaDevice::new(i))
         }
     }
+}
+
+fn run_bench_train(args: BenchTrainArgs) -> Result<()> {
+    let mut set = args.set.clone();
+    if let Some(m) = &args.model {
+        let quoted = toml::Value::String(m.display().to_string()).to_string();
+        set.push(format!("model.path={quoted}"));
+    }
+    let exp = Experiment::load(&args.config, &set)?;
+    let opts = BenchOptions {
+        steps: args.steps,
+        warmup: args.warmup,
+        random_weights: args.random_weights,
+        tokens: args.tokens,
+        peak_tflops: args.peak_tflops,
+    };
+    struct Job(Experiment, BenchOptions);
+    impl TrainJob for Job {
+        type Out = BenchReport;
+        fn run<B: AutodiffBackend>(self, device: &B::Device) -> Result<BenchReport> {
+            bench_train::<B>(&self.0, &self.1, device)
+        }
+    }
+    let checkpointing = exp.train.gradient_checkpointing;
+    let report = on_train_backend(&args.device, checkpointing, Job(exp, opts))?;
+    println!(
+        "bench train: {:.3} samples/s, {:.0} tokens/s, {:.3} s per optimizer step (median of {}, \
+         min {:.3}), MFU {:.2}% of {} TFLOP/s",
+        report.samples_per_s,
+        report.tokens_per_s,
+        report.step_s_median,
+        args.steps,
+        report.step_s_min,
+        report.mfu * 100.0,
+        args.peak_tflops
+    );
+    println!("{}", serde_json::to_string(&report).expect("json"));
+    Ok(())
 }
 
 #[derive(Subcommand)]
@@ -520,6 +622,9 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Train(args) => run_train(args),
+        Command::Bench {
+            what: BenchCommand::Train(args),
+        } => run_bench_train(args),
         Command::Sweep { file, device } => {
             let exe = std::env::current_exe().map_err(|e| Error::io("current executable", e))?;
             let results = run_sweep(&file, &exe, &device)?;

@@ -7,9 +7,9 @@
 //! * [`state`]: shared run state, loss scaler, `metrics.csv`.
 //! * [`checkpoint`]: atomic step checkpoints and resume.
 //! * [`metrics`]: dashboard metrics; [`plot`]: loss/lr PNGs; [`schedule`]: warmup + decay.
-//! * [`sweep`]: grids of runs.
-//! * [`sweep`]: grids of runs.
+//! * [`sweep`]: grids of runs; [`bench`]: timing of the training step.
 
+pub mod bench;
 pub mod checkpoint;
 pub mod data;
 pub mod metrics;

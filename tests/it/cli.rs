@@ -324,3 +324,37 @@ fn experiment_files_resolve_and_print_the_trainable_line() {
         "model.dtype",
     );
 }
+
+#[test]
+fn bench_train_times_the_training_step_of_an_experiment() {
+    let exp = format!(
+        "{}/experiments/qwen3-vl-4b-moelora.toml",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let out = bin()
+        .args(["bench", "train", "--config", &exp, "--random-weights"])
+        .args([
+            "--steps", "2", "--warmup", "1", "--device", "cpu", "--model",
+        ])
+        .arg(tiny_model())
+        .args(["--set", "train.grad_accum=2"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json = text
+        .lines()
+        .find(|l| l.starts_with('{'))
+        .expect("a JSON line");
+    let r: serde_json::Value = serde_json::from_str(json).unwrap();
+    assert_eq!(r["seq_tokens"], 120);
+    // The experiment's 280x280 resize is 288x288: 18x18 patches.
+    assert_eq!(r["image_patches"], 324);
+    assert_eq!(r["grad_accum"], 2);
+    assert!(r["samples_per_s"].as_f64().unwrap() > 0.0);
+    assert!(r["trainable"].as_u64().unwrap() > 0);
+}

@@ -1,0 +1,323 @@
+//! `bench train`: times the real training step (the same [`TrainModel`] step and optimize that
+//! `train` runs, with loss scaling, clipping and AdamW) on one synthetic sample shaped like the
+//! reference workload: one image of the experiment's resize, ~120 tokens, batch 1 x the
+//! experiment's gradient accumulation. Weights may be random: speed does not depend on them.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use burn::optim::{AdamWConfig, GradientsAccumulator};
+use burn::prelude::*;
+use burn::tensor::backend::AutodiffBackend;
+use burn::train::TrainStep;
+use serde::Serialize;
+
+use super::data::{TrainBatch, TrainBatcher, TrainItem};
+use super::prepare::image_options;
+use super::state::{RunSettings, RunState};
+use super::step::TrainModel;
+use crate::adapter::inject::{inject, trainable_counts};
+use crate::adapter::is_adapter_param;
+use crate::checkpoint::{load_model, stable_param_ids, WeightDType};
+use crate::data::batch::{CaptionBatcher, PadSide, PreparedSample};
+use crate::data::template::IGNORE_INDEX;
+use crate::error::{Error, Result};
+use crate::experiment::Experiment;
+use crate::model::config::Qwen3VlConfig;
+
+/// What `bench train` measures.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// Timed optimizer steps.
+    pub steps: usize,
+    /// Untimed optimizer steps first (kernel compilation, autotuning, allocator warm-up).
+    pub warmup: usize,
+    /// Random weights from the config alone instead of loading the checkpoint.
+    pub random_weights: bool,
+    /// Tokens per sample (image tokens included).
+    pub tokens: usize,
+    /// Dense f16/bf16 tensor-core peak of the card in TFLOP/s, for the utilisation figure.
+    pub peak_tflops: f64,
+}
+
+/// The result of `bench train` (printed as one JSON line).
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    /// Tokens per sample.
+    pub seq_tokens: usize,
+    /// Image patches per sample (vision tower tokens).
+    pub image_patches: usize,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: usize,
+    /// Median seconds per optimizer step.
+    pub step_s_median: f64,
+    /// Fastest optimizer step.
+    pub step_s_min: f64,
+    /// Samples per second at the median step time.
+    pub samples_per_s: f64,
+    /// Tokens per second at the median step time.
+    pub tokens_per_s: f64,
+    /// Model FLOPs per sample (forward + backward to the activations).
+    pub flops_per_sample: f64,
+    /// Achieved model FLOP/s over the card's peak.
+    pub mfu: f64,
+    /// Trainable (adapter) parameters.
+    pub trainable: usize,
+    /// All parameters.
+    pub params: usize,
+    /// Seconds of the warm-up steps (compilation included).
+    pub warmup_s: f64,
+}
+
+/// Matmul weights the forward pass multiplies by: (text decoder + lm_head per text token,
+/// vision tower + mergers per image patch).
+pub fn matmul_params(cfg: &Qwen3VlConfig) -> (f64, f64) {
+    let t = &cfg.text_config;
+    let (h, i) = (t.hidden_size as f64, t.intermediate_size as f64);
+    let (q, kv) = (
+        (t.num_attention_heads * t.head_dim()) as f64,
+        (t.kv_heads() * t.head_dim()) as f64,
+    );
+    let text_layer = h * q + 2.0 * h * kv + q * h + 3.0 * h * i;
+    let text = text_layer * t.num_hidden_layers as f64 + h * t.vocab_size as f64;
+    let v = &cfg.vision_config;
+    let (vh, vi) = (v.hidden_size as f64, v.intermediate_size as f64);
+    let vision_layer = 4.0 * vh * vh + 2.0 * vh * vi;
+    let merge = (v.spatial_merge_size * v.spatial_merge_size) as f64;
+    // Each merger maps merge² patches at once: per patch, (vh·m)² + vh·m·out over m patches.
+    let merger = ((vh * merge).powi(2) + vh * merge * v.out_hidden_size as f64) / merge;
+    let patch_embed =
+        (v.in_channels * v.temporal_patch_size * v.patch_size * v.patch_size) as f64 * vh;
+    let vision = vision_layer * v.depth as f64
+        + merger * (1 + v.deepstack_visual_indexes.len()) as f64
+        + patch_embed;
+    (text, vision)
+}
+
+/// One synthetic sample: `<vision_start>`, the image's pad tokens, `<vision_end>`, a prompt,
+/// then caption tokens (the loss targets) up to `tokens` in all.
+fn synthetic_sample(cfg: &Qwen3VlConfig, grid: [usize; 3], tokens: usize) -> PreparedSample {
+    let v = &cfg.vision_config;
+    let n_img = grid.iter().product::<usize>() / (v.spatial_merge_size * v.spatial_merge_size);
+    let special = [
+        cfg.image_token_id,
+        cfg.video_token_id,
+        cfg.vision_start_token_id,
+        cfg.vision_end_token_id,
+    ];
+    let vocab = cfg.text_config.vocab_size as u32;
+    let mut next = 0u32;
+    let mut filler = move || loop {
+        next += 1;
+        let id = (1000 + next * 7) % vocab;
+        if !special.contains(&id) {
+            return id;
+        }
+    };
+    let mut ids: Vec<u32> = (0..3).map(|_| filler()).collect();
+    ids.push(cfg.vision_start_token_id);
+    ids.extend(std::iter::repeat_n(cfg.image_token_id, n_img));
+    ids.push(cfg.vision_end_token_id);
+    ids.extend((0..10).map(|_| filler()));
+    let prompt = ids.len();
+    while ids.len() < tokens.max(prompt + 2) {
+        ids.push(filler());
+    }
+    let labels = ids
+        .iter()
+        .enumerate()
+        .map(|(p, &id)| if p < prompt { IGNORE_INDEX } else { id as i64 })
+        .collect();
+    let per_patch = v.in_channels * v.patch_size * v.patch_size;
+    let patches = grid.iter().product::<usize>();
+    let levels = (0..patches * per_patch)
+        .map(|k| (k.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    PreparedSample {
+        input_ids: ids,
+        labels,
+        levels,
+        grid_thw: grid,
+        truncated: false,
+    }
+}
+
+/// The model config and, unless random, its weights: `path` is a model folder or config.json.
+fn bench_model<B: Backend>(
+    path: &Path,
+    random: bool,
+    dtype: WeightDType,
+    device: &B::Device,
+) -> Result<(Qwen3VlConfig, crate::model::Qwen3VlModel<B>)> {
+    if !random {
+        return load_model::<B>(path, device, dtype);
+    }
+    let file = if path.is_dir() {
+        path.join("config.json")
+    } else {
+        path.to_path_buf()
+    };
+    let text = std::fs::read_to_string(&file).map_err(|e| Error::io(&file, e))?;
+    let cfg = Qwen3VlConfig::from_json(&text, &file)?;
+    let model = crate::checkpoint::load::random_model::<B>(&cfg, device, dtype);
+    Ok((cfg, model))
+}
+
+/// Runs `warmup + steps` optimizer steps of the experiment's adapter training on `device`.
+pub fn bench_train<B: AutodiffBackend>(
+    exp: &Experiment,
+    opts: &BenchOptions,
+    device: &B::Device,
+) -> Result<BenchReport> {
+    let setup = Instant::now();
+    let dtype = WeightDType::parse(&exp.model.dtype)?;
+    B::seed(device, exp.train.seed);
+    let (cfg, base) = bench_model::<B>(&exp.model.path, opts.random_weights, dtype, device)?;
+    let mut model = inject(base, &exp.adapter)?.0;
+    let (trainable, params) = trainable_counts(&mut model);
+    let model = stable_param_ids(model, is_adapter_param);
+
+    let images = image_options(exp, &cfg);
+    let (h, w) = images.target_size(480, 640)?;
+    let p = cfg.vision_config.patch_size;
+    let grid = [1, h / p, w / p];
+    let sample = synthetic_sample(&cfg, grid, opts.tokens);
+    let seq_tokens = sample.input_ids.len();
+    let batcher = TrainBatcher(CaptionBatcher {
+        pad_id: 0,
+        side: PadSide::Right,
+        temporal_patch_size: cfg.vision_config.temporal_patch_size,
+        pad_to_multiple: 1,
+    });
+    let ga = exp.train.grad_accum;
+    let out_dir = std::env::temp_dir().join(format!("qwen3-vl-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&out_dir).map_err(|e| Error::io(&out_dir, e))?;
+    let settings = RunSettings {
+        seed: exp.train.seed,
+        grad_accum: ga,
+        batch_size: 1,
+        dynamic_loss_scale: exp.model.dtype == "f16" && exp.train.loss_scale == "dynamic",
+        max_grad_norm: exp.train.max_grad_norm,
+        log_every: 0,
+        save_every: 0,
+        keep_last: 1,
+        total_steps: usize::MAX,
+        samples_per_epoch: 1,
+        out_dir: out_dir.clone(),
+        adapter: Some(exp.adapter.clone()),
+        base_model: exp.model.path.display().to_string(),
+        max_consecutive_skips: usize::MAX,
+    };
+    let run = Arc::new(RunState::new(
+        settings,
+        vec!["synthetic bench sample".into()],
+    ));
+    let mut model = TrainModel {
+        model,
+        run,
+        config_json: Arc::new(String::new()),
+    };
+    let mut optim = AdamWConfig::new()
+        .with_weight_decay(exp.train.weight_decay as f32)
+        .init::<B, TrainModel<B>>();
+
+    let mut times = Vec::new();
+    let started = Instant::now();
+    eprintln!("model ready in {:.1} s", setup.elapsed().as_secs_f64());
+    let mut warmup_s = 0.0;
+    for step in 0..opts.warmup + opts.steps {
+        let t0 = Instant::now();
+        let mut acc = GradientsAccumulator::<TrainModel<B>>::new();
+        for micro in 0..ga {
+            let item = TrainItem {
+                sample: sample.clone(),
+                position: step * ga + micro,
+                index: 0,
+            };
+            let batch: TrainBatch<B> =
+                burn::data::dataloader::batcher::Batcher::batch(&batcher, vec![item], device);
+            let out = model.step(batch);
+            acc.accumulate(&model, out.grads);
+            if step < opts.warmup {
+                // The first micro-batches compile and autotune every kernel: show where time goes.
+                eprintln!(
+                    "warm-up micro-batch {}/{ga}: {:.1} s since start",
+                    micro + 1,
+                    started.elapsed().as_secs_f64()
+                );
+            }
+        }
+        model = model.optimize(&mut optim, exp.train.lr, acc.grads());
+        B::sync(device).map_err(|e| Error::Input(format!("device error: {e:?}")))?;
+        let dt = t0.elapsed().as_secs_f64();
+        if step < opts.warmup {
+            warmup_s = started.elapsed().as_secs_f64();
+            eprintln!("warm-up step {}/{}: {dt:.2} s", step + 1, opts.warmup);
+        } else {
+            times.push(dt);
+        }
+    }
+    let _ = std::fs::remove_dir_all(&out_dir);
+    if times.is_empty() {
+        return Err(Error::Argument {
+            arg: "--steps".into(),
+            message: "must be at least 1".into(),
+        });
+    }
+    times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2];
+    let samples_per_s = ga as f64 / median;
+    let (text, vision) = matmul_params(&cfg);
+    let patches = grid.iter().product::<usize>();
+    // Forward 2·N·T plus the backward pass to the activations 2·N·T.
+    let flops_per_sample = 4.0 * (text * seq_tokens as f64 + vision * patches as f64);
+    Ok(BenchReport {
+        seq_tokens,
+        image_patches: patches,
+        grad_accum: ga,
+        step_s_median: median,
+        step_s_min: times[0],
+        samples_per_s,
+        tokens_per_s: samples_per_s * seq_tokens as f64,
+        flops_per_sample,
+        mfu: flops_per_sample * samples_per_s / (opts.peak_tflops * 1e12),
+        trainable,
+        params,
+        warmup_s,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_4b_matmul_weights_add_up() {
+        let path = Path::new("model/configs/qwen3-vl-4b-instruct.json");
+        let text = std::fs::read_to_string(path).unwrap();
+        let cfg = Qwen3VlConfig::from_json(&text, path).unwrap();
+        let (t, v) = matmul_params(&cfg);
+        // Text: 36 layers x 100.9 M + lm_head 389 M; vision per patch: 24 x 12.6 M, a quarter of
+        // each of the 4 mergers (27.3 M, applied per 4 patches) and the patch embedding.
+        assert!((t / 1e9 - 4.02).abs() < 0.01, "{t}");
+        assert!((v / 1e6 - 331.0).abs() < 1.0, "{v}");
+    }
+
+    #[test]
+    fn synthetic_sample_has_the_reference_shape() {
+        let path = Path::new("model/configs/qwen3-vl-4b-instruct.json");
+        let text = std::fs::read_to_string(path).unwrap();
+        let cfg = Qwen3VlConfig::from_json(&text, path).unwrap();
+        let s = synthetic_sample(&cfg, [1, 18, 18], 120);
+        assert_eq!(s.input_ids.len(), 120);
+        let pads = s
+            .input_ids
+            .iter()
+            .filter(|&&i| i == cfg.image_token_id)
+            .count();
+        assert_eq!(pads, 81);
+        assert_eq!(s.labels.iter().filter(|&&l| l != IGNORE_INDEX).count(), 24);
+        assert_eq!(s.levels.len(), 324 * 3 * 256);
+    }
+}

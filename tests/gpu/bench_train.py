@@ -1,0 +1,113 @@
+"""Side-by-side training-step benchmark on one GPU: our `bench train` and HF transformers + peft
+(tests/gpu/hf_train_4b.py) on the same workload, one after the other in the same call.
+
+Each job runs in its own process while a thread samples nvidia-smi's used memory every 100 ms;
+"peak GiB" is the highest reading minus the reading before the job started (CUDA context and
+allocator pools included, the same way for both). HF's own torch peak (allocated / reserved)
+is printed too.
+
+Usage: python3 tests/gpu/bench_train.py BINARY JOB... [--steps N] [--timeout S]
+JOB: ours:EXPERIMENT[:key=value,...]   e.g. ours:experiments/qwen3-vl-4b-lora.toml
+     hf:VARIANT                        bf16 | bf16-ckpt | f16-ckpt | nf4
+The 4B config is model/configs/qwen3-vl-4b-instruct.json for both.
+"""
+import json
+import subprocess
+import sys
+import threading
+import time
+
+CONFIG = "model/configs/qwen3-vl-4b-instruct.json"
+
+
+def used_mib():
+    out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                         capture_output=True, text=True).stdout
+    return int(out.split()[0])
+
+
+def run(cmd, timeout):
+    base = used_mib()
+    peak = [base]
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], used_mib())
+            time.sleep(0.1)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    start = time.time()
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        out, rc = p.stdout + p.stderr, p.returncode
+    except subprocess.TimeoutExpired as e:
+        def text(b):
+            return b.decode() if isinstance(b, bytes) else (b or "")
+        out, rc = text(e.stdout) + text(e.stderr), "timeout"
+    except OSError as e:
+        out, rc = str(e), "not started"
+    finally:
+        done.set()
+        t.join()
+    wall = time.time() - start
+    result = None
+    for line in out.splitlines():
+        if line.startswith("{"):
+            try:
+                result = json.loads(line)
+            except json.JSONDecodeError:
+                pass
+    if result is None:
+        print(f"--- {' '.join(cmd)} (rc {rc}, {wall:.0f} s) gave no result; output tail:")
+        print("\n".join(out.splitlines()[-25:]))
+        return None
+    result["peak_gib"] = (peak[0] - base) / 1024
+    result["wall_s"] = wall
+    return result
+
+
+def main():
+    args = sys.argv[1:]
+    steps, timeout = "5", 540
+    if "--steps" in args:
+        i = args.index("--steps")
+        steps = args[i + 1]
+        del args[i:i + 2]
+    if "--timeout" in args:
+        i = args.index("--timeout")
+        timeout = int(args[i + 1])
+        del args[i:i + 2]
+    binary, jobs = args[0], args[1:]
+    print(subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
+                          "--format=csv,noheader"], capture_output=True, text=True).stdout.strip())
+    rows = []
+    for job in jobs:
+        kind, _, spec = job.partition(":")
+        if kind == "ours":
+            exp, _, sets = spec.partition(":")
+            cmd = [binary, "bench", "train", "--config", exp, "--model", CONFIG,
+                   "--random-weights", "--steps", steps, "--device", "cuda"]
+            for s in filter(None, sets.split(",")):
+                cmd += ["--set", s]
+        else:
+            cmd = [sys.executable, "tests/gpu/hf_train_4b.py", CONFIG, spec, steps]
+        r = run(cmd, timeout)
+        print(job, json.dumps(r), flush=True)
+        if r:
+            rows.append((job, r))
+    hf = [r["samples_per_s"] for j, r in rows if j.startswith("hf:")]
+    best_hf = max(hf) if hf else None
+    print("\n| job | samples/s | tokens/s | s/step (median) | peak GiB (nvidia-smi) | torch peak alloc/reserved GiB | vs best HF |")
+    print("|---|---|---|---|---|---|---|")
+    for job, r in rows:
+        torch_peak = (f"{r['torch_peak_allocated_gib']:.2f} / {r['torch_peak_reserved_gib']:.2f}"
+                      if "torch_peak_allocated_gib" in r else "")
+        ratio = f"{r['samples_per_s'] / best_hf:.2f}x" if best_hf else ""
+        print(f"| {job} | {r['samples_per_s']:.3f} | {r['tokens_per_s']:.0f} | {r['step_s_median']:.3f} "
+              f"| {r['peak_gib']:.2f} | {torch_peak} | {ratio} |")
+
+
+if __name__ == "__main__":
+    main()
