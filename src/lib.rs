@@ -3,6 +3,7 @@
 //! * [`model`]: the network (pure math, generic over the backend).
 //! * [`checkpoint`]: HF safetensors loading and tensor files.
 //! * [`adapter`]: LoRA and MoE-LoRA layers, injection, PEFT format, merge.
+//! * [`quant`]: the NF4 4-bit base (bitsandbytes format).
 //! * [`data`]: dataset sources, image preprocessing, chat template, batching.
 //! * [`experiment`]: `experiments/*.toml` run descriptions.
 //! * [`train`]: training with burn-train (`train`, sweeps).
@@ -17,6 +18,7 @@ pub mod error;
 pub mod experiment;
 pub mod infer;
 pub mod model;
+pub mod quant;
 pub mod train;
 
 pub use error::{Error, Result};

@@ -1,0 +1,182 @@
+//! NF4 quantization against bitsandbytes 0.50.2's own output (tests/reference/make_nf4_fixture.py):
+//! `nf4-cuda.safetensors` from its CUDA kernel on an H200, `nf4-cpu.safetensors` from its
+//! pure-torch CPU path.
+
+use qwen3_vl_moelora::checkpoint::tensor_file::{decode_f32, parse_safetensors, write_raw};
+use qwen3_vl_moelora::quant::dynamic::NestedAbsmax;
+use qwen3_vl_moelora::quant::{Absmax, Nf4Tensor};
+use safetensors::SafeTensors;
+
+use crate::common::reference;
+
+const CASES: [(&str, usize, bool); 5] = [
+    ("f32_edges", 64, false),
+    ("bf16_nested", 64, true),
+    ("f16_bs128", 128, true),
+    ("f32_bs32", 32, false),
+    ("f32_odd", 64, true),
+];
+
+fn fixture(device: &str) -> Vec<u8> {
+    std::fs::read(reference(&format!("nf4-{device}.safetensors"))).unwrap()
+}
+
+fn floats(st: &SafeTensors<'_>, name: &str) -> (Vec<f32>, Vec<usize>) {
+    let v = st.tensor(name).unwrap();
+    (decode_f32(name, "fixture", &v).unwrap(), v.shape().to_vec())
+}
+
+fn dtype_name(st: &SafeTensors<'_>, case: &str) -> &'static str {
+    match st.tensor(&format!("{case}.input")).unwrap().dtype() {
+        safetensors::Dtype::BF16 => "bfloat16",
+        safetensors::Dtype::F16 => "float16",
+        _ => "float32",
+    }
+}
+
+/// Our quantization of a case's input.
+fn ours(st: &SafeTensors<'_>, case: &str, blocksize: usize, nested: bool) -> Nf4Tensor {
+    let (input, shape) = floats(st, &format!("{case}.input"));
+    Nf4Tensor::quantize(&input, &shape, dtype_name(st, case), blocksize, nested).unwrap()
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+#[test]
+fn quantization_is_bit_identical_to_bitsandbytes_cuda() {
+    let bytes = fixture("cuda");
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    for (case, blocksize, nested) in CASES {
+        let name = format!("{case}.weight");
+        let theirs = Nf4Tensor::from_safetensors(&st, &name, "nf4-cuda").unwrap();
+        let mine = ours(&st, case, blocksize, nested);
+        // Codes, scales (plain or double-quantized), offset, maps and the JSON: all identical.
+        assert_eq!(mine.packed, theirs.packed, "{case}: packed codes");
+        assert_eq!(mine, theirs, "{case}: quant state");
+        // And so are the serialized tensors, byte for byte.
+        for (key, _, shape, data) in mine.to_raw(&name) {
+            let v = st.tensor(&key).unwrap();
+            assert_eq!(v.data(), &data[..], "{key}");
+            assert_eq!(v.shape(), &shape[..], "{key}");
+        }
+        // Dequantized values: bit-identical to bitsandbytes' f32 dequantization.
+        let (deq, _) = floats(&st, &format!("{case}.dequantized_f32"));
+        assert_eq!(bits(&mine.dequantize()), bits(&deq), "{case}: dequantized");
+        if nested {
+            let (absmax, _) = floats(&st, &format!("{case}.absmax_f32"));
+            assert_eq!(bits(&mine.absmax_f32()), bits(&absmax), "{case}: absmax");
+        }
+    }
+}
+
+#[test]
+fn the_fixture_covers_zero_blocks_thresholds_and_partial_blocks() {
+    let bytes = fixture("cuda");
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let edges = ours(&st, "f32_edges", 64, false);
+    let Absmax::Plain(absmax) = &edges.absmax else {
+        panic!("plain")
+    };
+    // Block 1 is all zeros (scale 0, codes 0 as on CUDA, dequantized to zero); block 2 holds
+    // every code value and every threshold with absmax exactly 1.
+    assert_eq!(absmax[1], 0.0);
+    assert!(edges.packed[32..64].iter().all(|&b| b == 0));
+    assert!(edges.dequantize()[64..128].iter().all(|&v| v == 0.0));
+    assert_eq!(absmax[2], 1.0);
+    let codes: Vec<u8> = edges.packed[64..72]
+        .iter()
+        .flat_map(|b| [b >> 4, b & 15])
+        .collect();
+    assert_eq!(codes, (0..16).collect::<Vec<u8>>());
+    // 315 values: 5 blocks, the last of 59; 158 bytes, the last low nibble the 0.0 pad (code 7).
+    let odd = ours(&st, "f32_odd", 64, true);
+    assert_eq!(odd.packed.len(), 158);
+    assert_eq!(odd.packed[157] & 15, 7);
+    // 260 blocks: two nested scales.
+    let Absmax::Nested(n) = ours(&st, "bf16_nested", 64, true).absmax else {
+        panic!("nested")
+    };
+    assert_eq!((n.codes.len(), n.nested_absmax.len()), (260, 2));
+}
+
+#[test]
+fn differences_from_the_bitsandbytes_cpu_path_are_only_its_known_ones() {
+    // bitsandbytes' two back ends disagree with each other on two things; we follow CUDA:
+    // an all-zero block (CPU: code 7, CUDA: code 0) and a value exactly on one of four
+    // thresholds (CPU compares with f32-computed midpoints, CUDA with f32 literals).
+    let bytes = fixture("cpu");
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let code = qwen3_vl_moelora::quant::nf4::NF4_CODE;
+    let cpu_midpoints: Vec<f32> = code.windows(2).map(|w| (w[0] + w[1]) / 2.0).collect();
+    for (case, blocksize, nested) in CASES {
+        let name = format!("{case}.weight");
+        let theirs = Nf4Tensor::from_safetensors(&st, &name, "nf4-cpu").unwrap();
+        let mine = ours(&st, case, blocksize, nested);
+        let (input, _) = floats(&st, &format!("{case}.input"));
+        let plain = qwen3_vl_moelora::quant::nf4::block_absmax(&input, blocksize);
+        let code_of = |t: &Nf4Tensor, i: usize| {
+            let b = t.packed[i / 2];
+            if i.is_multiple_of(2) {
+                b >> 4
+            } else {
+                b & 15
+            }
+        };
+        let mut explained = 0;
+        for (i, &x) in input.iter().enumerate() {
+            if code_of(&mine, i) == code_of(&theirs, i) {
+                continue;
+            }
+            let m = plain[i / blocksize];
+            let on_threshold = cpu_midpoints.contains(&(x * (1.0 / m)));
+            assert!(m == 0.0 || on_threshold, "{case}[{i}] = {x}: codes differ");
+            explained += 1;
+        }
+        if case == "f32_edges" {
+            // The zero block's 64 values and the 0|1, 12|13 and 14|15 midpoints (8|9's f32
+            // literal lies above its midpoint, so both back ends give the midpoint code 8).
+            assert_eq!(explained, 67, "{case}");
+        }
+        // The scales agree everywhere (double quantization included).
+        assert_eq!(mine.absmax, theirs.absmax, "{case}: scales");
+    }
+}
+
+#[test]
+fn checkpoints_round_trip_through_safetensors() {
+    let dir = tempfile::tempdir().unwrap();
+    let values: Vec<f32> = (0..64 * 300)
+        .map(|i| ((i * 7919) % 1000) as f32 / 1e4 - 0.05)
+        .collect();
+    let t = Nf4Tensor::quantize(&values, &[300, 64], "bfloat16", 64, true).unwrap();
+    let path = dir.path().join("w.safetensors");
+    write_raw(&path, &t.to_raw("layer.weight")).unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    let st = parse_safetensors(&path, &bytes).unwrap();
+    assert_eq!(
+        Nf4Tensor::from_safetensors(&st, "layer.weight", "w").unwrap(),
+        t
+    );
+    // A missing piece names the tensor.
+    let keep: Vec<_> = t
+        .to_raw("layer.weight")
+        .into_iter()
+        .filter(|r| !r.0.ends_with("nested_absmax"))
+        .collect();
+    write_raw(&path, &keep).unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    let st = parse_safetensors(&path, &bytes).unwrap();
+    let err = Nf4Tensor::from_safetensors(&st, "layer.weight", "w").unwrap_err();
+    assert!(
+        err.to_string().contains("layer.weight.nested_absmax"),
+        "{err}"
+    );
+    // The nested scales alone: their dequantization is close to the plain scales.
+    let plain = qwen3_vl_moelora::quant::nf4::block_absmax(&values, 64);
+    let back = NestedAbsmax::quantize(&plain).dequantize();
+    for (a, b) in plain.iter().zip(&back) {
+        assert!((a - b).abs() < 0.01 * a.abs() + 1e-6, "{a} vs {b}");
+    }
+}
