@@ -4,9 +4,13 @@
 //!   bitsandbytes' CUDA kernel).
 //! * [`dynamic`]: double quantization of the block scales (dynamic 8-bit map).
 //! * [`tensor`]: [`Nf4Tensor`], one quantized weight, and its bitsandbytes checkpoint keys.
+//! * [`linear`]: [`Nf4Linear`], the frozen NF4 layer adapters wrap (dequantize-then-matmul
+//!   reference path, any backend).
 
 pub mod dynamic;
+pub mod linear;
 pub mod nf4;
 pub mod tensor;
 
+pub use linear::Nf4Linear;
 pub use tensor::{Absmax, Nf4Tensor};

@@ -108,7 +108,11 @@ pub fn dequantize_nf4(
     (0..n)
         .map(|i| {
             let byte = packed[i / 2];
-            let code = if i.is_multiple_of(2) { byte >> 4 } else { byte & 0x0F };
+            let code = if i.is_multiple_of(2) {
+                byte >> 4
+            } else {
+                byte & 0x0F
+            };
             code_map[code as usize] * absmax[i / blocksize]
         })
         .collect()

@@ -1,0 +1,263 @@
+//! [`Nf4Linear`]: a frozen linear layer whose weight stays NF4-packed on the device.
+//!
+//! This is the backend-generic reference path: the weight is dequantized on the device (unpack
+//! nibbles, look up the code map, scale by the block absmax, all in f32 as bitsandbytes does,
+//! then cast to the compute dtype) and multiplied with burn's matmul. The packed weight is a
+//! constant, not a parameter: autodiff produces the input gradient only.
+
+use burn::module::Module;
+use burn::prelude::*;
+use burn::tensor::DType;
+
+use super::tensor::Nf4Tensor;
+use crate::adapter::FrozenLinear;
+use crate::error::{Error, Result};
+
+/// Right shifts that bring element `k` of a little-endian i32 word of packed bytes to the low
+/// nibble (byte `k / 2`; the even element is the byte's high nibble).
+const NIBBLE_SHIFTS: [i32; 8] = [4, 0, 12, 8, 20, 16, 28, 24];
+
+/// A frozen `y = x · Wᵀ + b` with W stored as NF4 codes (8 per i32 word) and f32 block scales.
+#[derive(Module, Debug)]
+pub struct Nf4Linear<B: Backend> {
+    /// Packed codes, bitsandbytes' bytes read as little-endian i32 words: [out·in / 8].
+    pub words: Tensor<B, 1, Int>,
+    /// f32 scale of each block (double quantization already undone): [out·in / blocksize].
+    pub absmax: Tensor<B, 1>,
+    /// The 16 code values (f32).
+    pub code: Tensor<B, 1>,
+    /// Frozen bias in the compute dtype: [out].
+    pub bias: Option<Tensor<B, 1>>,
+    /// Input width.
+    pub d_in: usize,
+    /// Output width.
+    pub d_out: usize,
+    /// Values per block.
+    pub blocksize: usize,
+    /// Dtype of the dequantized weight and of the product (f16, bf16 or f32).
+    #[module(skip)]
+    pub compute: DType,
+}
+
+impl<B: Backend> Nf4Linear<B> {
+    /// Moves a quantized `[out, in]` weight (and optional bias values) to `device`.
+    pub fn new(
+        weight: &Nf4Tensor,
+        bias: Option<&[f32]>,
+        compute: DType,
+        device: &B::Device,
+    ) -> Result<Self> {
+        let [d_out, d_in] = weight.shape[..] else {
+            return Err(Error::Input(format!(
+                "an NF4 linear weight must be 2-D [out, in], found shape {:?}",
+                weight.shape
+            )));
+        };
+        let n = d_out * d_in;
+        if !n.is_multiple_of(8) || !n.is_multiple_of(weight.blocksize) {
+            return Err(Error::Input(format!(
+                "NF4 weight [{d_out}, {d_in}]: {n} values must be a multiple of 8 and of the \
+                 block size {}",
+                weight.blocksize
+            )));
+        }
+        let words: Vec<i32> = weight
+            .packed
+            .chunks_exact(4)
+            .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        let absmax = weight.absmax_f32();
+        let blocks = absmax.len();
+        Ok(Self {
+            words: Tensor::from_data(TensorData::new(words, [n / 8]), device),
+            absmax: Tensor::from_data(TensorData::new(absmax, [blocks]), (device, DType::F32)),
+            code: Tensor::from_data(
+                TensorData::new(weight.quant_map.to_vec(), [16]),
+                (device, DType::F32),
+            ),
+            bias: bias.map(|b| {
+                Tensor::<B, 1>::from_data(TensorData::new(b.to_vec(), [d_out]), device)
+                    .cast(compute)
+            }),
+            d_in,
+            d_out,
+            blocksize: weight.blocksize,
+            compute,
+        })
+    }
+
+    /// The dequantized weight [out, in] in the compute dtype.
+    pub fn weight(&self) -> Tensor<B, 2> {
+        let n = self.d_in * self.d_out;
+        let device = self.words.device();
+        let shifts = Tensor::<B, 1, Int>::from_data(TensorData::from(NIBBLE_SHIFTS), &device)
+            .reshape([1, 8])
+            .expand([n / 8, 8]);
+        let codes = self
+            .words
+            .clone()
+            .reshape([n / 8, 1])
+            .expand([n / 8, 8])
+            .bitwise_right_shift(shifts)
+            .bitwise_and_scalar(15.elem())
+            .reshape([n]); // [n] codes in element order
+        let blocks = n / self.blocksize;
+        let values = self
+            .code
+            .clone()
+            .select(0, codes)
+            .reshape([blocks, self.blocksize]);
+        let scaled = values * self.absmax.clone().reshape([blocks, 1]); // f32, as bitsandbytes
+        scaled.reshape([self.d_out, self.d_in]).cast(self.compute)
+    }
+
+    /// Applies the layer to the last dimension of `x` ([..., in] -> [..., out]).
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let x = x.cast(self.compute);
+        burn::tensor::module::linear(x, self.weight().transpose(), self.bias.clone())
+    }
+
+    /// Bytes the layer holds on the device (packed codes as i32 words, f32 scales, bias).
+    pub fn device_bytes(&self) -> usize {
+        let bias = self.bias.as_ref().map_or(0, |b| b.dims()[0] * 2);
+        self.d_in * self.d_out / 2 + 4 * (self.d_in * self.d_out / self.blocksize) + 64 + bias
+    }
+}
+
+impl<B: Backend> FrozenLinear<B> for Nf4Linear<B> {
+    fn forward_frozen<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        self.forward(x)
+    }
+    fn d_in(&self) -> usize {
+        self.d_in
+    }
+    fn d_out(&self) -> usize {
+        self.d_out
+    }
+    fn device(&self) -> B::Device {
+        self.words.device()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::adapter::LoraLinear;
+    use burn::backend::{Autodiff, Flex};
+
+    type B = Flex;
+    type A = Autodiff<Flex>;
+
+    fn weight(d_out: usize, d_in: usize) -> (Vec<f32>, Nf4Tensor) {
+        let w: Vec<f32> = (0..d_out * d_in)
+            .map(|i| (((i * 7919 + 13) % 1009) as f32 / 1009.0 - 0.5) * 0.1)
+            .collect();
+        let q = Nf4Tensor::quantize(&w, &[d_out, d_in], "float32", 64, true).unwrap();
+        (w, q)
+    }
+
+    #[test]
+    fn device_dequantization_is_bit_identical_to_the_host() {
+        let (_, q) = weight(24, 128);
+        let layer = Nf4Linear::<B>::new(&q, None, DType::F32, &Default::default()).unwrap();
+        let got: Vec<f32> = layer.weight().into_data().to_vec().unwrap();
+        let want = q.dequantize();
+        assert!(got
+            .iter()
+            .zip(&want)
+            .all(|(a, b)| a.to_bits() == b.to_bits()));
+    }
+
+    #[test]
+    fn forward_is_x_times_the_dequantized_weight() {
+        let dev = Default::default();
+        let (_, q) = weight(24, 128);
+        let bias: Vec<f32> = (0..24).map(|i| i as f32 * 0.01).collect();
+        let layer = Nf4Linear::<B>::new(&q, Some(&bias), DType::F32, &dev).unwrap();
+        let x: Vec<f32> = (0..3 * 128)
+            .map(|i| ((i % 17) as f32 - 8.0) / 8.0)
+            .collect();
+        let y: Vec<f32> = layer
+            .forward(Tensor::<B, 2>::from_data(
+                TensorData::new(x.clone(), [3, 128]),
+                &dev,
+            ))
+            .into_data()
+            .to_vec()
+            .unwrap();
+        let w = q.dequantize();
+        for r in 0..3 {
+            for o in 0..24 {
+                let want: f32 = (0..128)
+                    .map(|k| x[r * 128 + k] * w[o * 128 + k])
+                    .sum::<f32>()
+                    + bias[o];
+                let got = y[r * 24 + o];
+                assert!((got - want).abs() < 1e-4, "[{r},{o}] {got} vs {want}");
+            }
+        }
+    }
+
+    #[test]
+    fn backward_gives_the_input_gradient_by_finite_differences() {
+        let dev = Default::default();
+        let (_, q) = weight(16, 64);
+        let layer = Nf4Linear::<A>::new(&q, None, DType::F32, &dev).unwrap();
+        let x0: Vec<f32> = (0..2 * 64).map(|i| ((i % 11) as f32 - 5.0) / 5.0).collect();
+        let r: Vec<f32> = (0..2 * 16).map(|i| ((i % 7) as f32 - 3.0) / 3.0).collect();
+        // loss(x) = Σ forward(x) ∘ r
+        let loss = |x: &[f32]| -> f32 {
+            let x = Tensor::<B, 2>::from_data(TensorData::new(x.to_vec(), [2, 64]), &dev);
+            let inner = Nf4Linear::<B>::new(&q, None, DType::F32, &dev).unwrap();
+            let rr = Tensor::<B, 2>::from_data(TensorData::new(r.clone(), [2, 16]), &dev);
+            (inner.forward(x) * rr).sum().into_scalar()
+        };
+        let x =
+            Tensor::<A, 2>::from_data(TensorData::new(x0.clone(), [2, 64]), &dev).require_grad();
+        let rr = Tensor::<A, 2>::from_data(TensorData::new(r.clone(), [2, 16]), &dev);
+        let grads = (layer.forward(x.clone()) * rr).sum().backward();
+        let g: Vec<f32> = x.grad(&grads).unwrap().into_data().to_vec().unwrap();
+        let eps = 1e-2;
+        for i in [0, 5, 63, 64, 100, 127] {
+            let (mut p, mut m) = (x0.clone(), x0.clone());
+            p[i] += eps;
+            m[i] -= eps;
+            let fd = (loss(&p) - loss(&m)) / (2.0 * eps);
+            assert!(
+                (fd - g[i]).abs() < 2e-3 * (1.0 + g[i].abs()),
+                "{i}: {fd} vs {}",
+                g[i]
+            );
+        }
+    }
+
+    #[test]
+    fn lora_on_an_nf4_base_trains_only_the_adapter() {
+        let dev = Default::default();
+        let (_, q) = weight(16, 64);
+        let base = Nf4Linear::<A>::new(&q, None, DType::F32, &dev).unwrap();
+        let lora = LoraLinear::new(base, 4, 8.0, 0.0);
+        // The packed base holds no parameters at all: only A and B are trainable.
+        assert_eq!(crate::model::params::count_params(&lora.base), 0);
+        assert_eq!(crate::model::params::count_params(&lora), 4 * 64 + 16 * 4);
+        let x = Tensor::<A, 2>::ones([3, 64], &dev);
+        let grads = lora.forward(x).sum().backward();
+        // B starts at zero, so A's gradient is zero and B's is not.
+        let ga: Vec<f32> = lora
+            .lora_a
+            .grad(&grads)
+            .unwrap()
+            .into_data()
+            .to_vec()
+            .unwrap();
+        let gb: Vec<f32> = lora
+            .lora_b
+            .grad(&grads)
+            .unwrap()
+            .into_data()
+            .to_vec()
+            .unwrap();
+        assert!(ga.iter().all(|v| *v == 0.0));
+        assert!(gb.iter().any(|v| v.abs() > 0.0));
+    }
+}
