@@ -26,6 +26,7 @@ use qwen3_vl_moelora::cli::preprocess::{parse_size, preprocess_to_file};
 use qwen3_vl_moelora::data::sources::Source;
 use qwen3_vl_moelora::data::ImageOptions;
 use qwen3_vl_moelora::experiment::Experiment;
+use qwen3_vl_moelora::quant::convert::{quantize_checkpoint, QuantizeOptions};
 use qwen3_vl_moelora::train::bench::{bench_train, BenchOptions, BenchReport};
 use qwen3_vl_moelora::train::sweep::run_sweep;
 use qwen3_vl_moelora::train::{train, TrainOptions};
@@ -146,6 +147,24 @@ enum Command {
     },
     /// Train an adapter (default: the built-in demo, experiments/default.toml).
     Train(TrainArgs),
+    /// Rewrite an HF checkpoint as a bitsandbytes NF4 4-bit checkpoint (transformers loads it).
+    Quantize {
+        /// Checkpoint folder (config.json + safetensors, bf16/f16/f32).
+        #[arg(long)]
+        model: PathBuf,
+        /// New folder for the 4-bit checkpoint (must not exist or be empty).
+        #[arg(long)]
+        out: PathBuf,
+        /// Values per NF4 block: 32, 64 ... 4096.
+        #[arg(long, default_value_t = 64)]
+        blocksize: usize,
+        /// Keep the block scales in f32 instead of double-quantizing them.
+        #[arg(long)]
+        no_double_quant: bool,
+        /// Compute dtype recorded in quantization_config: float16 or bfloat16.
+        #[arg(long, default_value = "float16")]
+        compute_dtype: String,
+    },
     /// Benchmarks of the hot paths.
     Bench {
         #[command(subcommand)]
@@ -622,6 +641,43 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Train(args) => run_train(args),
+        Command::Quantize {
+            model,
+            out,
+            blocksize,
+            no_double_quant,
+            compute_dtype,
+        } => {
+            if !["float16", "bfloat16"].contains(&compute_dtype.as_str()) {
+                return Err(Error::Argument {
+                    arg: "--compute-dtype".into(),
+                    message: format!("expected float16 or bfloat16, found `{compute_dtype}`"),
+                });
+            }
+            let opts = QuantizeOptions {
+                blocksize,
+                double_quant: !no_double_quant,
+                compute_dtype,
+            };
+            let r = quantize_checkpoint(&model, &out, &opts)?;
+            println!(
+                "quantized {} linear weights ({} values) to NF4{}, kept {} tensors ({} values); \
+                 bitsandbytes parameter count {}; {:.1} MB written to {}",
+                r.quantized,
+                r.quantized_values,
+                if opts.double_quant {
+                    " + double quant"
+                } else {
+                    ""
+                },
+                r.kept,
+                r.kept_values,
+                r.bnb_parameters(),
+                r.bytes as f64 / 1e6,
+                out.display()
+            );
+            Ok(())
+        }
         Command::Bench {
             what: BenchCommand::Train(args),
         } => run_bench_train(args),

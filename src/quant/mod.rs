@@ -4,9 +4,11 @@
 //!   bitsandbytes' CUDA kernel).
 //! * [`dynamic`]: double quantization of the block scales (dynamic 8-bit map).
 //! * [`tensor`]: [`Nf4Tensor`], one quantized weight, and its bitsandbytes checkpoint keys.
+//! * [`convert`]: `quantize`, an HF checkpoint rewritten as a bitsandbytes 4-bit one.
 //! * [`linear`]: [`Nf4Linear`], the frozen NF4 layer adapters wrap (dequantize-then-matmul
 //!   reference path, any backend).
 
+pub mod convert;
 pub mod dynamic;
 pub mod linear;
 pub mod nf4;

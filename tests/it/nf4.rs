@@ -180,3 +180,63 @@ fn checkpoints_round_trip_through_safetensors() {
         assert!((a - b).abs() < 0.01 * a.abs() + 1e-6, "{a} vs {b}");
     }
 }
+
+#[test]
+fn quantize_writes_a_bitsandbytes_checkpoint_of_the_tiny_model() {
+    use qwen3_vl_moelora::quant::convert::{quantize_checkpoint, QuantizeOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("tiny-nf4");
+    let src = crate::common::tiny_model();
+    let r = quantize_checkpoint(&src, &out, &QuantizeOptions::default()).unwrap();
+    // Every 2-D linear weight of the tiny model (text, vision blocks, mergers).
+    assert_eq!(r.quantized, 52);
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    let q = &config["quantization_config"];
+    assert_eq!(q["quant_method"], "bitsandbytes");
+    assert_eq!(q["bnb_4bit_quant_type"], "nf4");
+    assert_eq!(q["bnb_4bit_use_double_quant"], true);
+
+    let orig_bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let orig = SafeTensors::deserialize(&orig_bytes).unwrap();
+    let new_bytes = std::fs::read(out.join("model.safetensors")).unwrap();
+    let new = SafeTensors::deserialize(&new_bytes).unwrap();
+    let name = "model.language_model.layers.0.self_attn.q_proj.weight";
+    let t = Nf4Tensor::from_safetensors(&new, name, "tiny-nf4").unwrap();
+    assert_eq!(t.dtype, "bfloat16");
+    let (w, shape) = floats(&orig, name);
+    assert_eq!(t.shape, shape);
+    let back = t.dequantize();
+    let err: f32 = w
+        .iter()
+        .zip(&back)
+        .map(|(a, b)| (a - b).powi(2))
+        .sum::<f32>()
+        .sqrt()
+        / w.iter().map(|a| a * a).sum::<f32>().sqrt();
+    assert!(err < 0.12, "NF4 relative error {err}");
+    // Embeddings, norms and biases are copied byte for byte.
+    for keep in [
+        "model.language_model.embed_tokens.weight",
+        "model.language_model.norm.weight",
+        "model.visual.blocks.0.attn.qkv.bias",
+    ] {
+        assert_eq!(
+            orig.tensor(keep).unwrap().data(),
+            new.tensor(keep).unwrap().data(),
+            "{keep}"
+        );
+    }
+    // A second run into the same folder, or on the 4-bit checkpoint, is refused.
+    let again = quantize_checkpoint(&src, &out, &QuantizeOptions::default()).unwrap_err();
+    assert!(again.to_string().contains("not empty"), "{again}");
+    let twice =
+        quantize_checkpoint(&out, &dir.path().join("x"), &QuantizeOptions::default()).unwrap_err();
+    assert!(twice.to_string().contains("already a 4-bit"), "{twice}");
+    let bad = QuantizeOptions {
+        blocksize: 48,
+        ..Default::default()
+    };
+    let e = quantize_checkpoint(&src, &dir.path().join("y"), &bad).unwrap_err();
+    assert!(e.to_string().contains("48"), "{e}");
+}
