@@ -22,6 +22,7 @@ pub use lora::LoraLinear;
 pub use moe_lora::{MoeLoraLinear, MoeLoraOptions};
 
 use crate::model::layers::Linear;
+use crate::quant::Nf4Linear;
 
 /// Marks every float parameter of `module` as not trainable, without materialising lazy
 /// parameters (burn's `no_grad` initialises them, i.e. allocates a whole 4B model).
@@ -46,8 +47,8 @@ pub fn is_adapter_param(name: &str) -> bool {
         .any(|k| name.ends_with(k) || name.contains(&format!(".{k}.")))
 }
 
-/// A frozen base layer an adapter can wrap: dense f32/f16/bf16 weights ([`Linear`]) now, the
-/// packed NF4 weight later.
+/// A frozen base layer an adapter can wrap: dense f32/f16/bf16 weights ([`Linear`]) or the
+/// packed NF4 weight ([`Nf4Linear`]).
 pub trait FrozenLinear<B: Backend>: Module<B> + core::fmt::Debug {
     /// `x · Wᵀ + b` on the last dimension.
     fn forward_frozen<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D>;
@@ -116,25 +117,81 @@ impl<B: Backend> AdapterStats<B> {
     }
 }
 
+/// The weight under a projection: dense (trainable when no adapter wraps it) or NF4-packed.
+#[derive(Module, Debug)]
+pub enum BaseLinear<B: Backend> {
+    /// Dense f32/f16/bf16 weight.
+    Dense(Linear<B>),
+    /// Frozen 4-bit weight.
+    Nf4(Nf4Linear<B>),
+}
+
+impl<B: Backend> BaseLinear<B> {
+    /// The dense layer (None when the weight is NF4).
+    pub fn dense(&self) -> Option<&Linear<B>> {
+        match self {
+            BaseLinear::Dense(l) => Some(l),
+            BaseLinear::Nf4(_) => None,
+        }
+    }
+
+    /// Input width.
+    pub fn d_in(&self) -> usize {
+        FrozenLinear::d_in(self)
+    }
+
+    /// Output width.
+    pub fn d_out(&self) -> usize {
+        FrozenLinear::d_out(self)
+    }
+}
+
+impl<B: Backend> FrozenLinear<B> for BaseLinear<B> {
+    fn forward_frozen<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        match self {
+            BaseLinear::Dense(l) => l.forward(x),
+            BaseLinear::Nf4(l) => l.forward(x),
+        }
+    }
+    fn d_in(&self) -> usize {
+        match self {
+            BaseLinear::Dense(l) => l.d_in(),
+            BaseLinear::Nf4(l) => l.d_in,
+        }
+    }
+    fn d_out(&self) -> usize {
+        match self {
+            BaseLinear::Dense(l) => l.d_out(),
+            BaseLinear::Nf4(l) => l.d_out,
+        }
+    }
+    fn device(&self) -> B::Device {
+        match self {
+            BaseLinear::Dense(l) => FrozenLinear::device(l),
+            BaseLinear::Nf4(l) => FrozenLinear::device(l),
+        }
+    }
+}
+
 /// A linear layer adapters can target.
 #[derive(Module, Debug)]
 pub enum Projection<B: Backend> {
     /// No adapter.
-    Plain(Linear<B>),
+    Plain(BaseLinear<B>),
     /// LoRA.
-    Lora(LoraLinear<B, Linear<B>>),
+    Lora(LoraLinear<B, BaseLinear<B>>),
     /// Mixture of LoRA experts.
-    MoeLora(MoeLoraLinear<B, Linear<B>>),
+    MoeLora(MoeLoraLinear<B, BaseLinear<B>>),
 }
 
 impl<B: Backend> Projection<B> {
-    /// A plain, lazily initialised layer.
+    /// A plain, lazily initialised dense layer.
     pub fn init(d_in: usize, d_out: usize, bias: bool, device: &B::Device) -> Self {
-        Projection::Plain(Linear::init(d_in, d_out, bias, device))
+        Projection::Plain(BaseLinear::Dense(Linear::init(d_in, d_out, bias, device)))
     }
 
     /// The frozen base layer.
-    pub fn base(&self) -> &Linear<B> {
+    pub fn base(&self) -> &BaseLinear<B> {
         match self {
             Projection::Plain(l) => l,
             Projection::Lora(l) => &l.base,
@@ -154,7 +211,7 @@ impl<B: Backend> Projection<B> {
         stats: &AdapterStats<B>,
     ) -> Tensor<B, D> {
         match self {
-            Projection::Plain(l) => l.forward(x),
+            Projection::Plain(l) => l.forward_frozen(x),
             Projection::Lora(l) => l.forward(x),
             Projection::MoeLora(l) => l.forward(x, stats),
         }

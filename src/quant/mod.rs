@@ -5,12 +5,14 @@
 //! * [`dynamic`]: double quantization of the block scales (dynamic 8-bit map).
 //! * [`tensor`]: [`Nf4Tensor`], one quantized weight, and its bitsandbytes checkpoint keys.
 //! * [`convert`]: `quantize`, an HF checkpoint rewritten as a bitsandbytes 4-bit one.
+//! * [`load`]: the model with an NF4 base, from a dense or a 4-bit checkpoint.
 //! * [`linear`]: [`Nf4Linear`], the frozen NF4 layer adapters wrap (dequantize-then-matmul
 //!   reference path, any backend).
 
 pub mod convert;
 pub mod dynamic;
 pub mod linear;
+pub mod load;
 pub mod nf4;
 pub mod tensor;
 

@@ -253,6 +253,13 @@ fn weights_keep_the_requested_dtype() {
     let dev = Default::default();
     let (_, model) = load_model::<Cpu>(&tiny_model(), &dev, WeightDType::BF16).unwrap();
     assert_eq!(model.dtype(), DType::BF16);
-    let w: Tensor<Cpu, 2> = model.visual.blocks[0].attn.qkv.base().weight.val();
+    let w: Tensor<Cpu, 2> = model.visual.blocks[0]
+        .attn
+        .qkv
+        .base()
+        .dense()
+        .unwrap()
+        .weight
+        .val();
     assert_eq!(w.dtype(), DType::BF16);
 }

@@ -240,3 +240,72 @@ fn quantize_writes_a_bitsandbytes_checkpoint_of_the_tiny_model() {
     let e = quantize_checkpoint(&src, &dir.path().join("y"), &bad).unwrap_err();
     assert!(e.to_string().contains("48"), "{e}");
 }
+
+mod model {
+    use burn::module::Param;
+    use burn::prelude::*;
+    use burn::tensor::DType;
+    use qwen3_vl_moelora::adapter::inject::sites;
+    use qwen3_vl_moelora::adapter::{BaseLinear, Projection};
+    use qwen3_vl_moelora::checkpoint::{load_model, HostTensor, WeightDType};
+    use qwen3_vl_moelora::cli::forward::{output_tensors, read_inputs};
+    use qwen3_vl_moelora::quant::convert::{quantize_checkpoint, QuantizeOptions};
+    use qwen3_vl_moelora::quant::load::{load_model_nf4, Nf4Options};
+    use qwen3_vl_moelora::quant::Nf4Tensor;
+
+    use crate::common::*;
+
+    const OPTS: Nf4Options = Nf4Options {
+        blocksize: 64,
+        double_quant: true,
+        compute: DType::F32,
+    };
+
+    fn logits(model: &qwen3_vl_moelora::model::Qwen3VlModel<Cpu>) -> HostTensor {
+        let inputs = read_inputs::<Cpu>(&tiny_inputs(), &Default::default()).unwrap();
+        let out = model.forward(&inputs, false).unwrap();
+        output_tensors(&out, false).remove("logits").unwrap()
+    }
+
+    #[test]
+    fn quantizing_at_load_equals_loading_the_4bit_checkpoint() {
+        let dev = Default::default();
+        let dir = tempfile::tempdir().unwrap();
+        let q = dir.path().join("q");
+        quantize_checkpoint(&tiny_model(), &q, &QuantizeOptions::default()).unwrap();
+        let (_, a) = load_model_nf4::<Cpu>(&tiny_model(), &dev, WeightDType::F32, &OPTS).unwrap();
+        let (_, mut b) = load_model_nf4::<Cpu>(&q, &dev, WeightDType::F32, &OPTS).unwrap();
+        let nf4 = sites(&mut b)
+            .iter()
+            .filter(|s| matches!(s.proj.base(), BaseLinear::Nf4(_)))
+            .count();
+        assert_eq!(nf4, 52);
+        assert_eq!(logits(&a), logits(&b));
+    }
+
+    #[test]
+    fn the_nf4_base_computes_with_the_dequantized_weights() {
+        let dev = Default::default();
+        let (_, nf4) = load_model_nf4::<Cpu>(&tiny_model(), &dev, WeightDType::F32, &OPTS).unwrap();
+        // The dense model with every targetable weight replaced by its NF4 dequantization.
+        let (_, mut dense) = load_model::<Cpu>(&tiny_model(), &dev, WeightDType::F32).unwrap();
+        for site in sites(&mut dense) {
+            let Projection::Plain(BaseLinear::Dense(l)) = site.proj else {
+                panic!("dense")
+            };
+            let w = l.weight.val();
+            let shape = w.dims().to_vec();
+            let values: Vec<f32> = w.into_data().to_vec().unwrap();
+            let q = Nf4Tensor::quantize(&values, &shape, "bfloat16", 64, true).unwrap();
+            let t = Tensor::<Cpu, 2>::from_data(TensorData::new(q.dequantize(), shape), &dev);
+            l.weight = Param::initialized(l.weight.id, t);
+        }
+        let err = rel_err(&logits(&nf4), &logits(&dense), Some(&tiny_mask()));
+        assert!(err < 1e-5, "relative error {err:.3e}");
+        // And NF4 stays near the full-precision model (4-bit weights: a few percent).
+        let (_, full) = load_model::<Cpu>(&tiny_model(), &dev, WeightDType::F32).unwrap();
+        let err = rel_err(&logits(&nf4), &logits(&full), Some(&tiny_mask()));
+        println!("NF4 vs full-precision logits: relative error {err:.3e}");
+        assert!(err < 0.25, "NF4 vs full precision: {err:.3e}");
+    }
+}
