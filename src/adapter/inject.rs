@@ -159,11 +159,18 @@ pub fn inject<B: Backend>(
     Ok((model, wrapped))
 }
 
-/// (trainable adapter parameters, all parameters) of a model.
+/// (trainable adapter parameters, all parameters) of a model. An NF4 weight counts as its
+/// packed bytes (half its values), as peft reports a bitsandbytes 4-bit model.
 pub fn trainable_counts<B: Backend>(model: &mut Qwen3VlModel<B>) -> (usize, usize) {
-    let all = count_params(&*model);
-    let trainable = sites(model).iter().map(|s| s.proj.adapter_params()).sum();
-    (trainable, all)
+    let dense = count_params(&*model);
+    let sites = sites(model);
+    let packed: usize = sites
+        .iter()
+        .filter(|s| matches!(s.proj.base(), super::BaseLinear::Nf4(_)))
+        .map(|s| s.proj.base().d_in() * s.proj.base().d_out() / 2)
+        .sum();
+    let trainable = sites.iter().map(|s| s.proj.adapter_params()).sum();
+    (trainable, dense + packed)
 }
 
 /// peft's `print_trainable_parameters` line.

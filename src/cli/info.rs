@@ -5,7 +5,7 @@ use std::path::Path;
 
 use burn::prelude::*;
 
-use crate::adapter::inject::{inject, trainable_counts, trainable_line};
+use crate::adapter::inject::{inject, sites, trainable_counts, trainable_line};
 use crate::adapter::{AdapterConfig, AdapterKind};
 use crate::error::Result;
 use crate::model::config::config_file;
@@ -108,6 +108,33 @@ pub fn info_report<B: Backend>(
         "size: {:.2} GB in bf16/f16, {:.2} GB in f32",
         b.total() as f64 * 2.0 / 1e9,
         b.total() as f64 * 4.0 / 1e9
+    );
+    let mut model = model;
+    let quantized: usize = sites(&mut model)
+        .iter()
+        .map(|s| s.proj.base().d_in() * s.proj.base().d_out())
+        .sum();
+    let layers = sites(&mut model).len();
+    let dense = b.total() - quantized;
+    // bitsandbytes: 4-bit codes, one u8 scale per 64 values, one f32 per 256 scales, the
+    // 16- and 256-value maps and the offset per layer; the rest in bf16/f16.
+    let bnb_bytes = quantized / 2
+        + quantized / 64
+        + quantized.div_ceil(64 * 256) * 4
+        + layers * (16 + 256 + 1) * 4
+        + dense * 2;
+    // Ours today: the scales are kept in f32 on the device.
+    let our_bytes = quantized / 2 + quantized / 64 * 4 + layers * 16 * 4 + dense * 2;
+    let _ = writeln!(
+        w,
+        "NF4 base: {} linear weights quantized ({} layers), bitsandbytes parameter count {}; \
+         {:.2} GB in bitsandbytes' format (double quant), {:.2} GB on the device here \
+         (f32 block scales)",
+        group(quantized),
+        layers,
+        group(quantized / 2 + dense),
+        bnb_bytes as f64 / 1e9,
+        our_bytes as f64 / 1e9
     );
     if let Some(a) = adapter {
         let (mut adapted, layers) = inject(model, a)?;

@@ -3,7 +3,6 @@
 //! reference workload: one image of the experiment's resize, ~120 tokens, batch 1 x the
 //! experiment's gradient accumulation. Weights may be random: speed does not depend on them.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -14,12 +13,12 @@ use burn::train::TrainStep;
 use serde::Serialize;
 
 use super::data::{TrainBatch, TrainBatcher, TrainItem};
-use super::prepare::image_options;
+use super::prepare::{image_options, load_base, nf4_options};
 use super::state::{RunSettings, RunState};
 use super::step::TrainModel;
 use crate::adapter::inject::{inject, trainable_counts};
 use crate::adapter::is_adapter_param;
-use crate::checkpoint::{load_model, stable_param_ids, WeightDType};
+use crate::checkpoint::{stable_param_ids, WeightDType};
 use crate::data::batch::{CaptionBatcher, PadSide, PreparedSample};
 use crate::data::template::IGNORE_INDEX;
 use crate::error::{Error, Result};
@@ -143,16 +142,18 @@ fn synthetic_sample(cfg: &Qwen3VlConfig, grid: [usize; 3], tokens: usize) -> Pre
     }
 }
 
-/// The model config and, unless random, its weights: `path` is a model folder or config.json.
+/// The model config and, unless random, its weights (NF4 base when the experiment asks):
+/// `path` is a model folder or config.json.
 fn bench_model<B: Backend>(
-    path: &Path,
+    exp: &Experiment,
     random: bool,
-    dtype: WeightDType,
     device: &B::Device,
 ) -> Result<(Qwen3VlConfig, crate::model::Qwen3VlModel<B>)> {
+    let path = &exp.model.path;
     if !random {
-        return load_model::<B>(path, device, dtype);
+        return load_base::<B>(exp, path, device);
     }
+    let dtype = WeightDType::parse(&exp.model.dtype)?;
     let file = if path.is_dir() {
         path.join("config.json")
     } else {
@@ -160,7 +161,10 @@ fn bench_model<B: Backend>(
     };
     let text = std::fs::read_to_string(&file).map_err(|e| Error::io(&file, e))?;
     let cfg = Qwen3VlConfig::from_json(&text, &file)?;
-    let model = crate::checkpoint::load::random_model::<B>(&cfg, device, dtype);
+    let mut model = crate::checkpoint::load::random_model::<B>(&cfg, device, dtype);
+    if let Some(o) = nf4_options(exp)? {
+        crate::quant::load::quantize_model(&mut model, &o)?;
+    }
     Ok((cfg, model))
 }
 
@@ -171,9 +175,8 @@ pub fn bench_train<B: AutodiffBackend>(
     device: &B::Device,
 ) -> Result<BenchReport> {
     let setup = Instant::now();
-    let dtype = WeightDType::parse(&exp.model.dtype)?;
     B::seed(device, exp.train.seed);
-    let (cfg, base) = bench_model::<B>(&exp.model.path, opts.random_weights, dtype, device)?;
+    let (cfg, base) = bench_model::<B>(exp, opts.random_weights, device)?;
     let mut model = inject(base, &exp.adapter)?.0;
     let (trainable, params) = trainable_counts(&mut model);
     let model = stable_param_ids(model, is_adapter_param);
@@ -291,6 +294,7 @@ pub fn bench_train<B: AutodiffBackend>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     #[test]
     fn the_4b_matmul_weights_add_up() {

@@ -116,3 +116,29 @@ fn kept(samples: Vec<Sample>, bad: &[BadRow]) -> Vec<Sample> {
         .filter(|s| !bad.contains(s.origin.as_str()))
         .collect()
 }
+
+/// The NF4 settings of the experiment's base (`model.quant = "nf4"`), None for a dense base.
+pub fn nf4_options(exp: &Experiment) -> Result<Option<crate::quant::load::Nf4Options>> {
+    if exp.model.quant != "nf4" {
+        return Ok(None);
+    }
+    let compute = crate::checkpoint::WeightDType::parse(&exp.model.dtype)?.dtype();
+    Ok(Some(crate::quant::load::Nf4Options {
+        blocksize: 64,
+        double_quant: exp.model.double_quant,
+        compute,
+    }))
+}
+
+/// Loads the base model from a checkpoint folder: dense, or NF4 when the experiment asks.
+pub(crate) fn load_base<B: burn::prelude::Backend>(
+    exp: &Experiment,
+    path: &std::path::Path,
+    device: &B::Device,
+) -> Result<(Qwen3VlConfig, crate::model::Qwen3VlModel<B>)> {
+    let dtype = crate::checkpoint::WeightDType::parse(&exp.model.dtype)?;
+    match nf4_options(exp)? {
+        Some(o) => crate::quant::load::load_model_nf4::<B>(path, device, dtype, &o),
+        None => crate::checkpoint::load_model::<B>(path, device, dtype),
+    }
+}

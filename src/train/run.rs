@@ -20,7 +20,9 @@ use super::checkpoint::{latest_checkpoint, load_optimizer, CheckpointState};
 use super::data::{RunOrder, TrainBatcher};
 use super::metrics::{Quantity, QuietRenderer, ScalarMetric};
 use super::plot::plot_run;
-use super::prepare::{image_options, prepare_data, run_encoder, tokenizer_path, RunData};
+use super::prepare::{
+    image_options, load_base, nf4_options, prepare_data, run_encoder, tokenizer_path, RunData,
+};
 use super::schedule::{Decay, WarmupDecay};
 use super::state::{read_rows, truncate_rows, RunSettings, RunState, StepRow};
 use super::step::TrainModel;
@@ -104,6 +106,8 @@ pub fn train<B: AutodiffBackend>(
             stage.train.warmup_steps = pre.warmup_steps;
             stage.train.output_dir = exp.train.output_dir.join("pretrain");
             stage.pretrain = None;
+            // The base is trained in full, so dense; the adapter stage may quantize it.
+            stage.model.quant = "none".into();
             println!(
                 "pretraining the demo base ({} epochs on {}) into {}",
                 pre.epochs,
@@ -178,10 +182,20 @@ fn base_model<B: Backend>(
         json["vision_end_token_id"] = t.vision_end.into();
         let text = serde_json::to_string_pretty(&json).expect("json");
         let cfg = Qwen3VlConfig::from_json(&text, path)?;
-        let model = crate::checkpoint::load::random_model::<B>(&cfg, device, dtype);
+        let mut model = crate::checkpoint::load::random_model::<B>(&cfg, device, dtype);
+        if let Some(o) = nf4_options(exp)? {
+            let n = crate::quant::load::quantize_model(&mut model, &o)?;
+            println!(
+                "base: NF4 ({n} linear layers, double quant {})",
+                o.double_quant
+            );
+        }
         return Ok((model, text, cfg));
     }
-    let (cfg, model) = load_model::<B>(path, device, dtype)?;
+    let (cfg, model) = load_base::<B>(exp, path, device)?;
+    if let Some(o) = nf4_options(exp)? {
+        println!("base: NF4 (double quant {})", o.double_quant);
+    }
     let file = path.join("config.json");
     let text = std::fs::read_to_string(&file).map_err(|e| Error::io(&file, e))?;
     Ok((model, text, cfg))
@@ -202,6 +216,13 @@ fn run_stage<B: AutodiffBackend>(
     device: &B::Device,
 ) -> Result<TrainReport> {
     let out = exp.train.output_dir.clone();
+    if adapter.is_none() && nf4_options(exp)?.is_some() {
+        return Err(Error::Config {
+            path: out.join("config.toml"),
+            field: "model.quant".into(),
+            message: "an NF4 base is frozen: training every weight needs quant = \"none\"".into(),
+        });
+    }
     let resume_from = if opts.resume {
         Some(latest_checkpoint(&out)?.ok_or_else(|| {
             Error::Input(format!(

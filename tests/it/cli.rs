@@ -31,6 +31,11 @@ fn info_prints_the_family_parameter_counts() {
         if name.contains("4b") {
             assert!(text.lines().any(|l| l == "text: 4,022,468,096"), "{text}");
             assert!(text.lines().any(|l| l == "vision: 415,347,712"), "{text}");
+            // bitsandbytes reports 2,415,636,992 "parameters" for the 4-bit 4B (packed bytes).
+            assert!(
+                text.contains("bitsandbytes parameter count 2,415,636,992"),
+                "{text}"
+            );
         }
     }
     // A model folder works too.

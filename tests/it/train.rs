@@ -157,15 +157,33 @@ fn killed_run_resumes_with_identical_losses() {
 /// f16 compute (f32 adapter weights and AdamW state) with dynamic loss scaling.
 #[test]
 fn f16_compute_with_loss_scaling_trains() {
+    f16_run_learns(&[]);
+}
+
+/// The same on a frozen NF4 base (double quant), quantized when the model is built.
+#[test]
+fn adapters_train_on_an_nf4_base() {
+    f16_run_learns(&["model.quant=nf4", "model.double_quant=true"]);
+}
+
+fn f16_run_learns(sets: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
     let exp = experiment(dir.path());
     let out = dir.path().join("f16");
-    let o = train(&exp, &out)
-        .args(["--set", "model.dtype=f16", "--set", "train.save_every=0"])
-        .output()
-        .unwrap();
+    let mut cmd = train(&exp, &out);
+    cmd.args(["--set", "model.dtype=f16", "--set", "train.save_every=0"]);
+    for s in sets {
+        cmd.args(["--set", s]);
+    }
+    let o = cmd.output().unwrap();
     let log = String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{log}");
+    if !sets.is_empty() {
+        assert!(
+            log.contains("base: NF4 (26 linear layers, double quant true)"),
+            "{log}"
+        );
+    }
     let rows = read_rows(&out).unwrap();
     assert_eq!(rows.len(), 54);
     assert!(rows
@@ -176,7 +194,7 @@ fn f16_compute_with_loss_scaling_trains() {
         .all(|r| r.loss.is_finite() && r.grad_norm.is_finite()));
     let head: f64 = rows[..5].iter().map(|r| r.lm_loss).sum::<f64>() / 5.0;
     let tail: f64 = rows[49..].iter().map(|r| r.lm_loss).sum::<f64>() / 5.0;
-    assert!(tail < head * 0.8, "loss {head} -> {tail}");
+    assert!(tail < head * 0.8, "{sets:?}: loss {head} -> {tail}");
     // The adapter weights stay f32 on disk.
     let bytes = std::fs::read(out.join("adapter/adapter_model.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
