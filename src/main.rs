@@ -100,6 +100,10 @@ enum Command {
         /// Adapter folder (a peft LoRA folder or one of ours) applied on the base.
         #[arg(long)]
         adapter: Option<PathBuf>,
+        /// NF4 base (bitsandbytes layout, double quant): quantize while loading. A 4-bit
+        /// checkpoint (see `quantize`) is read as NF4 without this flag.
+        #[arg(long)]
+        nf4: bool,
         /// Also write vision outputs, DeepStack features and every layer's hidden state.
         #[arg(long)]
         all: bool,
@@ -572,6 +576,7 @@ fn run(cli: Cli) -> Result<()> {
             dtype,
             random_init,
             adapter,
+            nf4,
             all,
             repeat,
         } => {
@@ -582,6 +587,7 @@ fn run(cli: Cli) -> Result<()> {
                 dtype: WeightDType::parse(&dtype)?,
                 random_init,
                 adapter,
+                nf4,
                 all,
                 repeat,
             };

@@ -14,6 +14,8 @@ use crate::checkpoint::{load_model, HostTensor, TensorFile, WeightDType};
 use crate::error::{Error, Result};
 use crate::model::config::config_file;
 use crate::model::{ModelInputs, ModelOutput, Qwen3VlConfig, Qwen3VlModel};
+use crate::quant::convert::is_4bit_checkpoint;
+use crate::quant::load::{load_model_nf4, quantize_model, Nf4Options};
 
 /// Options of the `forward` command.
 #[derive(Debug, Clone)]
@@ -30,6 +32,8 @@ pub struct ForwardOptions {
     pub random_init: bool,
     /// Adapter folder (peft LoRA or ours) applied on top of the base.
     pub adapter: Option<PathBuf>,
+    /// NF4 base: quantize while loading (a bitsandbytes 4-bit checkpoint is always NF4).
+    pub nf4: bool,
     /// Also write vision outputs and every layer's hidden state.
     pub all: bool,
     /// Timed repetitions after one warm-up run (0 = a single untimed-warm-up run).
@@ -160,10 +164,20 @@ pub fn prepare_model<B: Backend>(
     opts: &ForwardOptions,
     device: &B::Device,
 ) -> Result<(Qwen3VlConfig, Qwen3VlModel<B>)> {
+    let nf4 = Nf4Options {
+        blocksize: 64,
+        double_quant: true,
+        compute: opts.dtype.dtype(),
+    };
     let (cfg, model) = if opts.random_init {
         let cfg = Qwen3VlConfig::from_path(&config_file(&opts.model))?;
-        let model = random_model(&cfg, device, opts.dtype);
+        let mut model = random_model(&cfg, device, opts.dtype);
+        if opts.nf4 {
+            quantize_model(&mut model, &nf4)?;
+        }
         (cfg, model)
+    } else if opts.nf4 || is_4bit_checkpoint(&opts.model) {
+        load_model_nf4(&opts.model, device, opts.dtype, &nf4)?
     } else {
         load_model(&opts.model, device, opts.dtype)?
     };

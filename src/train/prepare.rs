@@ -137,7 +137,16 @@ pub(crate) fn load_base<B: burn::prelude::Backend>(
     device: &B::Device,
 ) -> Result<(Qwen3VlConfig, crate::model::Qwen3VlModel<B>)> {
     let dtype = crate::checkpoint::WeightDType::parse(&exp.model.dtype)?;
-    match nf4_options(exp)? {
+    // A bitsandbytes 4-bit checkpoint can only be used as an NF4 base.
+    let four_bit = crate::quant::convert::is_4bit_checkpoint(path);
+    let opts = nf4_options(exp)?.or_else(|| {
+        four_bit.then_some(crate::quant::load::Nf4Options {
+            blocksize: 64,
+            double_quant: true,
+            compute: dtype.dtype(),
+        })
+    });
+    match opts {
         Some(o) => crate::quant::load::load_model_nf4::<B>(path, device, dtype, &o),
         None => crate::checkpoint::load_model::<B>(path, device, dtype),
     }

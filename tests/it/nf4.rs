@@ -309,3 +309,45 @@ mod model {
         assert!(err < 0.25, "NF4 vs full precision: {err:.3e}");
     }
 }
+
+#[test]
+fn forward_reads_a_4bit_checkpoint_as_nf4() {
+    use qwen3_vl_moelora::checkpoint::TensorFile;
+    let dir = tempfile::tempdir().unwrap();
+    let bin = env!("CARGO_BIN_EXE_qwen3-vl-moelora");
+    let q = dir.path().join("q");
+    let run = |args: &[&std::ffi::OsStr]| {
+        let o = std::process::Command::new(bin).args(args).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    let tiny = crate::common::tiny_model();
+    let inputs = crate::common::tiny_inputs();
+    run(&[
+        "quantize".as_ref(),
+        "--model".as_ref(),
+        tiny.as_os_str(),
+        "--out".as_ref(),
+        q.as_os_str(),
+    ]);
+    let (a, b) = (
+        dir.path().join("a.safetensors"),
+        dir.path().join("b.safetensors"),
+    );
+    for (model, out, flag) in [(&tiny, &a, Some("--nf4")), (&q, &b, None)] {
+        let mut args: Vec<&std::ffi::OsStr> = vec![
+            "forward".as_ref(),
+            "--device".as_ref(),
+            "cpu".as_ref(),
+            "--model".as_ref(),
+            model.as_os_str(),
+            "--inputs".as_ref(),
+            inputs.as_os_str(),
+            "--out".as_ref(),
+            out.as_os_str(),
+        ];
+        args.extend(flag.map(std::ffi::OsStr::new));
+        run(&args);
+    }
+    let (a, b) = (TensorFile::read(&a).unwrap(), TensorFile::read(&b).unwrap());
+    assert_eq!(a.tensors["logits"], b.tensors["logits"]);
+}
