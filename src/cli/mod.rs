@@ -1,5 +1,8 @@
-//! Subcommands, generic over the backend; `main.rs` parses arguments and picks the backend.
+//! Subcommands, generic over the backend; `main.rs` picks the backend and dispatches.
+//!
+//! * [`args`]: the command line (clap): every subcommand and its arguments.
 
+pub mod args;
 pub mod data;
 pub mod forward;
 pub mod info;

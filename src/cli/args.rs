@@ -1,0 +1,319 @@
+//! The command line: every subcommand and its arguments (clap). `src/main.rs` dispatches them.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::error::Result;
+use crate::experiment::Experiment;
+
+#[derive(Parser)]
+#[command(
+    name = "qwen3-vl-moelora",
+    version,
+    about = "Qwen3-VL with LoRA / MoE-LoRA adapters, in Rust on burn"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Print the architecture, the parameter count by component and, with an adapter, the
+    /// peft-style trainable-parameter line.
+    Info {
+        /// A model folder (holding config.json) or a config.json file; overrides the
+        /// experiment's model.path.
+        #[arg(long, required_unless_present = "experiment")]
+        model: Option<PathBuf>,
+        /// An experiment file: prints its resolved settings and its adapter's trainable line.
+        #[arg(long)]
+        experiment: Option<PathBuf>,
+        /// Experiment overrides, `section.key=value` (repeatable).
+        #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+        set: Vec<String>,
+        /// `lora`, `moelora`, or an adapter folder (adapter_config.json).
+        #[arg(long)]
+        adapter: Option<String>,
+        /// Adapter rank.
+        #[arg(long, default_value_t = 8)]
+        r: usize,
+        /// LoRA alpha.
+        #[arg(long, default_value_t = 16.0)]
+        alpha: f64,
+        /// Comma-separated module names (q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,qkv,proj,linear_fc1,linear_fc2).
+        #[arg(long, default_value = "q_proj,k_proj,v_proj,o_proj")]
+        targets: String,
+        /// MoE-LoRA experts.
+        #[arg(long, default_value_t = 2)]
+        experts: usize,
+        /// MoE-LoRA experts per token.
+        #[arg(long, default_value_t = 1)]
+        top_k: usize,
+    },
+    /// Run one forward pass on inputs from a safetensors file and write the logits.
+    Forward {
+        /// Checkpoint folder (config.json + safetensors); a config.json with --random-init.
+        #[arg(long)]
+        model: PathBuf,
+        /// input_ids [B,T] (i64), optional attention_mask [B,T], pixel_values [N,1536], image_grid_thw [I,3].
+        #[arg(long)]
+        inputs: PathBuf,
+        /// Output safetensors: logits [B,T,V] (f32), position_ids [3,B,T], rope_deltas [B,1].
+        #[arg(long)]
+        out: PathBuf,
+        /// auto (CUDA if usable, else CPU), cpu, cuda or cuda:N.
+        #[arg(long, default_value = "auto")]
+        device: String,
+        /// Weight and activation dtype: f32, f16 or bf16.
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+        /// Use random weights (the config alone); for timing.
+        #[arg(long)]
+        random_init: bool,
+        /// Adapter folder (a peft LoRA folder or one of ours) applied on the base.
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// NF4 base (bitsandbytes layout, double quant): quantize while loading. A 4-bit
+        /// checkpoint (see `quantize`) is read as NF4 without this flag.
+        #[arg(long)]
+        nf4: bool,
+        /// Also write vision outputs, DeepStack features and every layer's hidden state.
+        #[arg(long)]
+        all: bool,
+        /// Timed repetitions after the first run; prints their median.
+        #[arg(long, default_value_t = 0)]
+        repeat: usize,
+    },
+    /// Preprocess one image as Qwen3-VL's processor does and write pixel_values and image_grid_thw.
+    Preprocess {
+        /// JPEG, PNG or WebP file.
+        #[arg(long)]
+        image: PathBuf,
+        /// Smallest area after resizing.
+        #[arg(long, default_value_t = 65_536)]
+        min_pixels: usize,
+        /// Largest area after resizing.
+        #[arg(long, default_value_t = 16_777_216)]
+        max_pixels: usize,
+        /// Explicit target HEIGHTxWIDTH (itself rounded by smart_resize, e.g. 280x280 -> 288x288).
+        #[arg(long)]
+        resize: Option<String>,
+        /// Output safetensors.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Make or validate datasets.
+    Data {
+        #[command(subcommand)]
+        action: DataCommand,
+    },
+    /// Merge a LoRA adapter into the base weights and write a full HF checkpoint.
+    Merge {
+        /// Base checkpoint folder.
+        #[arg(long)]
+        model: PathBuf,
+        /// LoRA adapter folder (peft format).
+        #[arg(long)]
+        adapter: PathBuf,
+        /// Output folder (must not exist or be empty).
+        #[arg(long)]
+        out: PathBuf,
+        /// keep (each tensor's dtype in the base checkpoint) or f32.
+        #[arg(long, default_value = "keep")]
+        dtype: String,
+    },
+    /// Train an adapter (default: the built-in demo, experiments/default.toml).
+    Train(TrainArgs),
+    /// Rewrite an HF checkpoint as a bitsandbytes NF4 4-bit checkpoint (transformers loads it).
+    Quantize {
+        /// Checkpoint folder (config.json + safetensors, bf16/f16/f32).
+        #[arg(long)]
+        model: PathBuf,
+        /// New folder for the 4-bit checkpoint (must not exist or be empty).
+        #[arg(long)]
+        out: PathBuf,
+        /// Values per NF4 block: 32, 64 ... 4096.
+        #[arg(long, default_value_t = 64)]
+        blocksize: usize,
+        /// Keep the block scales in f32 instead of double-quantizing them.
+        #[arg(long)]
+        no_double_quant: bool,
+        /// Compute dtype recorded in quantization_config: float16 or bfloat16.
+        #[arg(long, default_value = "float16")]
+        compute_dtype: String,
+    },
+    /// Benchmarks of the hot paths.
+    Bench {
+        #[command(subcommand)]
+        what: BenchCommand,
+    },
+    /// Run every combination of a sweep file and print the results table.
+    Sweep {
+        /// Sweep file (experiments/sweep-*.toml).
+        file: PathBuf,
+        /// auto, cpu, cuda or cuda:N (passed to each run).
+        #[arg(long, default_value = "auto")]
+        device: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// Time the training step of an experiment: samples/s, tokens/s, model FLOP utilisation.
+    Train(BenchTrainArgs),
+}
+
+/// Arguments of `bench train`.
+#[derive(clap::Args)]
+pub struct BenchTrainArgs {
+    /// Experiment file (its model, adapter, dtype, accumulation and checkpointing are used).
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Model folder or config.json (model.path).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Override any field: section.key=value (repeatable).
+    #[arg(long = "set")]
+    pub set: Vec<String>,
+    /// Random weights from the config alone (speed does not depend on the values).
+    #[arg(long)]
+    pub random_weights: bool,
+    /// Timed optimizer steps (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    pub steps: usize,
+    /// Untimed optimizer steps first (compilation, autotuning).
+    #[arg(long, default_value_t = 2)]
+    pub warmup: usize,
+    /// Tokens per sample, image tokens included.
+    #[arg(long, default_value_t = 120)]
+    pub tokens: usize,
+    /// The card's dense f16/bf16 peak in TFLOP/s (H100/H200 SXM: 989).
+    #[arg(long, default_value_t = 989.0)]
+    pub peak_tflops: f64,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+}
+
+/// Arguments of `train`.
+#[derive(clap::Args)]
+pub struct TrainArgs {
+    /// Experiment file.
+    #[arg(long, default_value = "experiments/default.toml")]
+    pub config: PathBuf,
+    /// Base checkpoint folder (model.path).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Training data file (data.train).
+    #[arg(long)]
+    pub train_data: Option<PathBuf>,
+    /// Output folder (train.output_dir).
+    #[arg(long)]
+    pub output_dir: Option<PathBuf>,
+    /// Override any field: section.key=value (repeatable).
+    #[arg(long = "set")]
+    pub set: Vec<String>,
+    /// Continue the run in OUTPUT_DIR from its newest checkpoint (uses its config.toml).
+    #[arg(long, value_name = "OUTPUT_DIR")]
+    pub resume: Option<PathBuf>,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Plain log lines even on a terminal (no dashboard).
+    #[arg(long)]
+    pub plain: bool,
+}
+
+impl TrainArgs {
+    /// The experiment with the path flags folded into the overrides.
+    pub fn experiment(&self) -> Result<Experiment> {
+        let quoted = |p: &PathBuf| toml::Value::String(p.display().to_string()).to_string();
+        let mut set = self.set.clone();
+        let file = match &self.resume {
+            Some(dir) => {
+                set.push(format!("train.output_dir={}", quoted(dir)));
+                dir.join("config.toml")
+            }
+            None => self.config.clone(),
+        };
+        for (key, value) in [
+            ("model.path", &self.model),
+            ("data.train", &self.train_data),
+            ("train.output_dir", &self.output_dir),
+        ] {
+            if let Some(v) = value {
+                set.push(format!("{key}={}", quoted(v)));
+            }
+        }
+        Experiment::load(&file, &set)
+    }
+}
+
+#[derive(Subcommand)]
+pub enum DataCommand {
+    /// Write a deterministic synthetic captioning set (images, captions.csv, tokenizer.json).
+    Prepare {
+        /// Number of samples.
+        #[arg(long)]
+        synthetic: usize,
+        /// Output folder.
+        #[arg(long)]
+        out: PathBuf,
+        /// Random seed.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Special-token ids of the tokenizer: compact (after the vocabulary) or qwen (151643...).
+        #[arg(long, default_value = "compact")]
+        special_ids: String,
+    },
+    /// Validate a dataset: every row and image; counts, token lengths, image sizes.
+    Check {
+        /// An experiment file: checks its [data] with its settings.
+        #[arg(long, conflicts_with_all = ["csv", "json", "coco"])]
+        config: Option<PathBuf>,
+        /// image_path,caption CSV.
+        #[arg(long, conflicts_with_all = ["json", "coco"])]
+        csv: Option<PathBuf>,
+        /// The reference's conversation JSON.
+        #[arg(long, conflicts_with = "coco")]
+        json: Option<PathBuf>,
+        /// COCO captions_*.json (with --images).
+        #[arg(long, requires = "images")]
+        coco: Option<PathBuf>,
+        /// Image folder for --coco.
+        #[arg(long)]
+        images: Option<PathBuf>,
+        /// COCO: one sample per image instead of per caption.
+        #[arg(long)]
+        per_image: bool,
+        /// tokenizer.json (file or model folder); default: tokenizer.json beside the dataset.
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+        /// Captioning prompt.
+        #[arg(long, default_value = "COCO Yes:")]
+        prompt: String,
+        /// Truncation length in tokens.
+        #[arg(long, default_value_t = 8192)]
+        max_length: usize,
+        /// Explicit image resize HEIGHTxWIDTH (e.g. 280x280).
+        #[arg(long)]
+        resize: Option<String>,
+        /// Report bad rows and exit 0 instead of failing.
+        #[arg(long)]
+        skip_bad: bool,
+    },
+    /// Benchmark image preprocessing (images/s) on the files of a folder.
+    Bench {
+        /// Folder of images.
+        #[arg(long)]
+        images: PathBuf,
+        /// Explicit resize HEIGHTxWIDTH.
+        #[arg(long)]
+        resize: Option<String>,
+        /// Timed passes (the best is reported).
+        #[arg(long, default_value_t = 3)]
+        repeat: usize,
+    },
+}
