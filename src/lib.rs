@@ -7,6 +7,7 @@
 //! * [`data`]: dataset sources, image preprocessing, chat template, batching.
 //! * [`experiment`]: `experiments/*.toml` run descriptions.
 //! * [`train`]: training with burn-train (`train`, sweeps).
+//! * [`eval`]: COCO caption metrics (BLEU, ROUGE-L, CIDEr-D).
 //! * [`infer`]: captioning with a trained model.
 //! * [`cli`]: the subcommands behind the binary.
 
@@ -15,6 +16,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod data;
 pub mod error;
+pub mod eval;
 pub mod experiment;
 pub mod infer;
 pub mod model;

@@ -7,6 +7,7 @@ mod common;
 mod datasets;
 mod images;
 mod loading;
+mod metrics;
 mod nf4;
 mod parity;
 mod template;
