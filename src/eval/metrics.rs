@@ -67,8 +67,8 @@ pub fn bleu(images: &[Scored<'_>]) -> [f64; 4] {
             .map_or(0, |p| p.1);
         testlen += len;
         reflen += closest;
-        for k in 0..N {
-            guess[k] += (len + 1).saturating_sub(k + 1);
+        for (k, g) in guess.iter_mut().enumerate() {
+            *g += len.saturating_sub(k);
         }
         for (g, c) in ngram_counts(im.candidate, N) {
             correct[g.len() - 1] += c.min(max_ref.get(&g).copied().unwrap_or(0));
