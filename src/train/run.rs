@@ -36,6 +36,7 @@ use crate::data::synthetic::write_synthetic_set;
 use crate::data::template::ChatEncoder;
 use crate::data::tokenizer::SpecialIds;
 use crate::error::{Error, Result};
+use crate::eval::{caption_scores, ptb_tokenize, Scored};
 use crate::experiment::Experiment;
 use crate::infer::generate::greedy_captions;
 use crate::model::config::Qwen3VlConfig;
@@ -64,6 +65,8 @@ pub struct TrainReport {
     pub exact_matches: usize,
     /// Held-out samples.
     pub held_out: usize,
+    /// COCO caption metrics of the held-out predictions (one reference each).
+    pub scores: Option<crate::eval::CaptionScores>,
     /// Training wall time (seconds, resumed runs included).
     pub seconds: f64,
     /// Trained parameters.
@@ -521,6 +524,22 @@ fn finish<B: AutodiffBackend>(
         lines.push('\n');
     }
     write_atomically(&out.join("predictions.jsonl"), lines.as_bytes())?;
+    let scores = (!generated.is_empty()).then(|| {
+        let tokens: Vec<(String, String)> = data
+            .test_samples
+            .iter()
+            .zip(&generated)
+            .map(|(s, g)| (ptb_tokenize(&g.text), ptb_tokenize(&s.caption)))
+            .collect();
+        let images: Vec<Scored<'_>> = tokens
+            .iter()
+            .map(|(c, r)| Scored {
+                candidate: c,
+                references: vec![r.as_str()],
+            })
+            .collect();
+        caption_scores(&images)
+    });
     let rows = read_rows(out)?;
     plot_run(out, &rows)?;
     let tail = (rows.len() / 10).max(1).min(rows.len().max(1));
@@ -531,6 +550,7 @@ fn finish<B: AutodiffBackend>(
         final_loss,
         exact_matches: hits,
         held_out: data.test.len(),
+        scores,
         seconds: rows.last().map(|r| r.seconds).unwrap_or(0.0),
         trainable_params: trainable,
         all_params: all,
@@ -550,6 +570,12 @@ fn finish<B: AutodiffBackend>(
     match adapter {
         Some(_) => println!("{}", report.exact_match_line()),
         None => println!("base model {}", report.exact_match_line()),
+    }
+    if let Some(s) = &report.scores {
+        println!(
+            "held-out BLEU-1..4 {:.3} {:.3} {:.3} {:.3}, ROUGE-L {:.3}, CIDEr-D {:.3}",
+            s.bleu[0], s.bleu[1], s.bleu[2], s.bleu[3], s.rouge_l, s.cider_d
+        );
     }
     Ok(report)
 }

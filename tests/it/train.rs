@@ -195,6 +195,12 @@ fn f16_run_learns(sets: &[&str]) {
     let head: f64 = rows[..5].iter().map(|r| r.lm_loss).sum::<f64>() / 5.0;
     let tail: f64 = rows[49..].iter().map(|r| r.lm_loss).sum::<f64>() / 5.0;
     assert!(tail < head * 0.8, "{sets:?}: loss {head} -> {tail}");
+    // The held-out predictions are scored with the COCO caption metrics.
+    assert!(log.contains("held-out BLEU-1..4 "), "{log}");
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    let cider = summary["scores"]["cider_d"].as_f64().unwrap();
+    assert!(cider.is_finite() && cider >= 0.0, "{summary}");
     // The adapter weights stay f32 on disk.
     let bytes = std::fs::read(out.join("adapter/adapter_model.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
