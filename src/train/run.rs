@@ -36,7 +36,8 @@ use crate::data::synthetic::write_synthetic_set;
 use crate::data::template::ChatEncoder;
 use crate::data::tokenizer::SpecialIds;
 use crate::error::{Error, Result};
-use crate::eval::{caption_scores, ptb_tokenize, Scored};
+use crate::eval::report::{write_report, ReportItem};
+use crate::eval::score_captions;
 use crate::experiment::Experiment;
 use crate::infer::generate::greedy_captions;
 use crate::model::config::Qwen3VlConfig;
@@ -150,10 +151,11 @@ fn ensure_synthetic(exp: &Experiment) -> Result<()> {
 }
 
 /// Files a run writes into its output folder (a fresh run removes an earlier run's).
-const RUN_FILES: [&str; 9] = [
+const RUN_FILES: [&str; 10] = [
     "metrics.csv",
     "checkpoints",
     "predictions.jsonl",
+    "report.html",
     "adapter",
     "model",
     "loss.png",
@@ -485,6 +487,7 @@ fn finish<B: AutodiffBackend>(
     }
     let mut lines = String::new();
     let mut hits = 0;
+    let mut report_items = Vec::new();
     let longest = data.test.iter().map(|p| p.labels.len()).max().unwrap_or(0);
     let device = trained
         .model
@@ -511,6 +514,12 @@ fn finish<B: AutodiffBackend>(
         };
         let exact = norm(&g.text) == norm(&s.caption);
         hits += exact as usize;
+        report_items.push(ReportItem {
+            image: s.image.clone(),
+            references: vec![s.caption.clone()],
+            prediction: g.text.clone(),
+            exact,
+        });
         lines.push_str(
             &serde_json::json!({
                 "image": s.image.display().to_string(),
@@ -524,22 +533,18 @@ fn finish<B: AutodiffBackend>(
         lines.push('\n');
     }
     write_atomically(&out.join("predictions.jsonl"), lines.as_bytes())?;
-    let scores = (!generated.is_empty()).then(|| {
-        let tokens: Vec<(String, String)> = data
-            .test_samples
+    let scores = score_captions(
+        report_items
             .iter()
-            .zip(&generated)
-            .map(|(s, g)| (ptb_tokenize(&g.text), ptb_tokenize(&s.caption)))
-            .collect();
-        let images: Vec<Scored<'_>> = tokens
-            .iter()
-            .map(|(c, r)| Scored {
-                candidate: c,
-                references: vec![r.as_str()],
-            })
-            .collect();
-        caption_scores(&images)
-    });
+            .map(|i| (i.prediction.as_str(), i.references.as_slice())),
+    );
+    let title = format!("{}: held-out captions", out.display());
+    write_report(
+        &out.join("report.html"),
+        &title,
+        &report_items,
+        scores.as_ref(),
+    )?;
     let rows = read_rows(out)?;
     plot_run(out, &rows)?;
     let tail = (rows.len() / 10).max(1).min(rows.len().max(1));

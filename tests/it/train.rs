@@ -201,6 +201,8 @@ fn f16_run_learns(sets: &[&str]) {
         serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
     let cider = summary["scores"]["cider_d"].as_f64().unwrap();
     assert!(cider.is_finite() && cider >= 0.0, "{summary}");
+    let html = std::fs::read_to_string(out.join("report.html")).unwrap();
+    assert_eq!(html.matches("data:image/jpeg;base64,").count(), 4);
     // The adapter weights stay f32 on disk.
     let bytes = std::fs::read(out.join("adapter/adapter_model.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
