@@ -116,25 +116,22 @@ pub fn info_report<B: Backend>(
         .sum();
     let layers = sites(&mut model).len();
     let dense = b.total() - quantized;
-    // bitsandbytes: 4-bit codes, one u8 scale per 64 values, one f32 per 256 scales, the
-    // 16- and 256-value maps and the offset per layer; the rest in bf16/f16.
-    let bnb_bytes = quantized / 2
+    // As bitsandbytes stores it, and as `Nf4Linear` holds it on the device: 4-bit codes, one
+    // u8 scale per 64 values, one f32 per 256 scales, the 16- and 256-value maps and the offset
+    // per layer; the rest in bf16/f16.
+    let bytes = quantized / 2
         + quantized / 64
         + quantized.div_ceil(64 * 256) * 4
         + layers * (16 + 256 + 1) * 4
         + dense * 2;
-    // Ours today: the scales are kept in f32 on the device.
-    let our_bytes = quantized / 2 + quantized / 64 * 4 + layers * 16 * 4 + dense * 2;
     let _ = writeln!(
         w,
         "NF4 base: {} linear weights quantized ({} layers), bitsandbytes parameter count {}; \
-         {:.2} GB in bitsandbytes' format (double quant), {:.2} GB on the device here \
-         (f32 block scales)",
+         {:.2} GB with double quant and a 16-bit rest",
         group(quantized),
         layers,
         group(quantized / 2 + dense),
-        bnb_bytes as f64 / 1e9,
-        our_bytes as f64 / 1e9
+        bytes as f64 / 1e9
     );
     if let Some(a) = adapter {
         let (mut adapted, layers) = inject(model, a)?;

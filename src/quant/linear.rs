@@ -9,7 +9,7 @@ use burn::module::Module;
 use burn::prelude::*;
 use burn::tensor::DType;
 
-use super::tensor::Nf4Tensor;
+use super::tensor::{Absmax, Nf4Tensor};
 use crate::adapter::FrozenLinear;
 use crate::error::{Error, Result};
 
@@ -17,13 +17,109 @@ use crate::error::{Error, Result};
 /// nibble (byte `k / 2`; the even element is the byte's high nibble).
 const NIBBLE_SHIFTS: [i32; 8] = [4, 0, 12, 8, 20, 16, 28, 24];
 
+/// The per-block scales of an [`Nf4Linear`] on the device.
+#[derive(Module, Debug)]
+pub enum BlockScales<B: Backend> {
+    /// One f32 per block: [blocks].
+    Plain(Tensor<B, 1>),
+    /// Double-quantized, as bitsandbytes stores them (1 byte per block instead of 4).
+    Nested(NestedScales<B>),
+}
+
+/// Double-quantized block scales on the device.
+#[derive(Module, Debug)]
+pub struct NestedScales<B: Backend> {
+    /// 8-bit codes, 4 per little-endian i32 word: [ceil(blocks / 4)].
+    pub words: Tensor<B, 1, Int>,
+    /// f32 scale of each 256 codes: [ceil(blocks / 256)].
+    pub nested_absmax: Tensor<B, 1>,
+    /// The 256-value map the codes index.
+    pub map: Tensor<B, 1>,
+    /// Added back after dequantizing.
+    pub offset: f32,
+    /// Codes per nested block (256).
+    pub nested_blocksize: usize,
+    /// Number of blocks.
+    pub blocks: usize,
+}
+
+impl<B: Backend> BlockScales<B> {
+    fn new(absmax: &Absmax, device: &B::Device) -> Self {
+        let f32s = |v: &[f32]| {
+            Tensor::<B, 1>::from_data(TensorData::new(v.to_vec(), [v.len()]), (device, DType::F32))
+        };
+        match absmax {
+            Absmax::Plain(a) => BlockScales::Plain(f32s(a)),
+            Absmax::Nested(n) => {
+                let mut bytes = n.codes.clone();
+                bytes.resize(n.codes.len().div_ceil(4) * 4, 0);
+                let words: Vec<i32> = bytes
+                    .chunks_exact(4)
+                    .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect();
+                let len = words.len();
+                BlockScales::Nested(NestedScales {
+                    words: Tensor::from_data(TensorData::new(words, [len]), device),
+                    nested_absmax: f32s(&n.nested_absmax),
+                    map: f32s(&n.nested_map),
+                    offset: n.offset,
+                    nested_blocksize: n.nested_blocksize,
+                    blocks: n.codes.len(),
+                })
+            }
+        }
+    }
+
+    /// The f32 scale of every block: [blocks]. Double-quantized scales are expanded as
+    /// bitsandbytes does it, `map[code] · nested_absmax[block / 256] + offset` in f32.
+    pub fn values(&self) -> Tensor<B, 1> {
+        match self {
+            BlockScales::Plain(a) => a.clone(),
+            BlockScales::Nested(n) => {
+                let words = n.words.dims()[0];
+                let device = n.words.device();
+                let shifts =
+                    Tensor::<B, 1, Int>::from_data(TensorData::from([0, 8, 16, 24]), &device)
+                        .reshape([1, 4])
+                        .expand([words, 4]);
+                let codes = n
+                    .words
+                    .clone()
+                    .reshape([words, 1])
+                    .expand([words, 4])
+                    .bitwise_right_shift(shifts)
+                    .bitwise_and_scalar(255.elem())
+                    .reshape([words * 4])
+                    .slice(0..n.blocks); // [blocks]
+                let nested = n.nested_absmax.dims()[0];
+                let per_block = n
+                    .nested_absmax
+                    .clone()
+                    .reshape([nested, 1])
+                    .expand([nested, n.nested_blocksize])
+                    .reshape([nested * n.nested_blocksize])
+                    .slice(0..n.blocks); // nested scale of each block
+                (n.map.clone().select(0, codes) * per_block).add_scalar(n.offset)
+            }
+        }
+    }
+
+    /// Bytes on the device.
+    fn bytes(&self) -> usize {
+        match self {
+            BlockScales::Plain(a) => 4 * a.dims()[0],
+            BlockScales::Nested(n) => 4 * (n.words.dims()[0] + n.nested_absmax.dims()[0] + 256 + 1),
+        }
+    }
+}
+
 /// A frozen `y = x · Wᵀ + b` with W stored as NF4 codes (8 per i32 word) and f32 block scales.
 #[derive(Module, Debug)]
 pub struct Nf4Linear<B: Backend> {
     /// Packed codes, bitsandbytes' bytes read as little-endian i32 words: [out·in / 8].
     pub words: Tensor<B, 1, Int>,
-    /// f32 scale of each block (double quantization already undone): [out·in / blocksize].
-    pub absmax: Tensor<B, 1>,
+    /// The block scales, as stored: f32, or double-quantized.
+    pub scales: BlockScales<B>,
     /// The 16 code values (f32).
     pub code: Tensor<B, 1>,
     /// Frozen bias in the compute dtype: [out].
@@ -66,11 +162,9 @@ impl<B: Backend> Nf4Linear<B> {
             .chunks_exact(4)
             .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect();
-        let absmax = weight.absmax_f32();
-        let blocks = absmax.len();
         Ok(Self {
             words: Tensor::from_data(TensorData::new(words, [n / 8]), device),
-            absmax: Tensor::from_data(TensorData::new(absmax, [blocks]), (device, DType::F32)),
+            scales: BlockScales::new(&weight.absmax, device),
             code: Tensor::from_data(
                 TensorData::new(weight.quant_map.to_vec(), [16]),
                 (device, DType::F32),
@@ -107,7 +201,7 @@ impl<B: Backend> Nf4Linear<B> {
             .clone()
             .select(0, codes)
             .reshape([blocks, self.blocksize]);
-        let scaled = values * self.absmax.clone().reshape([blocks, 1]); // f32, as bitsandbytes
+        let scaled = values * self.scales.values().reshape([blocks, 1]); // f32, as bitsandbytes
         scaled.reshape([self.d_out, self.d_in]).cast(self.compute)
     }
 
@@ -117,10 +211,10 @@ impl<B: Backend> Nf4Linear<B> {
         burn::tensor::module::linear(x, self.weight().transpose(), self.bias.clone())
     }
 
-    /// Bytes the layer holds on the device (packed codes as i32 words, f32 scales, bias).
+    /// Bytes the layer holds on the device (packed codes, scales, code map, bias).
     pub fn device_bytes(&self) -> usize {
         let bias = self.bias.as_ref().map_or(0, |b| b.dims()[0] * 2);
-        self.d_in * self.d_out / 2 + 4 * (self.d_in * self.d_out / self.blocksize) + 64 + bias
+        self.d_in * self.d_out / 2 + self.scales.bytes() + 64 + bias
     }
 }
 
@@ -158,14 +252,31 @@ mod tests {
 
     #[test]
     fn device_dequantization_is_bit_identical_to_the_host() {
-        let (_, q) = weight(24, 128);
-        let layer = Nf4Linear::<B>::new(&q, None, DType::F32, &Default::default()).unwrap();
-        let got: Vec<f32> = layer.weight().into_data().to_vec().unwrap();
-        let want = q.dequantize();
-        assert!(got
-            .iter()
-            .zip(&want)
-            .all(|(a, b)| a.to_bits() == b.to_bits()));
+        // 48 blocks (one nested block), 321 blocks (two nested, the codes not a multiple of 4),
+        // and plain f32 scales.
+        for (d_out, d_in, nested) in [(24, 128, true), (321, 64, true), (24, 128, false)] {
+            let w: Vec<f32> = (0..d_out * d_in)
+                .map(|i| (((i * 7919 + 13) % 1009) as f32 / 1009.0 - 0.5) * (1.0 + (i % 5) as f32))
+                .collect();
+            let q = Nf4Tensor::quantize(&w, &[d_out, d_in], "float32", 64, nested).unwrap();
+            let layer = Nf4Linear::<B>::new(&q, None, DType::F32, &Default::default()).unwrap();
+            let scales: Vec<f32> = layer.scales.values().into_data().to_vec().unwrap();
+            assert_eq!(
+                bits(&scales),
+                bits(&q.absmax_f32()),
+                "[{d_out}, {d_in}] scales"
+            );
+            let got: Vec<f32> = layer.weight().into_data().to_vec().unwrap();
+            assert_eq!(
+                bits(&got),
+                bits(&q.dequantize()),
+                "[{d_out}, {d_in}] weight"
+            );
+        }
+    }
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
     }
 
     #[test]
