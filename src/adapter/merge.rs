@@ -10,7 +10,7 @@ use super::config::AdapterKind;
 use super::peft::{read_adapter_config, WEIGHTS_FILE};
 use crate::checkpoint::shards::CheckpointFiles;
 use crate::checkpoint::tensor_file::{
-    decode_f32, parse_safetensors, write_atomically, write_raw, RawTensor,
+    decode_f32, parse_safetensors, require_empty_dir, write_atomically, write_raw, RawTensor,
 };
 use crate::checkpoint::TensorFile;
 use crate::error::{Error, Result};
@@ -82,17 +82,7 @@ pub fn merge_lora(
         updates.insert(format!("{module}.weight"), Update { a, b, r: sa[0] });
     }
     let files = CheckpointFiles::find(model_dir)?;
-    if out_dir.exists()
-        && std::fs::read_dir(out_dir)
-            .map_err(|e| Error::io(out_dir, e))?
-            .next()
-            .is_some()
-    {
-        return Err(Error::Argument {
-            arg: "--out".into(),
-            message: format!("{} exists and is not empty", out_dir.display()),
-        });
-    }
+    require_empty_dir(out_dir)?;
     std::fs::create_dir_all(out_dir).map_err(|e| Error::io(out_dir, e))?;
     let mut merged = 0;
     for shard in &files.shards {

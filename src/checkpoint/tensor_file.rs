@@ -209,6 +209,23 @@ pub fn write_tensors(path: &Path, tensors: &BTreeMap<String, HostTensor>) -> Res
     write_raw(path, &raw)
 }
 
+/// Refuses an output folder (`--out`) that exists and is not empty: writing a checkpoint
+/// there would mix its files with what is already in it.
+pub fn require_empty_dir(dir: &Path) -> Result<()> {
+    if dir.exists()
+        && std::fs::read_dir(dir)
+            .map_err(|e| Error::io(dir, e))?
+            .next()
+            .is_some()
+    {
+        return Err(Error::Argument {
+            arg: "--out".into(),
+            message: format!("{} exists and is not empty", dir.display()),
+        });
+    }
+    Ok(())
+}
+
 /// Writes `data` to `path.tmp` and renames it onto `path`, so a crash never leaves half a file.
 pub fn write_atomically(path: &Path, data: &[u8]) -> Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {

@@ -10,7 +10,9 @@ use safetensors::Dtype;
 
 use super::tensor::Nf4Tensor;
 use crate::checkpoint::shards::{CheckpointFiles, INDEX_FILE};
-use crate::checkpoint::tensor_file::{decode_f32, parse_safetensors, write_raw, RawTensor};
+use crate::checkpoint::tensor_file::{
+    decode_f32, parse_safetensors, require_empty_dir, write_raw, RawTensor,
+};
 use crate::error::{Error, Result};
 
 /// Settings of a 4-bit checkpoint (they go into config.json's `quantization_config`).
@@ -96,17 +98,7 @@ pub fn quantize_checkpoint(
             model.display()
         )));
     }
-    if out.exists()
-        && std::fs::read_dir(out)
-            .map_err(|e| Error::io(out, e))?
-            .next()
-            .is_some()
-    {
-        return Err(Error::Argument {
-            arg: "--out".into(),
-            message: format!("{} exists and is not empty", out.display()),
-        });
-    }
+    require_empty_dir(out)?;
     let files = CheckpointFiles::find(model)?;
     let config_path = model.join("config.json");
     let config_text =
