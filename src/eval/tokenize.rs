@@ -53,16 +53,11 @@ fn split_chunk(chunk: &str, out: &mut Vec<String>) {
         if let Some(b) = bracket {
             flush(&mut word, out);
             out.push(b.into());
-        } else if c == '-' && chars.get(i + 1) == Some(&'-') {
+        } else if (c == '-' || c == '.') && chars.get(i + 1) == Some(&c) {
+            // A run of dashes (`--`) or dots (`...`) is one token.
             flush(&mut word, out);
-            let run = chars[i..].iter().take_while(|&&d| d == '-').count();
-            out.push("-".repeat(run));
-            i += run;
-            continue;
-        } else if c == '.' && chars.get(i + 1) == Some(&'.') {
-            flush(&mut word, out);
-            let run = chars[i..].iter().take_while(|&&d| d == '.').count();
-            out.push(".".repeat(run));
+            let run = chars[i..].iter().take_while(|&&d| d == c).count();
+            out.push(c.to_string().repeat(run));
             i += run;
             continue;
         } else if (c == ',' || c == '.') && prev_digit && next_digit {

@@ -68,7 +68,7 @@ pub fn is_quantized_weight(name: &str, shape: &[usize]) -> bool {
 }
 
 /// bitsandbytes' name for a safetensors dtype (`bfloat16`, `float16`, `float32`).
-fn dtype_name(d: Dtype) -> &'static str {
+pub(crate) fn dtype_name(d: Dtype) -> &'static str {
     match d {
         Dtype::BF16 => "bfloat16",
         Dtype::F16 => "float16",

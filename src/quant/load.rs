@@ -12,6 +12,7 @@ use std::path::Path;
 use burn::prelude::*;
 use burn::tensor::DType;
 
+use super::convert::dtype_name;
 use super::linear::Nf4Linear;
 use super::tensor::{Nf4Tensor, STATE_SUFFIX};
 use crate::adapter::inject::sites;
@@ -62,16 +63,11 @@ pub fn load_model_nf4<B: Backend>(
                 Nf4Tensor::from_safetensors(&st, &name, &location)?
             } else {
                 let view = st.tensor(&name).expect("checked");
-                let dtype_name = match view.dtype() {
-                    safetensors::Dtype::BF16 => "bfloat16",
-                    safetensors::Dtype::F16 => "float16",
-                    _ => "float32",
-                };
                 let values = decode_f32(&name, &location, &view)?;
                 Nf4Tensor::quantize(
                     &values,
                     view.shape(),
-                    dtype_name,
+                    dtype_name(view.dtype()),
                     opts.blocksize,
                     opts.double_quant,
                 )?
