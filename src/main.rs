@@ -85,12 +85,7 @@ fn on_train_backend<J: TrainJob>(device: &str, checkpointing: bool, job: J) -> R
 }
 
 fn run_bench_train(args: BenchTrainArgs) -> Result<()> {
-    let mut set = args.set.clone();
-    if let Some(m) = &args.model {
-        let quoted = toml::Value::String(m.display().to_string()).to_string();
-        set.push(format!("model.path={quoted}"));
-    }
-    let exp = Experiment::load(&args.config, &set)?;
+    let exp = args.experiment()?;
     let opts = BenchOptions {
         steps: args.steps,
         warmup: args.warmup,

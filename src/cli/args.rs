@@ -1,6 +1,6 @@
 //! The command line: every subcommand and its arguments (clap). `src/main.rs` dispatches them.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::{Parser, Subcommand};
 
@@ -226,10 +226,25 @@ pub struct TrainArgs {
     pub plain: bool,
 }
 
+/// A path as a TOML string value for a `--set` override.
+fn quoted(p: &Path) -> String {
+    toml::Value::String(p.display().to_string()).to_string()
+}
+
+impl BenchTrainArgs {
+    /// The experiment with `--model` folded into the overrides.
+    pub fn experiment(&self) -> Result<Experiment> {
+        let mut set = self.set.clone();
+        if let Some(m) = &self.model {
+            set.push(format!("model.path={}", quoted(m)));
+        }
+        Experiment::load(&self.config, &set)
+    }
+}
+
 impl TrainArgs {
     /// The experiment with the path flags folded into the overrides.
     pub fn experiment(&self) -> Result<Experiment> {
-        let quoted = |p: &PathBuf| toml::Value::String(p.display().to_string()).to_string();
         let mut set = self.set.clone();
         let file = match &self.resume {
             Some(dir) => {

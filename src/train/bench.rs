@@ -13,12 +13,12 @@ use burn::train::TrainStep;
 use serde::Serialize;
 
 use super::data::{TrainBatch, TrainBatcher, TrainItem};
-use super::prepare::{image_options, load_base, nf4_options};
+use super::prepare::{image_options, load_base, random_base};
 use super::state::{RunSettings, RunState};
 use super::step::TrainModel;
 use crate::adapter::inject::{inject, trainable_counts};
 use crate::adapter::is_adapter_param;
-use crate::checkpoint::{stable_param_ids, WeightDType};
+use crate::checkpoint::stable_param_ids;
 use crate::data::batch::{CaptionBatcher, PadSide, PreparedSample};
 use crate::data::template::IGNORE_INDEX;
 use crate::error::{Error, Result};
@@ -153,18 +153,10 @@ fn bench_model<B: Backend>(
     if !random {
         return load_base::<B>(exp, path, device);
     }
-    let dtype = WeightDType::parse(&exp.model.dtype)?;
-    let file = if path.is_dir() {
-        path.join("config.json")
-    } else {
-        path.to_path_buf()
-    };
+    let file = crate::model::config::config_file(path);
     let text = std::fs::read_to_string(&file).map_err(|e| Error::io(&file, e))?;
     let cfg = Qwen3VlConfig::from_json(&text, &file)?;
-    let mut model = crate::checkpoint::load::random_model::<B>(&cfg, device, dtype);
-    if let Some(o) = nf4_options(exp)? {
-        crate::quant::load::quantize_model(&mut model, &o)?;
-    }
+    let (model, _) = random_base::<B>(exp, &cfg, device)?;
     Ok((cfg, model))
 }
 

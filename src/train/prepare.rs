@@ -151,3 +151,19 @@ pub(crate) fn load_base<B: burn::prelude::Backend>(
         None => crate::checkpoint::load_model::<B>(path, device, dtype),
     }
 }
+
+/// A randomly initialised base from `cfg` in the experiment's dtype, quantized to NF4 when the
+/// experiment asks; returns it and the number of layers made NF4.
+pub(crate) fn random_base<B: burn::prelude::Backend>(
+    exp: &Experiment,
+    cfg: &Qwen3VlConfig,
+    device: &B::Device,
+) -> Result<(crate::model::Qwen3VlModel<B>, usize)> {
+    let dtype = crate::checkpoint::WeightDType::parse(&exp.model.dtype)?;
+    let mut model = crate::checkpoint::load::random_model::<B>(cfg, device, dtype);
+    let quantized = match nf4_options(exp)? {
+        Some(o) => crate::quant::load::quantize_model(&mut model, &o)?,
+        None => 0,
+    };
+    Ok((model, quantized))
+}

@@ -21,7 +21,8 @@ use super::data::{RunOrder, TrainBatcher};
 use super::metrics::{Quantity, QuietRenderer, ScalarMetric};
 use super::plot::plot_run;
 use super::prepare::{
-    image_options, load_base, nf4_options, prepare_data, run_encoder, tokenizer_path, RunData,
+    image_options, load_base, nf4_options, prepare_data, random_base, run_encoder, tokenizer_path,
+    RunData,
 };
 use super::schedule::{Decay, WarmupDecay};
 use super::state::{read_rows, truncate_rows, RunSettings, RunState, StepRow};
@@ -171,7 +172,6 @@ fn base_model<B: Backend>(
     enc: &ChatEncoder,
     device: &B::Device,
 ) -> Result<(Qwen3VlModel<B>, String, Qwen3VlConfig)> {
-    let dtype = WeightDType::parse(&exp.model.dtype)?;
     let path = &exp.model.path;
     if path.is_file() {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
@@ -187,12 +187,11 @@ fn base_model<B: Backend>(
         json["vision_end_token_id"] = t.vision_end.into();
         let text = serde_json::to_string_pretty(&json).expect("json");
         let cfg = Qwen3VlConfig::from_json(&text, path)?;
-        let mut model = crate::checkpoint::load::random_model::<B>(&cfg, device, dtype);
-        if let Some(o) = nf4_options(exp)? {
-            let n = crate::quant::load::quantize_model(&mut model, &o)?;
+        let (model, quantized) = random_base::<B>(exp, &cfg, device)?;
+        if quantized > 0 {
             println!(
-                "base: NF4 ({n} linear layers, double quant {})",
-                o.double_quant
+                "base: NF4 ({quantized} linear layers, double quant {})",
+                exp.model.double_quant
             );
         }
         return Ok((model, text, cfg));
