@@ -1,5 +1,9 @@
-//! Inference: captioning with a (possibly adapted) model.
+//! Inference: generation with the KV cache, token choice, and the caption / chat / eval
+//! commands built on them.
 //!
-//! * [`generate`]: greedy decoding of a caption for one prepared sample.
+//! * [`sampling`]: greedy, temperature / top-k / top-p sampling, repetition penalty,
+//!   `generation_config.json`.
+//! * [`generate`]: prefill + decode loop over a batch, captioning prepared samples.
 
 pub mod generate;
+pub mod sampling;

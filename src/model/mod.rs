@@ -3,6 +3,7 @@
 //! * [`config`]: HF `config.json`, validated.
 //! * [`vision`]: patch embedding, position interpolation, 2-D RoPE blocks, mergers, DeepStack.
 //! * [`text`]: the Qwen3 decoder with M-RoPE and DeepStack injection.
+//! * [`decode`]: the key/value cache and incremental decoding.
 //! * [`position_ids`]: 3-axis positions (`get_rope_index`).
 //! * [`rotary`], [`attention`], [`layers`]: the shared building blocks.
 //! * [`qwen3_vl`]: the whole model and its inputs/outputs.
@@ -12,6 +13,7 @@
 
 pub mod attention;
 pub mod config;
+pub mod decode;
 pub mod layers;
 pub mod params;
 pub mod position_ids;
@@ -21,4 +23,5 @@ pub mod text;
 pub mod vision;
 
 pub use config::Qwen3VlConfig;
+pub use decode::KvCache;
 pub use qwen3_vl::{ModelInputs, ModelOutput, Qwen3VlModel};

@@ -116,8 +116,72 @@ impl<B: Backend> Qwen3VlModel<B> {
         self.language_model.embed_tokens.weight.val().dtype()
     }
 
+    /// The device the weights live on.
+    pub fn device(&self) -> B::Device {
+        self.language_model.embed_tokens.weight.val().device()
+    }
+
     /// Full forward pass; `keep_hidden` also returns every layer's output.
     pub fn forward(&self, inputs: &ModelInputs<B>, keep_hidden: bool) -> Result<ModelOutput<B>> {
+        let e = self.embed(inputs)?;
+        let (b, t) = (inputs.batch, inputs.len);
+        let device = self.device();
+        let (cos, sin) = self.rotary_tables(&e.positions, e.embeds.dtype());
+        let mask = causal_padding_mask::<B>(inputs.attention_mask.as_deref(), b, t, &device);
+        let out = self.language_model.forward(
+            e.embeds.clone(),
+            (&cos, &sin),
+            Some(mask),
+            e.deepstack.as_ref(),
+            keep_hidden,
+            None,
+            &e.stats,
+        );
+        let logits = self.lm_logits(out.hidden.clone());
+        Ok(ModelOutput {
+            logits,
+            position_ids: e.positions,
+            vision: e.vision,
+            inputs_embeds: e.embeds,
+            layer_outputs: out.layer_outputs,
+            last_hidden: out.hidden,
+            aux_loss: e
+                .stats
+                .mean_aux_loss()
+                .map(|a| a.mul_scalar(self.meta.aux_loss_coef)),
+            expert_tokens: e.stats.expert_tokens(),
+        })
+    }
+
+    /// Text M-RoPE tables [B, 1, T, d] for `positions`, in `dtype`.
+    pub(crate) fn rotary_tables(
+        &self,
+        positions: &PositionIds,
+        dtype: DType,
+    ) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        let m = &self.meta;
+        text_cos_sin::<B>(
+            positions,
+            m.head_dim,
+            m.rope_theta,
+            m.mrope_section,
+            dtype,
+            &self.device(),
+        )
+    }
+
+    /// `hidden` [B, T, H] -> logits [B, T, vocab] in f32 (the LM head, tied or not).
+    pub(crate) fn lm_logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
+        let head = match &self.lm_head {
+            Some(h) => h.weight.val(),
+            None => self.language_model.embed_tokens.weight.val(),
+        };
+        burn::tensor::module::linear(hidden, head.transpose(), None).cast(DType::F32)
+    }
+
+    /// Token embeddings with the vision tower's features scattered into the image positions,
+    /// the M-RoPE positions and the DeepStack features of the batch.
+    pub(crate) fn embed(&self, inputs: &ModelInputs<B>) -> Result<Embedded<B>> {
         let (b, t) = (inputs.batch, inputs.len);
         let meta = &self.meta;
         validate_ids(inputs, meta.vocab_size)?;
@@ -134,7 +198,7 @@ impl<B: Backend> Qwen3VlModel<B> {
                 spatial_merge_size: meta.spatial_merge_size,
             },
         )?;
-        let device = self.language_model.embed_tokens.weight.val().device();
+        let device = self.device();
         let ids = Tensor::<B, 2, Int>::from_data(
             TensorData::new(inputs.input_ids.clone(), [b, t]),
             &device,
@@ -188,43 +252,28 @@ impl<B: Backend> Qwen3VlModel<B> {
                 "input_ids hold {n_visual} image tokens but no pixel_values were given"
             )));
         }
-
-        let (cos, sin) = text_cos_sin::<B>(
-            &positions,
-            meta.head_dim,
-            meta.rope_theta,
-            meta.mrope_section,
-            dtype,
-            &device,
-        );
-        let mask = causal_padding_mask::<B>(inputs.attention_mask.as_deref(), b, t, &device);
-        let out = self.language_model.forward(
-            embeds.clone(),
-            (&cos, &sin),
-            Some(mask),
-            deepstack.as_ref(),
-            keep_hidden,
-            &stats,
-        );
-        let head = match &self.lm_head {
-            Some(h) => h.weight.val(),
-            None => self.language_model.embed_tokens.weight.val(),
-        };
-        let logits = burn::tensor::module::linear(out.hidden.clone(), head.transpose(), None)
-            .cast(DType::F32);
-        Ok(ModelOutput {
-            logits,
-            position_ids: positions,
+        Ok(Embedded {
+            embeds,
+            positions,
+            deepstack,
             vision,
-            inputs_embeds: embeds,
-            layer_outputs: out.layer_outputs,
-            last_hidden: out.hidden,
-            aux_loss: stats
-                .mean_aux_loss()
-                .map(|a| a.mul_scalar(meta.aux_loss_coef)),
-            expert_tokens: stats.expert_tokens(),
+            stats,
         })
     }
+}
+
+/// What the decoder needs for a batch, before any decoder layer runs.
+pub(crate) struct Embedded<B: Backend> {
+    /// [B, T, H] with image features in the image positions.
+    pub embeds: Tensor<B, 3>,
+    /// M-RoPE positions.
+    pub positions: PositionIds,
+    /// Features added after the first decoder layers (with images only).
+    pub deepstack: Option<DeepStackInjection<B>>,
+    /// Vision tower outputs (with images only).
+    pub vision: Option<VisionOutput<B>>,
+    /// Adapter statistics collected so far (the vision tower's adapters).
+    pub stats: AdapterStats<B>,
 }
 
 fn validate_ids<B: Backend>(inputs: &ModelInputs<B>, vocab: usize) -> Result<()> {

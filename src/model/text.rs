@@ -7,6 +7,7 @@ use burn::tensor::activation::silu;
 
 use super::attention::attention;
 use super::config::TextConfig;
+use super::decode::{KvCache, LayerCache};
 use super::layers::{Embedding, RmsNorm};
 use super::rotary::apply_rotary;
 use crate::adapter::{AdapterStats, Projection};
@@ -89,13 +90,17 @@ pub struct TextOutput<B: Backend> {
 }
 
 impl<B: Backend> TextAttention<B> {
-    /// `x` [B, T, H], rotary tables [B, 1, T, d], mask [B, 1, T, T] -> [B, T, H].
+    /// `x` [B, T, H], rotary tables [B, 1, T, d], mask [B, 1, T, P + T] -> [B, T, H].
+    ///
+    /// With a `cache` holding P earlier positions, the new keys and values are appended to it
+    /// and the queries attend to all P + T of them.
     pub fn forward(
         &self,
         x: Tensor<B, 3>,
         cos: &Tensor<B, 4>,
         sin: &Tensor<B, 4>,
         mask: Option<Tensor<B, 4, Bool>>,
+        cache: Option<&mut LayerCache<B>>,
         stats: &AdapterStats<B>,
     ) -> Tensor<B, 3> {
         let [b, t, _] = x.dims();
@@ -111,6 +116,10 @@ impl<B: Backend> TextAttention<B> {
         let v = heads(self.v_proj.forward(x, stats), hkv);
         let q = apply_rotary(q, cos.clone(), sin.clone());
         let k = apply_rotary(k, cos.clone(), sin.clone());
+        let (k, v) = match cache {
+            Some(c) => c.extend(k, v),
+            None => (k, v),
+        };
         let o = attention(q, k, v, mask);
         self.o_proj
             .forward(o.swap_dims(1, 2).reshape([b, t, hq * d]), stats)
@@ -118,19 +127,18 @@ impl<B: Backend> TextAttention<B> {
 }
 
 impl<B: Backend> DecoderLayer<B> {
-    /// One residual attention + MLP step.
+    /// One residual attention + MLP step (`cache`: this layer's keys and values so far).
     pub fn forward(
         &self,
         x: Tensor<B, 3>,
         cos: &Tensor<B, 4>,
         sin: &Tensor<B, 4>,
         mask: Option<Tensor<B, 4, Bool>>,
+        cache: Option<&mut LayerCache<B>>,
         stats: &AdapterStats<B>,
     ) -> Tensor<B, 3> {
-        let h = x.clone()
-            + self
-                .self_attn
-                .forward(self.input_layernorm.forward(x), cos, sin, mask, stats);
+        let normed = self.input_layernorm.forward(x.clone());
+        let h = x + self.self_attn.forward(normed, cos, sin, mask, cache, stats);
         let n = self.post_attention_layernorm.forward(h.clone());
         let mlp = &self.mlp;
         let act = silu(mlp.gate_proj.forward(n.clone(), stats)) * mlp.up_proj.forward(n, stats);
@@ -173,7 +181,9 @@ impl<B: Backend> TextModel<B> {
     }
 
     /// Runs the decoder on `inputs_embeds` [B, T, H] with rotary tables `(cos, sin)`
-    /// [B, 1, T, d] and the attention mask [B, 1, T, T].
+    /// [B, 1, T, d] and the attention mask [B, 1, T, P + T], where P is the number of
+    /// positions already in `cache` (0 without one); the new keys and values are appended.
+    #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
         inputs_embeds: Tensor<B, 3>,
@@ -181,6 +191,7 @@ impl<B: Backend> TextModel<B> {
         mask: Option<Tensor<B, 4, Bool>>,
         deepstack: Option<&DeepStackInjection<B>>,
         keep_layer_outputs: bool,
+        mut cache: Option<&mut KvCache<B>>,
         stats: &AdapterStats<B>,
     ) -> TextOutput<B> {
         let [b, t, h] = inputs_embeds.dims();
@@ -188,7 +199,8 @@ impl<B: Backend> TextModel<B> {
         let mut layer_outputs = Vec::new();
         let last = self.layers.len().saturating_sub(1);
         for (i, layer) in self.layers.iter().enumerate() {
-            x = layer.forward(x, cos, sin, mask.clone(), stats);
+            let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            x = layer.forward(x, cos, sin, mask.clone(), layer_cache, stats);
             if keep_layer_outputs && i < last {
                 layer_outputs.push(x.clone());
             }

@@ -5,6 +5,7 @@ mod batching;
 mod cli;
 mod common;
 mod datasets;
+mod generate;
 mod images;
 mod loading;
 mod metrics;
