@@ -12,8 +12,12 @@ use burn::prelude::Backend;
 use burn::tensor::backend::AutodiffBackend;
 use clap::Parser;
 use qwen3_vl_moelora::cli::args::{
-    BenchCommand, BenchTrainArgs, Cli, Command, DataCommand, TrainArgs,
+    BenchCommand, BenchGenerateArgs, BenchTrainArgs, CaptionArgs, ChatArgs, Cli, Command,
+    DataCommand, EvalArgs, TrainArgs,
 };
+use qwen3_vl_moelora::cli::caption::run_caption;
+use qwen3_vl_moelora::cli::chat::run_chat;
+use qwen3_vl_moelora::cli::eval::run_eval;
 
 use qwen3_vl_moelora::adapter::merge::{merge_lora, MergeDType};
 use qwen3_vl_moelora::adapter::peft::read_adapter_config;
@@ -29,6 +33,9 @@ use qwen3_vl_moelora::cli::preprocess::{parse_size, preprocess_to_file};
 use qwen3_vl_moelora::data::sources::Source;
 use qwen3_vl_moelora::data::ImageOptions;
 use qwen3_vl_moelora::experiment::Experiment;
+use qwen3_vl_moelora::infer::bench::{bench_generate, GenerateBenchOptions};
+use qwen3_vl_moelora::model::config::config_file;
+use qwen3_vl_moelora::model::Qwen3VlConfig;
 use qwen3_vl_moelora::quant::convert::{quantize_checkpoint, QuantizeOptions};
 use qwen3_vl_moelora::train::bench::{bench_train, BenchOptions, BenchReport};
 use qwen3_vl_moelora::train::sweep::run_sweep;
@@ -82,6 +89,89 @@ fn on_train_backend<J: TrainJob>(device: &str, checkpointing: bool, job: J) -> R
             job.run::<Autodiff<Cuda>>(&CudaDevice::new(i))
         }
     }
+}
+
+/// Inference work on a backend chosen at run time.
+trait InferJob {
+    /// Runs on backend `B`; `dtype` is the default weight dtype for that device.
+    fn run<B: Backend>(self, dtype: WeightDType, device: &B::Device) -> Result<()>;
+}
+
+/// Runs `job` on Flex (f32 by default) or CUDA (bf16 by default).
+fn on_infer_backend<J: InferJob>(device: &str, job: J) -> Result<()> {
+    match choose_device(device)? {
+        DeviceChoice::Cpu => job.run::<Flex>(WeightDType::F32, &FlexDevice),
+        DeviceChoice::Cuda(i) => job.run::<Cuda>(WeightDType::BF16, &CudaDevice::new(i)),
+    }
+}
+
+fn run_inference(command: Command) -> Result<()> {
+    enum Job {
+        Caption(CaptionArgs),
+        Chat(ChatArgs),
+        Eval(EvalArgs),
+    }
+    impl InferJob for Job {
+        fn run<B: Backend>(self, dtype: WeightDType, device: &B::Device) -> Result<()> {
+            match self {
+                Job::Caption(a) => run_caption::<B>(&a, dtype, device),
+                Job::Chat(a) => run_chat::<B>(&a, dtype, device),
+                Job::Eval(a) => run_eval::<B>(&a, device).map(|_| ()),
+            }
+        }
+    }
+    let (device, job) = match command {
+        Command::Caption(a) => (a.model.device.clone(), Job::Caption(a)),
+        Command::Chat(a) => (a.model.device.clone(), Job::Chat(a)),
+        Command::Eval(a) => (a.device.clone(), Job::Eval(a)),
+        _ => unreachable!("only inference commands"),
+    };
+    on_infer_backend(&device, job)
+}
+
+fn run_bench_generate(args: BenchGenerateArgs) -> Result<()> {
+    let cfg = Qwen3VlConfig::from_path(&config_file(&args.model))?;
+    let dtype = WeightDType::parse(&args.dtype)?;
+    struct Job(Qwen3VlConfig, GenerateBenchOptions);
+    impl InferJob for Job {
+        fn run<B: Backend>(self, _: WeightDType, device: &B::Device) -> Result<()> {
+            let r = bench_generate::<B>(&self.0, &self.1, device)?;
+            println!(
+                "bench generate: batch {}, prompt {} tokens: prefill {:.1} ms, decode {:.1} \
+                 tokens/s ({:.2} ms per step), {} new tokens per row",
+                r.batch,
+                r.prompt_tokens,
+                r.prefill_s * 1e3,
+                r.decode_tokens_per_s,
+                r.step_s * 1e3,
+                r.new_tokens
+            );
+            println!("{}", serde_json::to_string(&r).expect("json"));
+            Ok(())
+        }
+    }
+    for b in args.batch.split(',') {
+        let batch = b
+            .trim()
+            .parse::<usize>()
+            .ok()
+            .filter(|&b| b > 0)
+            .ok_or_else(|| Error::Argument {
+                arg: "--batch".into(),
+                message: format!("expected positive numbers separated by commas, found `{b}`"),
+            })?;
+        let opts = GenerateBenchOptions {
+            batch,
+            prompt_tokens: args.prompt_tokens,
+            image_patches_per_side: 18,
+            new_tokens: args.new_tokens,
+            repeats: args.repeats,
+            dtype,
+            nf4: args.nf4,
+        };
+        on_infer_backend(&args.device, Job(cfg.clone(), opts))?;
+    }
+    Ok(())
 }
 
 fn run_bench_train(args: BenchTrainArgs) -> Result<()> {
@@ -334,6 +424,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Train(args) => run_train(args),
+        c @ (Command::Caption(_) | Command::Chat(_) | Command::Eval(_)) => run_inference(c),
         Command::Quantize {
             model,
             out,
@@ -371,6 +462,9 @@ fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
+        Command::Bench {
+            what: BenchCommand::Generate(args),
+        } => run_bench_generate(args),
         Command::Bench {
             what: BenchCommand::Train(args),
         } => run_bench_train(args),

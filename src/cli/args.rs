@@ -144,6 +144,14 @@ pub enum Command {
         #[arg(long, default_value = "float16")]
         compute_dtype: String,
     },
+    /// Caption images with a base model and (optionally) a trained adapter; one image streams
+    /// its caption, many are captioned in batches with a progress bar.
+    Caption(CaptionArgs),
+    /// Multi-turn chat in the terminal (`/image PATH` attaches an image, `/reset`, `/quit`).
+    Chat(ChatArgs),
+    /// Caption an experiment's held-out samples with its trained adapter and score them
+    /// (BLEU-1..4, ROUGE-L, CIDEr-D); writes eval.json and report.html.
+    Eval(EvalArgs),
     /// Benchmarks of the hot paths.
     Bench {
         #[command(subcommand)]
@@ -159,10 +167,185 @@ pub enum Command {
     },
 }
 
+/// Where the model, the adapter and the tokenizer come from (caption, chat).
+#[derive(clap::Args, Clone, Debug)]
+pub struct ModelArgs {
+    /// Base checkpoint folder (default: the base the adapter's training run used).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// A training output folder (its final adapter, else its newest checkpoint), one of its
+    /// checkpoints, or a peft adapter folder. Local paths only.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// tokenizer.json (default: the training run's, else the one in the model folder).
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// f32, f16 or bf16 (default: the run's model.dtype, else f32 on the CPU, bf16 on a GPU).
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// NF4 base: quantize the linear layers while loading (default: the run's model.quant; a
+    /// 4-bit checkpoint is always NF4).
+    #[arg(long)]
+    pub nf4: bool,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+}
+
+/// How tokens are chosen (defaults: the model's generation_config.json, else greedy).
+#[derive(clap::Args, Clone, Debug)]
+pub struct GenerationArgs {
+    /// Most new tokens per answer.
+    #[arg(long, default_value_t = 128)]
+    pub max_new_tokens: usize,
+    /// Greedy decoding, whatever generation_config.json says.
+    #[arg(long, conflicts_with = "sample")]
+    pub greedy: bool,
+    /// Sample, whatever generation_config.json says.
+    #[arg(long)]
+    pub sample: bool,
+    /// Sampling temperature (> 0).
+    #[arg(long)]
+    pub temperature: Option<f64>,
+    /// Nucleus sampling: keep the most likely tokens up to this probability mass (0, 1].
+    #[arg(long)]
+    pub top_p: Option<f64>,
+    /// Keep the k most likely tokens (0 = all).
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Penalty on tokens already in the sequence (1 = none; HF's repetition_penalty).
+    #[arg(long)]
+    pub repetition_penalty: Option<f64>,
+    /// Random seed for sampling.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+/// Image preprocessing and prompt (defaults: the training run's settings).
+#[derive(clap::Args, Clone, Debug)]
+pub struct ImageArgs {
+    /// Text after the image (default: the run's data.prompt, else "COCO Yes:").
+    #[arg(long)]
+    pub prompt: Option<String>,
+    /// Explicit resize HEIGHTxWIDTH (rounded by smart_resize).
+    #[arg(long)]
+    pub resize: Option<String>,
+    /// Smallest image area after resizing.
+    #[arg(long)]
+    pub min_pixels: Option<usize>,
+    /// Largest image area after resizing.
+    #[arg(long)]
+    pub max_pixels: Option<usize>,
+}
+
+/// Arguments of `caption`.
+#[derive(clap::Args, Clone, Debug)]
+pub struct CaptionArgs {
+    /// Model, adapter, tokenizer, device.
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Token choice.
+    #[command(flatten)]
+    pub generation: GenerationArgs,
+    /// Prompt and image settings.
+    #[command(flatten)]
+    pub images: ImageArgs,
+    /// Image files.
+    #[arg(long, num_args = 1.., required_unless_present_any = ["folder", "csv"])]
+    pub image: Vec<PathBuf>,
+    /// Every JPEG/PNG/WebP image in a folder.
+    #[arg(long)]
+    pub folder: Option<PathBuf>,
+    /// An image_path,caption CSV (the captions are used as references and scored).
+    #[arg(long)]
+    pub csv: Option<PathBuf>,
+    /// Write one JSON line per image here.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Images per batch.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+}
+
+/// Arguments of `chat`.
+#[derive(clap::Args, Clone, Debug)]
+pub struct ChatArgs {
+    /// Model, adapter, tokenizer, device.
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Token choice.
+    #[command(flatten)]
+    pub generation: GenerationArgs,
+    /// Image settings (the prompt flag is unused).
+    #[command(flatten)]
+    pub images: ImageArgs,
+    /// A system message at the start of the conversation.
+    #[arg(long)]
+    pub system: Option<String>,
+}
+
+/// Arguments of `eval`.
+#[derive(clap::Args, Clone, Debug)]
+pub struct EvalArgs {
+    /// Experiment file (its model, data split, prompt and image settings are used).
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Trained adapter: an output folder, a checkpoint or an adapter folder (default: the
+    /// experiment's train.output_dir).
+    #[arg(long)]
+    pub checkpoint: Option<PathBuf>,
+    /// Override any field: section.key=value (repeatable).
+    #[arg(long = "set")]
+    pub set: Vec<String>,
+    /// Folder for eval.json and report.html (default: the checkpoint's output folder).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Samples per batch.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// Token choice (greedy unless --sample).
+    #[command(flatten)]
+    pub generation: GenerationArgs,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+}
+
 #[derive(Subcommand)]
 pub enum BenchCommand {
     /// Time the training step of an experiment: samples/s, tokens/s, model FLOP utilisation.
     Train(BenchTrainArgs),
+    /// Time generation (prefill, decode tokens/s) on random weights of a model config.
+    Generate(BenchGenerateArgs),
+}
+
+/// Arguments of `bench generate`.
+#[derive(clap::Args)]
+pub struct BenchGenerateArgs {
+    /// A config.json or a model folder holding one (weights are random).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Rows generated together (comma-separated for several runs, e.g. 1,8).
+    #[arg(long, default_value = "1")]
+    pub batch: String,
+    /// Prompt tokens per row, the image's included.
+    #[arg(long, default_value_t = 120)]
+    pub prompt_tokens: usize,
+    /// New tokens per row.
+    #[arg(long, default_value_t = 64)]
+    pub new_tokens: usize,
+    /// Timed generations (median reported) after one warm-up.
+    #[arg(long, default_value_t = 3)]
+    pub repeats: usize,
+    /// f32, f16 or bf16.
+    #[arg(long, default_value = "bf16")]
+    pub dtype: String,
+    /// NF4 base (double quant).
+    #[arg(long)]
+    pub nf4: bool,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
 }
 
 /// Arguments of `bench train`.

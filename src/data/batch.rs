@@ -139,6 +139,21 @@ impl SamplePreparer {
         })
     }
 
+    /// The generation prompt for captioning `image` (no target; all labels ignored).
+    pub fn prepare_prompt(&self, image: &Path) -> Result<PreparedSample> {
+        let (levels, grid) = self.image_levels(image)?;
+        let tokens =
+            grid.iter().product::<usize>() / (self.images.merge_size * self.images.merge_size);
+        let input_ids = self.encoder.caption_prompt(&self.prompt, tokens)?;
+        Ok(PreparedSample {
+            labels: vec![IGNORE_INDEX; input_ids.len()],
+            input_ids,
+            levels,
+            grid_thw: grid,
+            truncated: false,
+        })
+    }
+
     /// Prepares all samples on every core. With `skip_bad` failures are returned as bad rows;
     /// otherwise the first failure (in sample order) is the error.
     pub fn prepare_all(

@@ -24,6 +24,43 @@ pub struct ReportItem {
     pub exact: bool,
 }
 
+/// Lower-case with single spaces: the exact-match comparison.
+fn normalized(t: &str) -> String {
+    t.split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .to_lowercase()
+}
+
+impl ReportItem {
+    /// A row; `exact` when the prediction equals a reference up to case and whitespace.
+    pub fn new(image: PathBuf, references: Vec<String>, prediction: String) -> Self {
+        let p = normalized(&prediction);
+        let exact = references.iter().any(|r| normalized(r) == p);
+        Self {
+            image,
+            references,
+            prediction,
+            exact,
+        }
+    }
+}
+
+/// Scores `items` as pycocoevalcap does and writes them with the scores to `path`.
+pub fn score_and_report(
+    path: &Path,
+    title: &str,
+    items: &[ReportItem],
+) -> Result<Option<CaptionScores>> {
+    let scores = super::score_captions(
+        items
+            .iter()
+            .map(|i| (i.prediction.as_str(), i.references.as_slice())),
+    );
+    write_report(path, title, items, scores.as_ref())?;
+    Ok(scores)
+}
+
 /// Longest side of the embedded thumbnails, in pixels.
 const THUMBNAIL: u32 = 256;
 

@@ -48,34 +48,62 @@ pub(crate) fn image_options(exp: &Experiment, cfg: &Qwen3VlConfig) -> crate::dat
     }
 }
 
-pub(crate) fn prepare_data(
-    exp: &Experiment,
-    encoder: ChatEncoder,
-    images: crate::data::ImageOptions,
-) -> Result<RunData> {
+/// The experiment's samples, split into training and held-out parts.
+fn run_split(exp: &Experiment) -> Result<crate::data::sources::Split> {
     let loaded = exp.source().read(exp.data.skip_bad)?;
     for b in &loaded.skipped {
         eprintln!("skipped {}: {}", b.origin, b.reason);
     }
-    let parts = split(
+    split(
         loaded.samples,
         exp.data.max_samples,
         exp.data.test_samples,
         exp.data.shuffle_seed,
-    )?;
+    )
+}
+
+/// The experiment's sample preparer (prompt, length, image settings, on-disk cache).
+fn preparer(
+    exp: &Experiment,
+    encoder: ChatEncoder,
+    images: crate::data::ImageOptions,
+) -> SamplePreparer {
     let cache = exp
         .data
         .train
         .parent()
         .unwrap_or(Path::new("."))
         .join(".cache");
-    let preparer = SamplePreparer {
+    SamplePreparer {
         images,
-        encoder: encoder.clone(),
+        encoder,
         prompt: exp.data.prompt.clone(),
         max_length: exp.data.max_length,
         cache_dir: Some(cache),
-    };
+    }
+}
+
+/// Only the held-out samples of the experiment, prepared (for `eval`).
+pub(crate) fn prepare_held_out(
+    exp: &Experiment,
+    encoder: ChatEncoder,
+    images: crate::data::ImageOptions,
+) -> Result<(Vec<PreparedSample>, Vec<Sample>)> {
+    let parts = run_split(exp)?;
+    let (test, bad) = preparer(exp, encoder, images).prepare_all(&parts.test, exp.data.skip_bad)?;
+    for b in &bad {
+        eprintln!("skipped {}: {}", b.origin, b.reason);
+    }
+    Ok((test, kept(parts.test, &bad)))
+}
+
+pub(crate) fn prepare_data(
+    exp: &Experiment,
+    encoder: ChatEncoder,
+    images: crate::data::ImageOptions,
+) -> Result<RunData> {
+    let parts = run_split(exp)?;
+    let preparer = preparer(exp, encoder.clone(), images);
     let started = std::time::Instant::now();
     let (train, bad) = preparer.prepare_all(&parts.train, exp.data.skip_bad)?;
     let (test, bad_test) = preparer.prepare_all(&parts.test, exp.data.skip_bad)?;

@@ -37,8 +37,7 @@ use crate::data::synthetic::write_synthetic_set;
 use crate::data::template::ChatEncoder;
 use crate::data::tokenizer::SpecialIds;
 use crate::error::{Error, Result};
-use crate::eval::report::{write_report, ReportItem};
-use crate::eval::score_captions;
+use crate::eval::report::{score_and_report, ReportItem};
 use crate::experiment::Experiment;
 use crate::infer::generate::greedy_captions;
 use crate::model::config::Qwen3VlConfig;
@@ -505,45 +504,25 @@ fn finish<B: AutodiffBackend>(
         &device,
     )?;
     for (s, g) in data.test_samples.iter().zip(&generated) {
-        let norm = |t: &str| {
-            t.split_whitespace()
-                .collect::<Vec<_>>()
-                .join(" ")
-                .to_lowercase()
-        };
-        let exact = norm(&g.text) == norm(&s.caption);
-        hits += exact as usize;
-        report_items.push(ReportItem {
-            image: s.image.clone(),
-            references: vec![s.caption.clone()],
-            prediction: g.text.clone(),
-            exact,
-        });
+        let item = ReportItem::new(s.image.clone(), s.references.clone(), g.text.clone());
+        hits += item.exact as usize;
         lines.push_str(
             &serde_json::json!({
                 "image": s.image.display().to_string(),
                 "origin": s.origin,
                 "reference": s.caption,
+                "references": s.references,
                 "prediction": g.text,
-                "exact_match": exact,
+                "exact_match": item.exact,
             })
             .to_string(),
         );
         lines.push('\n');
+        report_items.push(item);
     }
     write_atomically(&out.join("predictions.jsonl"), lines.as_bytes())?;
-    let scores = score_captions(
-        report_items
-            .iter()
-            .map(|i| (i.prediction.as_str(), i.references.as_slice())),
-    );
     let title = format!("{}: held-out captions", out.display());
-    write_report(
-        &out.join("report.html"),
-        &title,
-        &report_items,
-        scores.as_ref(),
-    )?;
+    let scores = score_and_report(&out.join("report.html"), &title, &report_items)?;
     let rows = read_rows(out)?;
     plot_run(out, &rows)?;
     let tail = (rows.len() / 10).max(1).min(rows.len().max(1));

@@ -363,3 +363,44 @@ fn bench_train_times_the_training_step_of_an_experiment() {
     assert!(r["samples_per_s"].as_f64().unwrap() > 0.0);
     assert!(r["trainable"].as_u64().unwrap() > 0);
 }
+
+#[test]
+fn caption_errors_name_what_is_wrong() {
+    let dir = tempfile::tempdir().unwrap();
+    let tiny = crate::common::tiny_model();
+    let tok = crate::common::reference("qwen-tokenizer/tokenizer.json");
+    let (tiny, tok) = (tiny.to_str().unwrap(), tok.to_str().unwrap());
+    let cpu = ["--device", "cpu"];
+    let run = |extra: &[&str], needle: &str| {
+        let mut args = vec!["caption"];
+        args.extend_from_slice(&cpu);
+        args.extend_from_slice(extra);
+        fails_with(&args, needle);
+    };
+    run(
+        &["--adapter", "no/such/run", "--image", "a.png"],
+        "no/such/run does not exist",
+    );
+    run(
+        &[
+            "--adapter",
+            dir.path().to_str().unwrap(),
+            "--image",
+            "a.png",
+        ],
+        "holds no adapter",
+    );
+    run(&["--image", "a.png"], "--model");
+    let base = ["--model", tiny, "--tokenizer", tok];
+    let with_base = |extra: &[&str], needle: &str| {
+        let mut args = base.to_vec();
+        args.extend_from_slice(extra);
+        run(&args, needle);
+    };
+    with_base(&["--image", "a.png", "--top-p", "2"], "--top-p");
+    with_base(
+        &["--image", "a.png", "--sample", "--temperature", "0"],
+        "--temperature",
+    );
+    with_base(&["--image", "missing.png"], "missing.png");
+}

@@ -256,6 +256,54 @@ fn demo_learns_the_held_out_captions() {
         rows.last().unwrap().lm_loss < rows[0].lm_loss * 0.5,
         "{rows:?}"
     );
+    captioning_the_demo_output_works(dir.path(), line);
+}
+
+/// `caption` and `eval` on the demo's output folder, as a user would type them.
+fn captioning_the_demo_output_works(dir: &Path, train_line: &str) {
+    let out = dir.join("out");
+    let predictions = std::fs::read_to_string(out.join("predictions.jsonl")).unwrap();
+    let hit: serde_json::Value = predictions
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|v| v["exact_match"] == true)
+        .expect("a held-out image the adapter captions right");
+    let o = bin()
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(["caption", "--device", "cpu", "--adapter"])
+        .arg(&out)
+        .args(["--image", hit["image"].as_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    // The base comes from the run's config.toml, and so do the prompt and image size.
+    assert!(stderr.contains("+ adapter"), "{stderr}");
+    let caption = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(caption.trim(), hit["reference"].as_str().unwrap());
+    // eval re-captions the held-out set with the same (greedy) result as train's check.
+    let o = bin()
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(["eval", "--device", "cpu", "--config"])
+        .arg(out.join("config.toml"))
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{log}");
+    let rate = |l: &str| l.split(" (").next().unwrap().to_string();
+    let eval_line = log
+        .lines()
+        .find(|l| l.starts_with("held-out exact match: "))
+        .unwrap_or_else(|| panic!("{log}"));
+    assert_eq!(rate(eval_line), rate(train_line), "{log}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("eval.json")).unwrap()).unwrap();
+    assert!(
+        report["scores"]["cider_d"].as_f64().unwrap() > 1.0,
+        "{report}"
+    );
+    let html = std::fs::read_to_string(out.join("report.html")).unwrap();
+    assert!(html.contains("data:image/jpeg;base64,"));
 }
 
 fn toml_string(p: &Path) -> String {
