@@ -68,10 +68,19 @@ trait TrainJob {
     fn run<B: AutodiffBackend>(self, device: &B::Device) -> Result<Self::Out>;
 }
 
+/// burn-cuda without burn's fusion JIT (`QWEN3VL_FUSION=0`).
+type CudaUnfused = burn_cubecl::CubeBackend<cubecl::cuda::CudaRuntime, f32, i32, u8>;
+
+/// Whether burn's kernel fusion is on for CUDA: `QWEN3VL_FUSION=0` turns it off.
+fn fusion_enabled() -> bool {
+    std::env::var("QWEN3VL_FUSION").map_or(true, |v| v != "0")
+}
+
 /// Runs `job` on the device `--device` names: Flex on the CPU, CUDA with burn's balanced
 /// gradient checkpointing when `checkpointing` (element-wise activations are recomputed in the
 /// backward pass instead of kept).
 fn on_train_backend<J: TrainJob>(device: &str, checkpointing: bool, job: J) -> Result<J::Out> {
+    let fusion = fusion_enabled();
     match choose_device(device)? {
         DeviceChoice::Cpu => {
             println!("device: cpu (flex)");
@@ -80,13 +89,23 @@ fn on_train_backend<J: TrainJob>(device: &str, checkpointing: bool, job: J) -> R
             }
             job.run::<Autodiff<Flex>>(&FlexDevice)
         }
-        DeviceChoice::Cuda(i) if checkpointing => {
-            println!("device: cuda:{i} (gradient checkpointing)");
-            job.run::<Autodiff<Cuda, BalancedCheckpointing>>(&CudaDevice::new(i))
-        }
         DeviceChoice::Cuda(i) => {
-            println!("device: cuda:{i}");
-            job.run::<Autodiff<Cuda>>(&CudaDevice::new(i))
+            println!(
+                "device: cuda:{i}{}{}",
+                if checkpointing {
+                    " (gradient checkpointing)"
+                } else {
+                    ""
+                },
+                if fusion { "" } else { " without fusion" }
+            );
+            let d = CudaDevice::new(i);
+            match (checkpointing, fusion) {
+                (true, true) => job.run::<Autodiff<Cuda, BalancedCheckpointing>>(&d),
+                (false, true) => job.run::<Autodiff<Cuda>>(&d),
+                (true, false) => job.run::<Autodiff<CudaUnfused, BalancedCheckpointing>>(&d),
+                (false, false) => job.run::<Autodiff<CudaUnfused>>(&d),
+            }
         }
     }
 }
@@ -101,7 +120,13 @@ trait InferJob {
 fn on_infer_backend<J: InferJob>(device: &str, job: J) -> Result<()> {
     match choose_device(device)? {
         DeviceChoice::Cpu => job.run::<Flex>(WeightDType::F32, &FlexDevice),
-        DeviceChoice::Cuda(i) => job.run::<Cuda>(WeightDType::BF16, &CudaDevice::new(i)),
+        DeviceChoice::Cuda(i) if fusion_enabled() => {
+            job.run::<Cuda>(WeightDType::BF16, &CudaDevice::new(i))
+        }
+        DeviceChoice::Cuda(i) => {
+            eprintln!("device: cuda:{i} without fusion");
+            job.run::<CudaUnfused>(WeightDType::BF16, &CudaDevice::new(i))
+        }
     }
 }
 

@@ -281,6 +281,44 @@ fn captioning_the_demo_output_works(dir: &Path, train_line: &str) {
     assert!(stderr.contains("+ adapter"), "{stderr}");
     let caption = String::from_utf8_lossy(&o.stdout);
     assert_eq!(caption.trim(), hit["reference"].as_str().unwrap());
+    // chat: the same image and prompt as a first turn, then a second turn on the kept cache.
+    let mut child = bin()
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args([
+            "chat",
+            "--device",
+            "cpu",
+            "--max-new-tokens",
+            "24",
+            "--adapter",
+        ])
+        .arg(&out)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let script = format!(
+        "/image {}\nCOCO Yes:\nCOCO Yes:\n/quit\n",
+        hit["image"].as_str().unwrap()
+    );
+    use std::io::Write as _;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let answers: Vec<&str> = stdout
+        .split("> ")
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .collect();
+    assert_eq!(answers.len(), 2, "{stdout}");
+    assert_eq!(answers[0], hit["reference"].as_str().unwrap(), "{stdout}");
     // eval re-captions the held-out set with the same (greedy) result as train's check.
     let o = bin()
         .current_dir(env!("CARGO_MANIFEST_DIR"))
