@@ -143,11 +143,19 @@ impl<B: Backend> Qwen3VlModel<B> {
         let (cos, sin) = self.rotary_tables(&e.positions, e.embeds.dtype());
         let past = cache.len();
         let device = self.device();
-        let mask = chunk_mask::<B>(&cache.attention_mask, past, &chunk_attention, b, t, &device);
+        // One new token per row with no padding anywhere attends to everything: no mask needed
+        // (the common decode step; saves the mask upload and the masked softmax).
+        let unpadded = cache
+            .attention_mask
+            .iter()
+            .chain(&chunk_attention)
+            .all(|&m| m != 0);
+        let mask = (t > 1 || !unpadded)
+            .then(|| chunk_mask::<B>(&cache.attention_mask, past, &chunk_attention, b, t, &device));
         let out = self.language_model.forward(
             e.embeds,
             (&cos, &sin),
-            Some(mask),
+            mask,
             e.deepstack.as_ref(),
             false,
             Some(cache),

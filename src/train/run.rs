@@ -196,7 +196,9 @@ fn base_model<B: Backend>(
         return Ok((model, text, cfg));
     }
     let (cfg, model) = load_base::<B>(exp, path, device)?;
-    if let Some(o) = nf4_options(exp)? {
+    if crate::quant::convert::is_4bit_checkpoint(path) {
+        println!("base: NF4, read as stored (bitsandbytes 4-bit checkpoint)");
+    } else if let Some(o) = nf4_options(exp)? {
         println!("base: NF4 (double quant {})", o.double_quant);
     }
     let file = path.join("config.json");

@@ -102,6 +102,36 @@ fn kv_cache_decoding_matches_a_full_recompute() {
     assert_eq!(cache.len(), inputs.len + 7);
 }
 
+/// Row 0 of the fixture alone (unpadded, its two images): decode steps run without a mask.
+#[test]
+fn unpadded_single_row_decoding_matches_a_full_recompute() {
+    let (model, inputs) = tiny();
+    let t = inputs.len;
+    let rows: usize = inputs.image_grid_thw[..2]
+        .iter()
+        .map(|g| g.iter().product::<usize>())
+        .sum();
+    let pv = inputs.pixel_values.clone().unwrap();
+    let width = pv.dims()[1];
+    let one = ModelInputs {
+        input_ids: inputs.input_ids[..t].to_vec(),
+        batch: 1,
+        len: t,
+        attention_mask: None,
+        pixel_values: Some(pv.slice([0..rows, 0..width])),
+        image_grid_thw: inputs.image_grid_thw[..2].to_vec(),
+    };
+    let mut cache = KvCache::new(model.language_model.layers.len(), 1);
+    model.extend(&one, &mut cache).unwrap();
+    let mut extra = vec![Vec::new()];
+    for tok in [7i64, 8, 9, 10] {
+        let got = host(model.decode_step(&[tok], &mut cache).unwrap());
+        extra[0].push(tok);
+        let err = rel(&got, &full_last(&model, &appended(&one, &extra)));
+        assert!(err <= 1e-5, "after {extra:?}: relative error {err:.3e}");
+    }
+}
+
 #[test]
 fn greedy_generation_matches_transformers_generate() {
     let (model, inputs) = tiny();
