@@ -1,0 +1,142 @@
+//! Part of the binary, not the library: picks the backend at run time (Flex on the CPU, burn-cuda
+//! with or without fusion and gradient checkpointing on a GPU) and never panics for lack of a GPU.
+
+use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
+use burn::backend::cuda::{Cuda, CudaDevice};
+use burn::backend::flex::FlexDevice;
+use burn::backend::{Autodiff, Flex};
+use burn::prelude::Backend;
+use burn::tensor::backend::AutodiffBackend;
+use qwen3_vl_moelora::checkpoint::WeightDType;
+use qwen3_vl_moelora::{Error, Result};
+
+/// Work that runs on an autodiff backend chosen at run time.
+pub trait TrainJob {
+    /// What the work returns.
+    type Out;
+    /// Runs on backend `B`.
+    fn run<B: AutodiffBackend>(self, device: &B::Device) -> Result<Self::Out>;
+}
+
+/// burn-cuda without burn's fusion JIT (`QWEN3VL_FUSION=0`).
+pub type CudaUnfused = burn_cubecl::CubeBackend<cubecl::cuda::CudaRuntime, f32, i32, u8>;
+
+/// Whether burn's kernel fusion is on for CUDA: `QWEN3VL_FUSION=0` turns it off.
+pub fn fusion_enabled() -> bool {
+    std::env::var("QWEN3VL_FUSION").map_or(true, |v| v != "0")
+}
+
+/// Runs `job` on the device `--device` names: Flex on the CPU, CUDA with burn's balanced
+/// gradient checkpointing when `checkpointing` (element-wise activations are recomputed in the
+/// backward pass instead of kept).
+pub fn on_train_backend<J: TrainJob>(device: &str, checkpointing: bool, job: J) -> Result<J::Out> {
+    let fusion = fusion_enabled();
+    match choose_device(device)? {
+        DeviceChoice::Cpu => {
+            println!("device: cpu (flex)");
+            if checkpointing {
+                println!("note: gradient checkpointing is used on the GPU only");
+            }
+            job.run::<Autodiff<Flex>>(&FlexDevice)
+        }
+        DeviceChoice::Cuda(i) => {
+            println!(
+                "device: cuda:{i}{}{}",
+                if checkpointing {
+                    " (gradient checkpointing)"
+                } else {
+                    ""
+                },
+                if fusion { "" } else { " without fusion" }
+            );
+            let d = CudaDevice::new(i);
+            match (checkpointing, fusion) {
+                (true, true) => job.run::<Autodiff<Cuda, BalancedCheckpointing>>(&d),
+                (false, true) => job.run::<Autodiff<Cuda>>(&d),
+                (true, false) => job.run::<Autodiff<CudaUnfused, BalancedCheckpointing>>(&d),
+                (false, false) => job.run::<Autodiff<CudaUnfused>>(&d),
+            }
+        }
+    }
+}
+
+/// Inference work on a backend chosen at run time.
+pub trait InferJob {
+    /// Runs on backend `B`; `dtype` is the default weight dtype for that device.
+    fn run<B: Backend>(self, dtype: WeightDType, device: &B::Device) -> Result<()>;
+}
+
+/// Runs `job` on Flex (f32 by default) or CUDA (bf16 by default).
+pub fn on_infer_backend<J: InferJob>(device: &str, job: J) -> Result<()> {
+    match choose_device(device)? {
+        DeviceChoice::Cpu => job.run::<Flex>(WeightDType::F32, &FlexDevice),
+        DeviceChoice::Cuda(i) if fusion_enabled() => {
+            job.run::<Cuda>(WeightDType::BF16, &CudaDevice::new(i))
+        }
+        DeviceChoice::Cuda(i) => {
+            eprintln!("device: cuda:{i} without fusion");
+            job.run::<CudaUnfused>(WeightDType::BF16, &CudaDevice::new(i))
+        }
+    }
+}
+
+/// Where to run.
+pub enum DeviceChoice {
+    /// Flex on the CPU.
+    Cpu,
+    /// burn-cuda on device N.
+    Cuda(usize),
+}
+
+/// Checks for a usable CUDA driver and NVRTC without touching burn-cuda (which panics).
+fn cuda_devices() -> std::result::Result<usize, String> {
+    // SAFETY: these only try to dlopen the libraries.
+    unsafe {
+        if !cudarc::driver::sys::is_culib_present() {
+            return Err("libcuda.so not found".into());
+        }
+        if !cudarc::nvrtc::sys::is_culib_present() {
+            return Err("libnvrtc.so not found".into());
+        }
+    }
+    cudarc::driver::result::init().map_err(|e| format!("cuInit failed: {e:?}"))?;
+    let n = cudarc::driver::result::device::get_count().map_err(|e| format!("{e:?}"))?;
+    if n <= 0 {
+        return Err("no CUDA device".into());
+    }
+    Ok(n as usize)
+}
+
+pub fn choose_device(arg: &str) -> Result<DeviceChoice> {
+    let bad = |m: String| Error::Argument {
+        arg: "--device".into(),
+        message: m,
+    };
+    match arg {
+        "cpu" => Ok(DeviceChoice::Cpu),
+        "auto" => Ok(match cuda_devices() {
+            Ok(_) => DeviceChoice::Cuda(0),
+            Err(why) => {
+                eprintln!("no usable GPU ({why}); running on the CPU");
+                DeviceChoice::Cpu
+            }
+        }),
+        s if s == "cuda" || s.starts_with("cuda:") => {
+            let index = match s.strip_prefix("cuda:") {
+                Some(i) => i
+                    .parse::<usize>()
+                    .map_err(|_| bad(format!("`{s}`: expected cuda:N with N a number")))?,
+                None => 0,
+            };
+            let n = cuda_devices()
+                .map_err(|why| bad(format!("`{s}`: CUDA is not usable here ({why})")))?;
+            if index >= n {
+                return Err(bad(format!("`{s}`: this machine has {n} CUDA device(s)")));
+            }
+            Ok(DeviceChoice::Cuda(index))
+        }
+        other => Err(bad(format!(
+            "expected auto, cpu, cuda or cuda:N, found `{other}`"
+        ))),
+    }
+}
