@@ -281,6 +281,17 @@ fn captioning_the_demo_output_works(dir: &Path, train_line: &str) {
     assert!(stderr.contains("+ adapter"), "{stderr}");
     let caption = String::from_utf8_lossy(&o.stdout);
     assert_eq!(caption.trim(), hit["reference"].as_str().unwrap());
+    // The same adapter on an NF4 base (quantized while loading) still captions.
+    let o = bin()
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(["caption", "--device", "cpu", "--nf4", "--adapter"])
+        .arg(&out)
+        .args(["--image", hit["image"].as_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success() && stderr.contains("(NF4)"), "{stderr}");
+    assert!(!String::from_utf8_lossy(&o.stdout).trim().is_empty());
     // chat: the same image and prompt as a first turn, then a second turn on the kept cache.
     let mut child = bin()
         .current_dir(env!("CARGO_MANIFEST_DIR"))
