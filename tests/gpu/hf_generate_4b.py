@@ -10,10 +10,8 @@ Usage: python3 hf_generate_4b.py CONFIG_JSON VARIANT BATCHES NEW_TOKENS
 VARIANT: bf16 | nf4 (bitsandbytes NF4 + double quant, bf16 compute)
 """
 import json
-import os
 import statistics
 import sys
-import tempfile
 import time
 
 import torch
@@ -24,19 +22,32 @@ batches = [int(b) for b in sys.argv[3].split(",")]
 new_tokens = int(sys.argv[4])
 cfg = Qwen3VLConfig.from_json_file(config_path)
 torch.manual_seed(0)
+with torch.device("cuda"):
+    model = Qwen3VLForConditionalGeneration(cfg).to(torch.bfloat16)
 if variant == "nf4":
-    from transformers import BitsAndBytesConfig
-    folder = os.path.join(tempfile.gettempdir(), "qwen3-vl-random-bf16")
-    if not os.path.exists(os.path.join(folder, "config.json")):
-        Qwen3VLForConditionalGeneration(cfg).to(torch.bfloat16).save_pretrained(folder)
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                               bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.bfloat16)
-    model = Qwen3VLForConditionalGeneration.from_pretrained(
-        folder, quantization_config=quant, device_map={"": 0}, dtype=torch.bfloat16)
-else:
-    with torch.device("cuda"):
-        model = Qwen3VLForConditionalGeneration(cfg).to(torch.bfloat16)
+    # Every linear layer of the decoder and the vision tower becomes a bitsandbytes Linear4bit
+    # (NF4, double quant, bf16 compute) quantized on the GPU, as `load_in_4bit` does; lm_head and
+    # embeddings stay bf16. (Saving and reloading the random 8 GB model takes minutes.)
+    import bitsandbytes as bnb
+
+    def quantize(module):
+        for name, child in module.named_children():
+            if isinstance(child, torch.nn.Linear) and name != "lm_head":
+                q = bnb.nn.Linear4bit(child.in_features, child.out_features,
+                                      bias=child.bias is not None,
+                                      compute_dtype=torch.bfloat16, compress_statistics=True,
+                                      quant_type="nf4", device="meta")
+                q.weight = bnb.nn.Params4bit(child.weight.data.cpu(), requires_grad=False,
+                                             compress_statistics=True, quant_type="nf4")
+                if child.bias is not None:
+                    q.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
+                setattr(module, name, q.cuda())
+            else:
+                quantize(child)
+
+    quantize(model)
+    print(f"nf4: {sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())} Linear4bit",
+          file=sys.stderr)
 model.eval()
 
 prompt_tokens, n_img = 120, 81
