@@ -39,9 +39,9 @@ impl<B: Backend> Conversation<B> {
 
     /// The token ids of the next turn: the close of the previous answer, the user message,
     /// and the assistant header.
-    fn turn_ids<BB: Backend>(
+    fn turn_ids(
         &self,
-        session: &Session<BB>,
+        session: &Session<B>,
         text: &str,
         images: &[ProcessedImage],
     ) -> Result<Vec<u32>> {

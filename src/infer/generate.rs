@@ -73,14 +73,31 @@ pub fn generate<B: Backend>(
     if opts.max_new_tokens == 0 {
         return Ok(out);
     }
+    let s = &opts.sampling;
+    let plain_greedy = !s.do_sample && s.repetition_penalty == 1.0;
     let mut logits = model.extend(inputs, cache)?;
     for step in 0..opts.max_new_tokens {
         let vocab = logits.dims()[1];
-        let mut host: Vec<f32> = logits
-            .into_data()
-            .convert::<f32>()
-            .to_vec()
-            .expect("f32 logits");
+        // Plain greedy needs only the argmax: pick on the device and read back B ids, not
+        // B x vocab logits. Anything else (penalty, sampling) chooses on the host.
+        let choice = if plain_greedy {
+            let ids: Vec<i64> = logits
+                .argmax(1)
+                .reshape([b])
+                .into_data()
+                .convert::<i64>()
+                .to_vec()
+                .expect("i64 ids");
+            Choice::Device(ids)
+        } else {
+            Choice::Host(
+                logits
+                    .into_data()
+                    .convert::<f32>()
+                    .to_vec()
+                    .expect("f32 logits"),
+            )
+        };
         let mut next = Vec::with_capacity(b);
         for (row, c) in out.iter_mut().enumerate() {
             if c.stopped {
@@ -88,7 +105,13 @@ pub fn generate<B: Backend>(
                 next.push(c.pending.unwrap_or(0) as i64);
                 continue;
             }
-            let tok = samplers[row].pick(&mut host[row * vocab..(row + 1) * vocab], &history[row]);
+            let tok = match &choice {
+                Choice::Device(ids) => ids[row] as u32,
+                Choice::Host(host) => {
+                    let mut row_logits = host[row * vocab..(row + 1) * vocab].to_vec();
+                    samplers[row].pick(&mut row_logits, &history[row])
+                }
+            };
             c.pending = Some(tok);
             if opts.stop_tokens.contains(&tok) {
                 c.stopped = true;
@@ -108,6 +131,14 @@ pub fn generate<B: Backend>(
         }
     }
     Ok(out)
+}
+
+/// Where this step's tokens were chosen.
+enum Choice {
+    /// Argmax ids computed on the device, one per row.
+    Device(Vec<i64>),
+    /// All logits [B·vocab] on the host.
+    Host(Vec<f32>),
 }
 
 /// A generated caption.
