@@ -8,6 +8,7 @@ use burn::backend::{Autodiff, Flex};
 use burn::prelude::Backend;
 use burn::tensor::backend::AutodiffBackend;
 use qwen3_vl_moelora::checkpoint::WeightDType;
+use qwen3_vl_moelora::quant::kernels::{self, Nf4Backend};
 use qwen3_vl_moelora::{Error, Result};
 
 /// Work that runs on an autodiff backend chosen at run time.
@@ -20,6 +21,24 @@ pub trait TrainJob {
 
 /// burn-cuda without burn's fusion JIT (`QWEN3VL_FUSION=0`).
 pub type CudaUnfused = burn_cubecl::CubeBackend<cubecl::cuda::CudaRuntime, f32, i32, u8>;
+
+/// Whether the custom NF4 kernels are used on CUDA: `QWEN3VL_NF4_KERNELS=0` falls back to the
+/// portable dequantize-then-matmul path (for comparisons).
+pub fn nf4_kernels_enabled() -> bool {
+    std::env::var("QWEN3VL_NF4_KERNELS").map_or(true, |v| v != "0")
+}
+
+/// Lets NF4 layers on CUDA backend `B` (and its inner backend) use the custom kernels.
+fn use_nf4_kernels<B>()
+where
+    B: AutodiffBackend + Nf4Backend,
+    B::InnerBackend: Nf4Backend,
+{
+    if nf4_kernels_enabled() {
+        kernels::register::<B>();
+        kernels::register::<B::InnerBackend>();
+    }
+}
 
 /// Whether burn's kernel fusion is on for CUDA: `QWEN3VL_FUSION=0` turns it off.
 pub fn fusion_enabled() -> bool {
@@ -51,10 +70,22 @@ pub fn on_train_backend<J: TrainJob>(device: &str, checkpointing: bool, job: J) 
             );
             let d = CudaDevice::new(i);
             match (checkpointing, fusion) {
-                (true, true) => job.run::<Autodiff<Cuda, BalancedCheckpointing>>(&d),
-                (false, true) => job.run::<Autodiff<Cuda>>(&d),
-                (true, false) => job.run::<Autodiff<CudaUnfused, BalancedCheckpointing>>(&d),
-                (false, false) => job.run::<Autodiff<CudaUnfused>>(&d),
+                (true, true) => {
+                    use_nf4_kernels::<Autodiff<Cuda, BalancedCheckpointing>>();
+                    job.run::<Autodiff<Cuda, BalancedCheckpointing>>(&d)
+                }
+                (false, true) => {
+                    use_nf4_kernels::<Autodiff<Cuda>>();
+                    job.run::<Autodiff<Cuda>>(&d)
+                }
+                (true, false) => {
+                    use_nf4_kernels::<Autodiff<CudaUnfused, BalancedCheckpointing>>();
+                    job.run::<Autodiff<CudaUnfused, BalancedCheckpointing>>(&d)
+                }
+                (false, false) => {
+                    use_nf4_kernels::<Autodiff<CudaUnfused>>();
+                    job.run::<Autodiff<CudaUnfused>>(&d)
+                }
             }
         }
     }
@@ -71,10 +102,12 @@ pub fn on_infer_backend<J: InferJob>(device: &str, job: J) -> Result<()> {
     match choose_device(device)? {
         DeviceChoice::Cpu => job.run::<Flex>(WeightDType::F32, &FlexDevice),
         DeviceChoice::Cuda(i) if fusion_enabled() => {
+            use_nf4_kernels::<Autodiff<Cuda>>();
             job.run::<Cuda>(WeightDType::BF16, &CudaDevice::new(i))
         }
         DeviceChoice::Cuda(i) => {
             eprintln!("device: cuda:{i} without fusion");
+            use_nf4_kernels::<Autodiff<CudaUnfused>>();
             job.run::<CudaUnfused>(WeightDType::BF16, &CudaDevice::new(i))
         }
     }

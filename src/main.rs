@@ -15,7 +15,7 @@ use burn::tensor::backend::AutodiffBackend;
 use clap::Parser;
 use device::{choose_device, on_infer_backend, on_train_backend, DeviceChoice, InferJob, TrainJob};
 use qwen3_vl_moelora::cli::args::{
-    BenchCommand, BenchGenerateArgs, BenchTrainArgs, CaptionArgs, ChatArgs, Cli, Command,
+    BenchCommand, BenchGenerateArgs, BenchNf4Args, BenchTrainArgs, CaptionArgs, ChatArgs, Cli, Command,
     DataCommand, EvalArgs, TrainArgs,
 };
 use qwen3_vl_moelora::cli::caption::run_caption;
@@ -37,6 +37,9 @@ use qwen3_vl_moelora::data::sources::Source;
 use qwen3_vl_moelora::data::ImageOptions;
 use qwen3_vl_moelora::experiment::Experiment;
 use qwen3_vl_moelora::infer::bench::{bench_generate, GenerateBenchOptions};
+use qwen3_vl_moelora::quant::bench::{
+    bench_nf4, check_kernels, tolerance, Nf4BenchOptions, QWEN3_VL_4B_SHAPES,
+};
 use qwen3_vl_moelora::model::config::config_file;
 use qwen3_vl_moelora::model::Qwen3VlConfig;
 use qwen3_vl_moelora::quant::convert::{quantize_checkpoint, QuantizeOptions};
@@ -163,6 +166,64 @@ fn run_bench_train(args: BenchTrainArgs) -> Result<()> {
     );
     println!("{}", serde_json::to_string(&report).expect("json"));
     Ok(())
+}
+
+fn run_bench_nf4(args: BenchNf4Args) -> Result<()> {
+    let rows = |arg: &str, v: &str| -> Result<Vec<usize>> {
+        v.split(',')
+            .map(|r| r.trim().parse::<usize>().ok().filter(|&r| r > 0))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| Error::Argument {
+                arg: arg.into(),
+                message: format!("expected positive numbers separated by commas, found `{v}`"),
+            })
+    };
+    let opts = Nf4BenchOptions {
+        shapes: QWEN3_VL_4B_SHAPES.to_vec(),
+        gemv_rows: rows("--gemv-rows", &args.gemv_rows)?,
+        gemm_rows: rows("--gemm-rows", &args.gemm_rows)?,
+        dtype: WeightDType::parse(&args.dtype)?.dtype(),
+        iters: args.iters,
+        repeats: args.repeats,
+    };
+    struct Job(Nf4BenchOptions, bool);
+    impl TrainJob for Job {
+        type Out = ();
+        fn run<B: AutodiffBackend>(self, device: &B::Device) -> Result<()> {
+            let (o, check_only) = (self.0, self.1);
+            // (in, out, rows): odd sizes, an input width that is not a multiple of 8 (no GEMV),
+            // rows on both sides of the GEMV limit, and two real layers.
+            let cases = [
+                (200, 72, 1),
+                (192, 45, 5),
+                (264, 40, 33),
+                (100, 32, 2),
+                (2560, 9728, 8),
+                (9728, 2560, 100),
+            ];
+            let checks = check_kernels::<B>(&cases, o.dtype, device)?;
+            let limit = tolerance(o.dtype);
+            for c in &checks {
+                let verdict = if c.rel_err <= limit { "ok" } else { "FAILED" };
+                println!(
+                    "check {:<11} {:>5}->{:<5} rows {:>3}: rel err {:.2e} {verdict}",
+                    c.what, c.d_in, c.d_out, c.rows, c.rel_err
+                );
+            }
+            let failed = checks.iter().filter(|c| c.rel_err > limit).count();
+            if !check_only {
+                let report = bench_nf4::<B::InnerBackend>(&o, checks, device)?;
+                println!("{}", serde_json::to_string(&report).expect("json"));
+            }
+            match failed {
+                0 => Ok(()),
+                n => Err(Error::Input(format!(
+                    "{n} NF4 kernel checks above the {limit:.0e} tolerance"
+                ))),
+            }
+        }
+    }
+    on_train_backend(&args.device, false, Job(opts, args.check_only))
 }
 
 fn forward_on<B: Backend>(opts: &ForwardOptions, device: &B::Device, name: &str) -> Result<()> {
@@ -367,6 +428,9 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench {
             what: BenchCommand::Train(args),
         } => run_bench_train(args),
+        Command::Bench {
+            what: BenchCommand::Nf4(args),
+        } => run_bench_nf4(args),
         Command::Sweep { file, device } => {
             let exe = std::env::current_exe().map_err(|e| Error::io("current executable", e))?;
             let results = run_sweep(&file, &exe, &device)?;

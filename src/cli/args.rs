@@ -317,6 +317,34 @@ pub enum BenchCommand {
     Train(BenchTrainArgs),
     /// Time generation (prefill, decode tokens/s) on random weights of a model config.
     Generate(BenchGenerateArgs),
+    /// Check the NF4 GPU kernels against a host reference, then time them on the 4B shapes.
+    Nf4(BenchNf4Args),
+}
+
+/// `bench nf4` arguments.
+#[derive(clap::Args)]
+pub struct BenchNf4Args {
+    /// Compute dtype: f16 or bf16.
+    #[arg(long, default_value = "f16")]
+    pub dtype: String,
+    /// Rows for the GEMV timings (comma-separated).
+    #[arg(long, default_value = "1,8")]
+    pub gemv_rows: String,
+    /// Rows for the GEMM timings (comma-separated).
+    #[arg(long, default_value = "128,512,2048")]
+    pub gemm_rows: String,
+    /// Calls per timed repeat.
+    #[arg(long, default_value_t = 20)]
+    pub iters: usize,
+    /// Timed repeats (median reported).
+    #[arg(long, default_value_t = 7)]
+    pub repeats: usize,
+    /// Only run the correctness checks.
+    #[arg(long)]
+    pub check_only: bool,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
 }
 
 /// Arguments of `bench generate`.

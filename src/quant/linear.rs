@@ -9,13 +9,10 @@ use burn::module::Module;
 use burn::prelude::*;
 use burn::tensor::DType;
 
+use super::kernels::{self, Nf4Parts};
 use super::tensor::{Absmax, Nf4Tensor};
 use crate::adapter::FrozenLinear;
 use crate::error::{Error, Result};
-
-/// Right shifts that bring element `k` of a little-endian i32 word of packed bytes to the low
-/// nibble (byte `k / 2`; the even element is the byte's high nibble).
-const NIBBLE_SHIFTS: [i32; 8] = [4, 0, 12, 8, 20, 16, 28, 24];
 
 /// The per-block scales of an [`Nf4Linear`] on the device.
 #[derive(Module, Debug)]
@@ -66,40 +63,6 @@ impl<B: Backend> BlockScales<B> {
                     nested_blocksize: n.nested_blocksize,
                     blocks: n.codes.len(),
                 })
-            }
-        }
-    }
-
-    /// The f32 scale of every block: [blocks]. Double-quantized scales are expanded as
-    /// bitsandbytes does it, `map[code] · nested_absmax[block / 256] + offset` in f32.
-    pub fn values(&self) -> Tensor<B, 1> {
-        match self {
-            BlockScales::Plain(a) => a.clone(),
-            BlockScales::Nested(n) => {
-                let words = n.words.dims()[0];
-                let device = n.words.device();
-                let shifts =
-                    Tensor::<B, 1, Int>::from_data(TensorData::from([0, 8, 16, 24]), &device)
-                        .reshape([1, 4])
-                        .expand([words, 4]);
-                let codes = n
-                    .words
-                    .clone()
-                    .reshape([words, 1])
-                    .expand([words, 4])
-                    .bitwise_right_shift(shifts)
-                    .bitwise_and_scalar(255.elem())
-                    .reshape([words * 4])
-                    .slice(0..n.blocks); // [blocks]
-                let nested = n.nested_absmax.dims()[0];
-                let per_block = n
-                    .nested_absmax
-                    .clone()
-                    .reshape([nested, 1])
-                    .expand([nested, n.nested_blocksize])
-                    .reshape([nested * n.nested_blocksize])
-                    .slice(0..n.blocks); // nested scale of each block
-                (n.map.clone().select(0, codes) * per_block).add_scalar(n.offset)
             }
         }
     }
@@ -180,35 +143,28 @@ impl<B: Backend> Nf4Linear<B> {
         })
     }
 
-    /// The dequantized weight [out, in] in the compute dtype.
+    /// The dequantized weight [out, in] in the compute dtype (reference path, any backend).
     pub fn weight(&self) -> Tensor<B, 2> {
-        let n = self.d_in * self.d_out;
-        let device = self.words.device();
-        let shifts = Tensor::<B, 1, Int>::from_data(TensorData::from(NIBBLE_SHIFTS), &device)
-            .reshape([1, 8])
-            .expand([n / 8, 8]);
-        let codes = self
-            .words
-            .clone()
-            .reshape([n / 8, 1])
-            .expand([n / 8, 8])
-            .bitwise_right_shift(shifts)
-            .bitwise_and_scalar(15.elem())
-            .reshape([n]); // [n] codes in element order
-        let blocks = n / self.blocksize;
-        let values = self
-            .code
-            .clone()
-            .select(0, codes)
-            .reshape([blocks, self.blocksize]);
-        let scaled = values * self.scales.values().reshape([blocks, 1]); // f32, as bitsandbytes
-        scaled.reshape([self.d_out, self.d_in]).cast(self.compute)
+        Nf4Parts::of(self).dequantize_reference()
     }
 
-    /// Applies the layer to the last dimension of `x` ([..., in] -> [..., out]).
+    /// Applies the layer to the last dimension of `x` ([..., in] -> [..., out]): the backend's
+    /// NF4 kernels when it registered them, else dequantize-then-matmul.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let x = x.cast(self.compute);
-        burn::tensor::module::linear(x, self.weight().transpose(), self.bias.clone())
+        let Some(ops) = kernels::registered::<B>() else {
+            return burn::tensor::module::linear(x, self.weight().transpose(), self.bias.clone());
+        };
+        let dims = x.dims();
+        let rows = dims[..D - 1].iter().product::<usize>();
+        let y = (ops.matmul)(x.reshape([rows, self.d_in]), &Nf4Parts::of(self)); // [rows, out]
+        let mut out = dims;
+        out[D - 1] = self.d_out;
+        let y = y.reshape(out);
+        match &self.bias {
+            Some(b) => y + b.clone().unsqueeze(),
+            None => y,
+        }
     }
 
     /// Bytes the layer holds on the device (packed codes, scales, code map, bias).
@@ -260,7 +216,7 @@ mod tests {
                 .collect();
             let q = Nf4Tensor::quantize(&w, &[d_out, d_in], "float32", 64, nested).unwrap();
             let layer = Nf4Linear::<B>::new(&q, None, DType::F32, &Default::default()).unwrap();
-            let scales: Vec<f32> = layer.scales.values().into_data().to_vec().unwrap();
+            let scales: Vec<f32> = Nf4Parts::of(&layer).block_scales().into_data().to_vec().unwrap();
             assert_eq!(
                 bits(&scales),
                 bits(&q.absmax_f32()),

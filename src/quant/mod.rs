@@ -9,8 +9,10 @@
 //! * [`linear`]: [`Nf4Linear`], the frozen NF4 layer adapters wrap (dequantize-then-matmul
 //!   reference path, any backend).
 
+pub mod bench;
 pub mod convert;
 pub mod dynamic;
+pub mod kernels;
 pub mod linear;
 pub mod load;
 pub mod nf4;

@@ -1,0 +1,63 @@
+//! [`Nf4Backend`] under burn's autodiff: the product's backward keeps only the packed layer and
+//! dequantizes it again for dX = dY·W (the weight is frozen: no weight gradient).
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::Autodiff;
+use burn::prelude::*;
+use burn::tensor::TensorPrimitive;
+
+use super::{Nf4Backend, Nf4Parts};
+
+/// Backward of `x · Wᵀ` with W NF4: dX = dY · W, W dequantized again from the packed state.
+#[derive(Debug)]
+struct Nf4MatmulBackward;
+
+impl<B: Nf4Backend> Backward<B, 1> for Nf4MatmulBackward {
+    type State = Nf4Parts<B>;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node); // dY [M, out]
+        if let Some(node) = node_x {
+            let w = ops.state;
+            let dy = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(grad)).cast(w.meta.compute);
+            let dx = dy.matmul(B::nf4_dequantize(&w)); // [M, in]
+            grads.register::<B>(node.id, dx.into_primitive().tensor());
+        }
+    }
+}
+
+impl<B: Nf4Backend, C: CheckpointStrategy> Nf4Backend for Autodiff<B, C> {
+    fn nf4_dequantize(w: &Nf4Parts<Self>) -> Tensor<Self, 2> {
+        Tensor::from_inner(B::nf4_dequantize(&w.inner()))
+    }
+
+    fn nf4_gemv(x: Tensor<Self, 2>, w: &Nf4Parts<Self>) -> Tensor<Self, 2> {
+        Self::nf4_matmul(x, w)
+    }
+
+    fn nf4_matmul(x: Tensor<Self, 2>, w: &Nf4Parts<Self>) -> Tensor<Self, 2> {
+        let inner = w.inner();
+        let x = x.into_primitive().tensor();
+        let forward = |x, w: &Nf4Parts<B>| {
+            B::nf4_matmul(Tensor::from_primitive(TensorPrimitive::Float(x)), w)
+                .into_primitive()
+                .tensor()
+        };
+        let out = match Nf4MatmulBackward
+            .prepare::<C>([x.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let y = forward(x.primitive, &inner);
+                prep.finish(inner, y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(forward(x.primitive, &inner)),
+        };
+        Tensor::from_primitive(TensorPrimitive::Float(out))
+    }
+}

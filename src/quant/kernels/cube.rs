@@ -1,0 +1,276 @@
+//! The CubeCL kernels (burn-cuda) and [`Nf4Backend`] for burn's `CubeBackend`.
+//!
+//! Layout read by both kernels (see `Nf4Linear`): the weight's values in row-major order,
+//! 8 per little-endian i32 word; in each byte the even element is the high nibble. A word never
+//! straddles an absmax block (block sizes are multiples of 8 and at least 32).
+
+use burn::prelude::*;
+use burn::tensor::{DType, TensorPrimitive};
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::ops::numeric::empty_device_dtype;
+use burn_cubecl::tensor::CubeTensor;
+use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
+use cubecl::{calculate_cube_count_elemwise, CubeCount, CubeDim};
+
+use super::{Nf4Backend, Nf4Meta, Nf4Parts};
+
+/// Warps per cube of the GEMV kernel (each warp computes one output value).
+const GEMV_WARPS: u32 = 8;
+/// Threads per warp on NVIDIA GPUs.
+const WARP: u32 = 32;
+
+mod kernels {
+    use cubecl::prelude::*;
+
+    /// The f32 scale of absmax block `block`: stored directly, or expanded from its 8-bit
+    /// code as bitsandbytes does (`map[code] · nested_absmax[block / nested] + offset`).
+    #[cube]
+    fn block_scale(
+        absmax: &Tensor<f32>,
+        scale_words: &Tensor<i32>,
+        scale_map: &Tensor<f32>,
+        offset: f32,
+        block: usize,
+        #[comptime] nested: bool,
+        #[comptime] nested_blocksize: usize,
+    ) -> f32 {
+        if nested {
+            let word = u32::cast_from(scale_words[block / 4]);
+            let code = (word >> (((block % 4) * 8) as u32)) & 255u32;
+            scale_map[code as usize] * absmax[block / nested_blocksize] + offset
+        } else {
+            absmax[block]
+        }
+    }
+
+    /// Right shift that brings element `i` (0..8) of a packed word to the low nibble.
+    #[cube]
+    fn nibble_shift(i: u32) -> u32 {
+        (i / 2) * 8 + (1 - i % 2) * 4
+    }
+
+    /// One thread per packed word: writes its 8 dequantized values (f32 product, then cast)
+    /// into the flat [out·in] output.
+    #[cube(launch)]
+    pub fn nf4_dequantize<F: Float>(
+        words: &Tensor<i32>,
+        absmax: &Tensor<f32>,
+        scale_words: &Tensor<i32>,
+        scale_map: &Tensor<f32>,
+        code: &Tensor<f32>,
+        out: &mut Tensor<F>,
+        offset: f32,
+        #[comptime] blocksize: usize,
+        #[comptime] nested: bool,
+        #[comptime] nested_blocksize: usize,
+        #[define(F)] _dtype: StorageType,
+    ) {
+        let g = ABSOLUTE_POS;
+        if g >= words.shape(0) {
+            terminate!();
+        }
+        let word = u32::cast_from(words[g]);
+        let scale = block_scale(
+            absmax,
+            scale_words,
+            scale_map,
+            offset,
+            (g * 8) / blocksize,
+            nested,
+            nested_blocksize,
+        );
+        let base = g * 8;
+        #[unroll]
+        for i in 0..8u32 {
+            let c = (word >> nibble_shift(i)) & 15u32;
+            out[base + i as usize] = F::cast_from(code[c as usize] * scale);
+        }
+    }
+
+    /// `out[m, n] = Σ_k x[m, k] · W[n, k]` for a few rows of x: one warp per output value, each
+    /// lane dequantizing every 32nd packed word of row n in registers (f32 accumulation).
+    #[cube(launch)]
+    pub fn nf4_gemv<F: Float>(
+        x: &Tensor<F>,
+        words: &Tensor<i32>,
+        absmax: &Tensor<f32>,
+        scale_words: &Tensor<i32>,
+        scale_map: &Tensor<f32>,
+        code: &Tensor<f32>,
+        out: &mut Tensor<F>,
+        offset: f32,
+        #[comptime] blocksize: usize,
+        #[comptime] nested: bool,
+        #[comptime] nested_blocksize: usize,
+        #[define(F)] _dtype: StorageType,
+    ) {
+        let rows = x.shape(0);
+        let d_in = x.shape(1);
+        let d_out = out.shape(1);
+        // Row pitches: the allocator may pad rows.
+        let x_pitch = x.stride(0);
+        let out_pitch = out.stride(0);
+        // Output values ordered row of W first, so the warps of one cube share W's row in L1.
+        let pair = CUBE_POS * (CUBE_DIM_Y as usize) + UNIT_POS_Y as usize;
+        if pair >= d_out * rows {
+            terminate!();
+        }
+        let n = pair / rows;
+        let m = pair % rows;
+        let words_per_row = d_in / 8;
+        let row_word = n * words_per_row;
+        let x_row = m * x_pitch;
+        let mut acc = 0.0f32;
+        let mut j = UNIT_POS_X as usize;
+        while j < words_per_row {
+            let g = row_word + j;
+            let word = u32::cast_from(words[g]);
+            let scale = block_scale(
+                absmax,
+                scale_words,
+                scale_map,
+                offset,
+                (g * 8) / blocksize,
+                nested,
+                nested_blocksize,
+            );
+            let xb = x_row + j * 8;
+            let mut part = 0.0f32;
+            #[unroll]
+            for i in 0..8u32 {
+                let c = (word >> nibble_shift(i)) & 15u32;
+                part += code[c as usize] * f32::cast_from(x[xb + i as usize]);
+            }
+            acc += part * scale;
+            j += CUBE_DIM_X as usize;
+        }
+        let total = plane_sum(acc);
+        if UNIT_POS_X == 0 {
+            out[m * out_pitch + n] = F::cast_from(total);
+        }
+    }
+}
+
+/// The kernels' tensors on one CubeCL runtime, contiguous.
+pub(super) struct CubeParts<R: CubeRuntime> {
+    pub words: CubeTensor<R>,
+    pub absmax: CubeTensor<R>,
+    pub scale_words: CubeTensor<R>,
+    pub scale_map: CubeTensor<R>,
+    pub code: CubeTensor<R>,
+}
+
+impl<R: CubeRuntime> CubeParts<R> {
+    /// Checks the dtypes the kernels are compiled for.
+    fn check(&self) {
+        assert_eq!(self.words.dtype, DType::I32, "NF4 words must be i32");
+        assert_eq!(self.scale_words.dtype, DType::I32, "NF4 scale codes must be i32");
+        assert_eq!(self.absmax.dtype, DType::F32, "NF4 scales must be f32");
+        assert_eq!(self.scale_map.dtype, DType::F32, "NF4 scale map must be f32");
+        assert_eq!(self.code.dtype, DType::F32, "NF4 code map must be f32");
+    }
+}
+
+/// W [out, in] in `meta.compute`, one thread per packed word.
+pub(super) fn dequantize<R: CubeRuntime>(p: CubeParts<R>, meta: Nf4Meta) -> CubeTensor<R> {
+    p.check();
+    let words = p.words.meta.shape()[0];
+    let client = p.words.client.clone();
+    // Flat, so that no row padding can sit between the values; reshaped below.
+    let out = empty_device_dtype(
+        client.clone(),
+        p.words.device.clone(),
+        Shape::new([meta.d_out * meta.d_in]),
+        meta.compute,
+    );
+    let cube_dim = CubeDim::new_1d(256);
+    let count = calculate_cube_count_elemwise(&client, words, cube_dim);
+    kernels::nf4_dequantize::launch::<R>(
+        &client,
+        count,
+        cube_dim,
+        into_contiguous(p.words).into_tensor_arg(),
+        into_contiguous(p.absmax).into_tensor_arg(),
+        into_contiguous(p.scale_words).into_tensor_arg(),
+        into_contiguous(p.scale_map).into_tensor_arg(),
+        into_contiguous(p.code).into_tensor_arg(),
+        out.clone().into_tensor_arg(),
+        meta.offset,
+        meta.blocksize,
+        meta.nested,
+        meta.nested_blocksize,
+        meta.compute.into(),
+    );
+    burn_cubecl::ops::reshape(out, Shape::new([meta.d_out, meta.d_in]))
+}
+
+/// `x · Wᵀ` for x [M, in] (M small, `in` a multiple of 8) in the compute dtype -> [M, out].
+pub(super) fn gemv<R: CubeRuntime>(x: CubeTensor<R>, p: CubeParts<R>, meta: Nf4Meta) -> CubeTensor<R> {
+    p.check();
+    assert_eq!(x.dtype, meta.compute, "GEMV input must be in the compute dtype");
+    assert!(meta.d_in.is_multiple_of(8), "GEMV needs a multiple of 8 inputs");
+    let rows = x.meta.shape()[0];
+    let client = x.client.clone();
+    let out = empty_device_dtype(
+        client.clone(),
+        x.device.clone(),
+        Shape::new([rows, meta.d_out]),
+        meta.compute,
+    );
+    let cubes = (rows * meta.d_out).div_ceil(GEMV_WARPS as usize) as u32;
+    kernels::nf4_gemv::launch::<R>(
+        &client,
+        CubeCount::Static(cubes, 1, 1),
+        CubeDim::new_2d(WARP, GEMV_WARPS),
+        into_contiguous(x).into_tensor_arg(),
+        into_contiguous(p.words).into_tensor_arg(),
+        into_contiguous(p.absmax).into_tensor_arg(),
+        into_contiguous(p.scale_words).into_tensor_arg(),
+        into_contiguous(p.scale_map).into_tensor_arg(),
+        into_contiguous(p.code).into_tensor_arg(),
+        out.clone().into_tensor_arg(),
+        meta.offset,
+        meta.blocksize,
+        meta.nested,
+        meta.nested_blocksize,
+        meta.compute.into(),
+    );
+    out
+}
+
+fn float<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement, const D: usize>(
+    t: Tensor<CubeBackend<R, F, I, BT>, D>,
+) -> CubeTensor<R> {
+    t.into_primitive().tensor()
+}
+
+fn cube_parts<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
+    w: &Nf4Parts<CubeBackend<R, F, I, BT>>,
+) -> (CubeParts<R>, Nf4Meta) {
+    let p = w.clone();
+    (
+        CubeParts {
+            words: p.words.into_primitive(),
+            absmax: float(p.absmax),
+            scale_words: p.scale_words.into_primitive(),
+            scale_map: float(p.scale_map),
+            code: float(p.code),
+        },
+        p.meta,
+    )
+}
+
+impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> Nf4Backend
+    for CubeBackend<R, F, I, BT>
+{
+    fn nf4_dequantize(w: &Nf4Parts<Self>) -> Tensor<Self, 2> {
+        let (parts, meta) = cube_parts(w);
+        Tensor::from_primitive(TensorPrimitive::Float(dequantize(parts, meta)))
+    }
+
+    fn nf4_gemv(x: Tensor<Self, 2>, w: &Nf4Parts<Self>) -> Tensor<Self, 2> {
+        let (parts, meta) = cube_parts(w);
+        let x = float(x.cast(meta.compute));
+        Tensor::from_primitive(TensorPrimitive::Float(gemv(x, parts, meta)))
+    }
+}
