@@ -15,8 +15,8 @@ use burn::tensor::backend::AutodiffBackend;
 use clap::Parser;
 use device::{choose_device, on_infer_backend, on_train_backend, DeviceChoice, InferJob, TrainJob};
 use qwen3_vl_moelora::cli::args::{
-    BenchCommand, BenchGenerateArgs, BenchNf4Args, BenchTrainArgs, CaptionArgs, ChatArgs, Cli, Command,
-    DataCommand, EvalArgs, TrainArgs,
+    BenchCommand, BenchGenerateArgs, BenchNf4Args, BenchTrainArgs, CaptionArgs, ChatArgs, Cli,
+    Command, DataCommand, EvalArgs, TrainArgs,
 };
 use qwen3_vl_moelora::cli::caption::run_caption;
 use qwen3_vl_moelora::cli::chat::run_chat;
@@ -37,11 +37,11 @@ use qwen3_vl_moelora::data::sources::Source;
 use qwen3_vl_moelora::data::ImageOptions;
 use qwen3_vl_moelora::experiment::Experiment;
 use qwen3_vl_moelora::infer::bench::{bench_generate, GenerateBenchOptions};
+use qwen3_vl_moelora::model::config::config_file;
+use qwen3_vl_moelora::model::Qwen3VlConfig;
 use qwen3_vl_moelora::quant::bench::{
     bench_nf4, check_kernels, tolerance, Nf4BenchOptions, QWEN3_VL_4B_SHAPES,
 };
-use qwen3_vl_moelora::model::config::config_file;
-use qwen3_vl_moelora::model::Qwen3VlConfig;
 use qwen3_vl_moelora::quant::convert::{quantize_checkpoint, QuantizeOptions};
 use qwen3_vl_moelora::train::bench::{bench_train, BenchOptions, BenchReport};
 use qwen3_vl_moelora::train::sweep::run_sweep;

@@ -16,8 +16,13 @@ use crate::cli::forward::median;
 use crate::error::{Error, Result};
 
 /// The 4B model's NF4 layer shapes as (in, out): q, k/v, o, gate/up, down.
-pub const QWEN3_VL_4B_SHAPES: [(usize, usize); 5] =
-    [(2560, 4096), (2560, 1024), (4096, 2560), (2560, 9728), (9728, 2560)];
+pub const QWEN3_VL_4B_SHAPES: [(usize, usize); 5] = [
+    (2560, 4096),
+    (2560, 1024),
+    (4096, 2560),
+    (2560, 9728),
+    (9728, 2560),
+];
 
 /// What `bench nf4` runs.
 #[derive(Debug, Clone)]
@@ -107,7 +112,9 @@ fn ops<B: Backend>() -> Result<Nf4Ops<B>> {
 
 /// Deterministic pseudo-random values in [-scale, scale).
 fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     (0..n)
         .map(|_| {
             s = s
@@ -121,21 +128,35 @@ fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
 /// Rounds to the compute dtype and back, as the device sees the values.
 fn rounded(v: &[f32], dtype: DType) -> Vec<f32> {
     match dtype {
-        DType::BF16 => v.iter().map(|x| half::bf16::from_f32(*x).to_f32()).collect(),
+        DType::BF16 => v
+            .iter()
+            .map(|x| half::bf16::from_f32(*x).to_f32())
+            .collect(),
         DType::F16 => v.iter().map(|x| half::f16::from_f32(*x).to_f32()).collect(),
         _ => v.to_vec(),
     }
 }
 
 /// `a [rows, k] · b` with b [n, k] (`transpose_b`) or [k, n], in f64 on the host.
-fn host_matmul(a: &[f32], b: &[f32], rows: usize, k: usize, n: usize, transpose_b: bool) -> Vec<f64> {
+fn host_matmul(
+    a: &[f32],
+    b: &[f32],
+    rows: usize,
+    k: usize,
+    n: usize,
+    transpose_b: bool,
+) -> Vec<f64> {
     (0..rows * n)
         .into_par_iter()
         .map(|i| {
             let (r, c) = (i / n, i % n);
             (0..k)
                 .map(|j| {
-                    let bv = if transpose_b { b[c * k + j] } else { b[j * n + c] };
+                    let bv = if transpose_b {
+                        b[c * k + j]
+                    } else {
+                        b[j * n + c]
+                    };
                     a[r * k + j] as f64 * bv as f64
                 })
                 .sum()
@@ -181,7 +202,9 @@ pub fn check_kernels<B: AutodiffBackend>(
         let rt = Tensor::<B, 2>::from_data(TensorData::new(r.clone(), [rows, d_out]), device);
         let y = layer.forward(xt.clone());
         let grads = (y.clone().cast(DType::F32) * rt).sum().backward();
-        let dx = xt.grad(&grads).ok_or_else(|| Error::Input("no input gradient".into()))?;
+        let dx = xt
+            .grad(&grads)
+            .ok_or_else(|| Error::Input("no input gradient".into()))?;
         let want_y = host_matmul(&x, &wd, rows, d_in, d_out, true);
         let want_dx = host_matmul(&r, &wd, rows, d_out, d_in, false);
         for (what, got, want) in [
@@ -252,8 +275,8 @@ pub fn bench_nf4<B: Backend>(
         report.dequantize_us.push((d_in, d_out, deq * 1e6));
         let dense_t = (ops.dequantize)(&parts).transpose(); // [in, out]
         for &rows in o.gemv_rows.iter().chain(&o.gemm_rows) {
-            let x = Tensor::<B, 2>::random([rows, d_in], Distribution::Default, device)
-                .cast(o.dtype);
+            let x =
+                Tensor::<B, 2>::random([rows, d_in], Distribution::Default, device).cast(o.dtype);
             let kernel = time_per_call::<B, _>(device, o, || (ops.matmul)(x.clone(), &parts))?;
             let dense = time_per_call::<B, _>(device, o, || x.clone().matmul(dense_t.clone()))?;
             let reference = time_per_call::<B, _>(device, o, || {

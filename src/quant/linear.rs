@@ -216,7 +216,11 @@ mod tests {
                 .collect();
             let q = Nf4Tensor::quantize(&w, &[d_out, d_in], "float32", 64, nested).unwrap();
             let layer = Nf4Linear::<B>::new(&q, None, DType::F32, &Default::default()).unwrap();
-            let scales: Vec<f32> = Nf4Parts::of(&layer).block_scales().into_data().to_vec().unwrap();
+            let scales: Vec<f32> = Nf4Parts::of(&layer)
+                .block_scales()
+                .into_data()
+                .to_vec()
+                .unwrap();
             assert_eq!(
                 bits(&scales),
                 bits(&q.absmax_f32()),

@@ -125,6 +125,12 @@ fn bad_inputs_fail_clearly() {
         &["train", "--config", "experiments/nope.toml"],
         "experiments/nope.toml",
     );
+    // The NF4 kernel bench needs a GPU backend; bad row lists name their flag.
+    fails_with(&["bench", "nf4", "--device", "cpu"], "needs a CUDA device");
+    fails_with(
+        &["bench", "nf4", "--device", "cpu", "--gemv-rows", "1,x"],
+        "--gemv-rows",
+    );
 
     // Inputs whose image tokens do not match the grids.
     let f = TensorFile::read(&inputs).unwrap();

@@ -23,7 +23,8 @@ impl<B: Nf4Backend> Backward<B, 1> for Nf4MatmulBackward {
         let grad = grads.consume::<B>(&ops.node); // dY [M, out]
         if let Some(node) = node_x {
             let w = ops.state;
-            let dy = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(grad)).cast(w.meta.compute);
+            let dy =
+                Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(grad)).cast(w.meta.compute);
             let dx = dy.matmul(B::nf4_dequantize(&w)); // [M, in]
             grads.register::<B>(node.id, dx.into_primitive().tensor());
         }

@@ -14,7 +14,7 @@ use cubecl::{calculate_cube_count_elemwise, CubeCount, CubeDim};
 
 use super::{Nf4Backend, Nf4Meta, Nf4Parts};
 
-/// Warps per cube of the GEMV kernel (each warp computes one output value).
+/// Warps per cube of the GEMV kernel (each warp computes one row of W against every x row).
 const GEMV_WARPS: u32 = 8;
 /// Threads per warp on NVIDIA GPUs.
 const WARP: u32 = 32;
@@ -50,80 +50,31 @@ mod kernels {
     }
 
     /// One thread per packed word: writes its 8 dequantized values (f32 product, then cast)
-    /// into the flat [out·in] output.
+    /// as one vector of the flat [out·in] output.
     #[cube(launch)]
-    pub fn nf4_dequantize<F: Float>(
+    pub fn nf4_dequantize<F: Float, NO: Size>(
         words: &Tensor<i32>,
         absmax: &Tensor<f32>,
         scale_words: &Tensor<i32>,
         scale_map: &Tensor<f32>,
         code: &Tensor<f32>,
-        out: &mut Tensor<F>,
+        out: &mut Tensor<Vector<F, NO>>,
         offset: f32,
+        #[comptime] vs: usize,
+        #[comptime] per: usize,
         #[comptime] blocksize: usize,
         #[comptime] nested: bool,
         #[comptime] nested_blocksize: usize,
         #[define(F)] _dtype: StorageType,
     ) {
+        // The 16 code values in shared memory (every lane reads them with dynamic indices).
+        let mut lut = SharedMemory::<f32>::new(16usize);
+        if UNIT_POS < 16 {
+            lut[UNIT_POS as usize] = code[UNIT_POS as usize];
+        }
+        sync_cube();
         let g = ABSOLUTE_POS;
-        if g >= words.shape(0) {
-            terminate!();
-        }
-        let word = u32::cast_from(words[g]);
-        let scale = block_scale(
-            absmax,
-            scale_words,
-            scale_map,
-            offset,
-            (g * 8) / blocksize,
-            nested,
-            nested_blocksize,
-        );
-        let base = g * 8;
-        #[unroll]
-        for i in 0..8u32 {
-            let c = (word >> nibble_shift(i)) & 15u32;
-            out[base + i as usize] = F::cast_from(code[c as usize] * scale);
-        }
-    }
-
-    /// `out[m, n] = Σ_k x[m, k] · W[n, k]` for a few rows of x: one warp per output value, each
-    /// lane dequantizing every 32nd packed word of row n in registers (f32 accumulation).
-    #[cube(launch)]
-    pub fn nf4_gemv<F: Float>(
-        x: &Tensor<F>,
-        words: &Tensor<i32>,
-        absmax: &Tensor<f32>,
-        scale_words: &Tensor<i32>,
-        scale_map: &Tensor<f32>,
-        code: &Tensor<f32>,
-        out: &mut Tensor<F>,
-        offset: f32,
-        #[comptime] blocksize: usize,
-        #[comptime] nested: bool,
-        #[comptime] nested_blocksize: usize,
-        #[define(F)] _dtype: StorageType,
-    ) {
-        let rows = x.shape(0);
-        let d_in = x.shape(1);
-        let d_out = out.shape(1);
-        // Row pitches: the allocator may pad rows.
-        let x_pitch = x.stride(0);
-        let out_pitch = out.stride(0);
-        // Output values ordered row of W first, so the warps of one cube share W's row in L1.
-        let pair = CUBE_POS * (CUBE_DIM_Y as usize) + UNIT_POS_Y as usize;
-        if pair >= d_out * rows {
-            terminate!();
-        }
-        let n = pair / rows;
-        let m = pair % rows;
-        let words_per_row = d_in / 8;
-        let row_word = n * words_per_row;
-        let x_row = m * x_pitch;
-        let mut acc = 0.0f32;
-        let mut j = UNIT_POS_X as usize;
-        while j < words_per_row {
-            let g = row_word + j;
+        if g < words.shape(0) {
             let word = u32::cast_from(words[g]);
             let scale = block_scale(
                 absmax,
@@ -134,20 +85,112 @@ mod kernels {
                 nested,
                 nested_blocksize,
             );
-            let xb = x_row + j * 8;
-            let mut part = 0.0f32;
+            // 8 values = `per` output vectors of `vs` values (8 x 1 for 16-bit, 4 x 2 for f32).
             #[unroll]
-            for i in 0..8u32 {
-                let c = (word >> nibble_shift(i)) & 15u32;
-                part += code[c as usize] * f32::cast_from(x[xb + i as usize]);
+            for p in 0..per {
+                let mut v = Vector::<F, NO>::empty();
+                #[unroll]
+                for i in 0..vs {
+                    let c = (word >> nibble_shift((p * vs + i) as u32)) & 15u32;
+                    v[i] = F::cast_from(lut[c as usize] * scale);
+                }
+                out[g * per + p] = v;
             }
-            acc += part * scale;
-            j += CUBE_DIM_X as usize;
         }
-        let total = plane_sum(acc);
-        if UNIT_POS_X == 0 {
-            out[m * out_pitch + n] = F::cast_from(total);
+    }
+
+    /// `out[m, n] = Σ_k x[m, k] · W[n, k]` for `rows` (1..8) rows of x: one warp per row n of
+    /// W; each lane dequantizes every 32nd packed word once, in registers, and uses it for
+    /// every row of x (f32 accumulation, one warp sum per output value).
+    #[cube(launch)]
+    pub fn nf4_gemv<F: Float, NX: Size>(
+        x: &Tensor<Vector<F, NX>>,
+        words: &Tensor<i32>,
+        absmax: &Tensor<f32>,
+        scale_words: &Tensor<i32>,
+        scale_map: &Tensor<f32>,
+        code: &Tensor<f32>,
+        out: &mut Tensor<F>,
+        offset: f32,
+        #[comptime] vs: usize,
+        #[comptime] per: usize,
+        #[comptime] rows: usize,
+        #[comptime] blocksize: usize,
+        #[comptime] nested: bool,
+        #[comptime] nested_blocksize: usize,
+        #[define(F)] _dtype: StorageType,
+    ) {
+        // The 16 code values in shared memory (every lane reads them with dynamic indices).
+        let mut lut = SharedMemory::<f32>::new(16usize);
+        if UNIT_POS < 16 {
+            lut[UNIT_POS as usize] = code[UNIT_POS as usize];
         }
+        sync_cube();
+        let d_in = x.shape(1);
+        let d_out = out.shape(1);
+        // Row pitches (the allocator may pad rows); x is read `per` vectors of `vs` values at
+        // a time.
+        let x_pitch = x.stride(0) / vs;
+        let out_pitch = out.stride(0);
+        let n = CUBE_POS * (CUBE_DIM_Y as usize) + UNIT_POS_Y as usize;
+        if n < d_out {
+            let words_per_row = d_in / 8;
+            let mut acc = Array::<f32>::new(rows);
+            #[unroll]
+            for m in 0..rows {
+                acc[m] = 0.0f32;
+            }
+            let mut j = UNIT_POS_X as usize;
+            while j < words_per_row {
+                let g = n * words_per_row + j;
+                let word = u32::cast_from(words[g]);
+                let scale = block_scale(
+                    absmax,
+                    scale_words,
+                    scale_map,
+                    offset,
+                    (g * 8) / blocksize,
+                    nested,
+                    nested_blocksize,
+                );
+                let mut w = Array::<f32>::new(8usize);
+                #[unroll]
+                for i in 0..8u32 {
+                    let c = (word >> nibble_shift(i)) & 15u32;
+                    w[i as usize] = lut[c as usize] * scale;
+                }
+                #[unroll]
+                for m in 0..rows {
+                    let mut part = 0.0f32;
+                    #[unroll]
+                    for p in 0..per {
+                        let xv = x[m * x_pitch + j * per + p];
+                        #[unroll]
+                        for i in 0..vs {
+                            part += w[p * vs + i] * f32::cast_from(xv[i]);
+                        }
+                    }
+                    acc[m] += part;
+                }
+                j += CUBE_DIM_X as usize;
+            }
+            #[unroll]
+            for m in 0..rows {
+                let total = plane_sum(acc[m]);
+                if UNIT_POS_X == 0 {
+                    out[m * out_pitch + n] = F::cast_from(total);
+                }
+            }
+        }
+    }
+}
+
+/// Values per vector load/store: 16 bytes (the kernels also handle 4 x 2 for f32 values).
+fn vector_size(meta: Nf4Meta) -> usize {
+    if meta.compute.size() >= 4 {
+        4
+    } else {
+        8
     }
 }
 
@@ -164,9 +207,17 @@ impl<R: CubeRuntime> CubeParts<R> {
     /// Checks the dtypes the kernels are compiled for.
     fn check(&self) {
         assert_eq!(self.words.dtype, DType::I32, "NF4 words must be i32");
-        assert_eq!(self.scale_words.dtype, DType::I32, "NF4 scale codes must be i32");
+        assert_eq!(
+            self.scale_words.dtype,
+            DType::I32,
+            "NF4 scale codes must be i32"
+        );
         assert_eq!(self.absmax.dtype, DType::F32, "NF4 scales must be f32");
-        assert_eq!(self.scale_map.dtype, DType::F32, "NF4 scale map must be f32");
+        assert_eq!(
+            self.scale_map.dtype,
+            DType::F32,
+            "NF4 scale map must be f32"
+        );
         assert_eq!(self.code.dtype, DType::F32, "NF4 code map must be f32");
     }
 }
@@ -189,6 +240,7 @@ pub(super) fn dequantize<R: CubeRuntime>(p: CubeParts<R>, meta: Nf4Meta) -> Cube
         &client,
         count,
         cube_dim,
+        vector_size(meta),
         into_contiguous(p.words).into_tensor_arg(),
         into_contiguous(p.absmax).into_tensor_arg(),
         into_contiguous(p.scale_words).into_tensor_arg(),
@@ -196,6 +248,8 @@ pub(super) fn dequantize<R: CubeRuntime>(p: CubeParts<R>, meta: Nf4Meta) -> Cube
         into_contiguous(p.code).into_tensor_arg(),
         out.clone().into_tensor_arg(),
         meta.offset,
+        vector_size(meta),
+        8 / vector_size(meta),
         meta.blocksize,
         meta.nested,
         meta.nested_blocksize,
@@ -205,11 +259,27 @@ pub(super) fn dequantize<R: CubeRuntime>(p: CubeParts<R>, meta: Nf4Meta) -> Cube
 }
 
 /// `x · Wᵀ` for x [M, in] (M small, `in` a multiple of 8) in the compute dtype -> [M, out].
-pub(super) fn gemv<R: CubeRuntime>(x: CubeTensor<R>, p: CubeParts<R>, meta: Nf4Meta) -> CubeTensor<R> {
+pub(super) fn gemv<R: CubeRuntime>(
+    x: CubeTensor<R>,
+    p: CubeParts<R>,
+    meta: Nf4Meta,
+) -> CubeTensor<R> {
     p.check();
-    assert_eq!(x.dtype, meta.compute, "GEMV input must be in the compute dtype");
-    assert!(meta.d_in.is_multiple_of(8), "GEMV needs a multiple of 8 inputs");
+    assert_eq!(
+        x.dtype, meta.compute,
+        "GEMV input must be in the compute dtype"
+    );
+    assert!(
+        meta.d_in.is_multiple_of(8),
+        "GEMV needs a multiple of 8 inputs"
+    );
     let rows = x.meta.shape()[0];
+    assert!(rows <= super::GEMV_MAX_ROWS, "GEMV takes at most 8 rows");
+    let x = into_contiguous(x);
+    assert!(
+        x.meta.strides()[0].is_multiple_of(8),
+        "GEMV input rows must be 8-aligned"
+    );
     let client = x.client.clone();
     let out = empty_device_dtype(
         client.clone(),
@@ -217,12 +287,13 @@ pub(super) fn gemv<R: CubeRuntime>(x: CubeTensor<R>, p: CubeParts<R>, meta: Nf4M
         Shape::new([rows, meta.d_out]),
         meta.compute,
     );
-    let cubes = (rows * meta.d_out).div_ceil(GEMV_WARPS as usize) as u32;
+    let cubes = meta.d_out.div_ceil(GEMV_WARPS as usize) as u32;
     kernels::nf4_gemv::launch::<R>(
         &client,
         CubeCount::Static(cubes, 1, 1),
         CubeDim::new_2d(WARP, GEMV_WARPS),
-        into_contiguous(x).into_tensor_arg(),
+        vector_size(meta),
+        x.into_tensor_arg(),
         into_contiguous(p.words).into_tensor_arg(),
         into_contiguous(p.absmax).into_tensor_arg(),
         into_contiguous(p.scale_words).into_tensor_arg(),
@@ -230,12 +301,21 @@ pub(super) fn gemv<R: CubeRuntime>(x: CubeTensor<R>, p: CubeParts<R>, meta: Nf4M
         into_contiguous(p.code).into_tensor_arg(),
         out.clone().into_tensor_arg(),
         meta.offset,
+        vector_size(meta),
+        8 / vector_size(meta),
+        rows,
         meta.blocksize,
         meta.nested,
         meta.nested_blocksize,
         meta.compute.into(),
     );
     out
+}
+
+/// The kernels run for 16-bit compute (f16, bf16), the dtypes checked on the GPU; f32 compute
+/// takes the reference path.
+fn kernel_dtype(meta: Nf4Meta) -> bool {
+    matches!(meta.compute, DType::F16 | DType::BF16)
 }
 
 fn float<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement, const D: usize>(
@@ -264,11 +344,17 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> Nf4Backend
     for CubeBackend<R, F, I, BT>
 {
     fn nf4_dequantize(w: &Nf4Parts<Self>) -> Tensor<Self, 2> {
+        if !kernel_dtype(w.meta) {
+            return w.dequantize_reference();
+        }
         let (parts, meta) = cube_parts(w);
         Tensor::from_primitive(TensorPrimitive::Float(dequantize(parts, meta)))
     }
 
     fn nf4_gemv(x: Tensor<Self, 2>, w: &Nf4Parts<Self>) -> Tensor<Self, 2> {
+        if !kernel_dtype(w.meta) {
+            return x.matmul(w.dequantize_reference().transpose());
+        }
         let (parts, meta) = cube_parts(w);
         let x = float(x.cast(meta.compute));
         Tensor::from_primitive(TensorPrimitive::Float(gemv(x, parts, meta)))

@@ -269,8 +269,12 @@ mod tests {
         let q = Nf4Tensor::quantize(&w, &[40, 128], "float32", 64, true).unwrap();
         let layer = Nf4Linear::<A>::new(&q, None, DType::F32, &dev).unwrap();
         let run = |rows: usize| {
-            let x: Vec<f32> = (0..rows * 128).map(|i| ((i % 13) as f32 - 6.0) / 6.0).collect();
-            let r: Vec<f32> = (0..rows * 40).map(|i| ((i % 7) as f32 - 3.0) / 3.0).collect();
+            let x: Vec<f32> = (0..rows * 128)
+                .map(|i| ((i % 13) as f32 - 6.0) / 6.0)
+                .collect();
+            let r: Vec<f32> = (0..rows * 40)
+                .map(|i| ((i % 7) as f32 - 3.0) / 3.0)
+                .collect();
             let x = Tensor::<A, 2>::from_data(TensorData::new(x, [rows, 128]), &dev).require_grad();
             let r = Tensor::<A, 2>::from_data(TensorData::new(r, [rows, 40]), &dev);
             let y = layer.forward(x.clone());
@@ -287,7 +291,10 @@ mod tests {
             let (y1, g1) = run(rows);
             unregister_all();
             for (a, b) in y0.iter().zip(&y1).chain(g0.iter().zip(&g1)) {
-                assert!((a - b).abs() <= 1e-5 * (1.0 + a.abs()), "{rows} rows: {a} vs {b}");
+                assert!(
+                    (a - b).abs() <= 1e-5 * (1.0 + a.abs()),
+                    "{rows} rows: {a} vs {b}"
+                );
             }
         }
     }
