@@ -23,18 +23,24 @@ pub trait TrainJob {
 pub type CudaUnfused = burn_cubecl::CubeBackend<cubecl::cuda::CudaRuntime, f32, i32, u8>;
 
 /// Whether the custom NF4 kernels are used on CUDA: `QWEN3VL_NF4_KERNELS=0` falls back to the
-/// portable dequantize-then-matmul path (for comparisons).
-pub fn nf4_kernels_enabled() -> bool {
-    std::env::var("QWEN3VL_NF4_KERNELS").map_or(true, |v| v != "0")
+/// portable dequantize-then-matmul path (for comparisons). Under burn's fusion they run as
+/// custom fusion operations, which have not been checked on a GPU yet: there they are opt-in
+/// (`QWEN3VL_NF4_KERNELS=1`).
+pub fn nf4_kernels_enabled(fusion: bool) -> bool {
+    match std::env::var("QWEN3VL_NF4_KERNELS").as_deref() {
+        Ok("0") => false,
+        Ok("1") => true,
+        _ => !fusion,
+    }
 }
 
 /// Lets NF4 layers on CUDA backend `B` (and its inner backend) use the custom kernels.
-fn use_nf4_kernels<B>()
+fn use_nf4_kernels<B>(fusion: bool)
 where
     B: AutodiffBackend + Nf4Backend,
     B::InnerBackend: Nf4Backend,
 {
-    if nf4_kernels_enabled() {
+    if nf4_kernels_enabled(fusion) {
         kernels::register::<B>();
         kernels::register::<B::InnerBackend>();
     }
@@ -71,19 +77,19 @@ pub fn on_train_backend<J: TrainJob>(device: &str, checkpointing: bool, job: J) 
             let d = CudaDevice::new(i);
             match (checkpointing, fusion) {
                 (true, true) => {
-                    use_nf4_kernels::<Autodiff<Cuda, BalancedCheckpointing>>();
+                    use_nf4_kernels::<Autodiff<Cuda, BalancedCheckpointing>>(true);
                     job.run::<Autodiff<Cuda, BalancedCheckpointing>>(&d)
                 }
                 (false, true) => {
-                    use_nf4_kernels::<Autodiff<Cuda>>();
+                    use_nf4_kernels::<Autodiff<Cuda>>(true);
                     job.run::<Autodiff<Cuda>>(&d)
                 }
                 (true, false) => {
-                    use_nf4_kernels::<Autodiff<CudaUnfused, BalancedCheckpointing>>();
+                    use_nf4_kernels::<Autodiff<CudaUnfused, BalancedCheckpointing>>(false);
                     job.run::<Autodiff<CudaUnfused, BalancedCheckpointing>>(&d)
                 }
                 (false, false) => {
-                    use_nf4_kernels::<Autodiff<CudaUnfused>>();
+                    use_nf4_kernels::<Autodiff<CudaUnfused>>(false);
                     job.run::<Autodiff<CudaUnfused>>(&d)
                 }
             }
@@ -102,12 +108,12 @@ pub fn on_infer_backend<J: InferJob>(device: &str, job: J) -> Result<()> {
     match choose_device(device)? {
         DeviceChoice::Cpu => job.run::<Flex>(WeightDType::F32, &FlexDevice),
         DeviceChoice::Cuda(i) if fusion_enabled() => {
-            use_nf4_kernels::<Autodiff<Cuda>>();
+            use_nf4_kernels::<Autodiff<Cuda>>(true);
             job.run::<Cuda>(WeightDType::BF16, &CudaDevice::new(i))
         }
         DeviceChoice::Cuda(i) => {
             eprintln!("device: cuda:{i} without fusion");
-            use_nf4_kernels::<Autodiff<CudaUnfused>>();
+            use_nf4_kernels::<Autodiff<CudaUnfused>>(false);
             job.run::<CudaUnfused>(WeightDType::BF16, &CudaDevice::new(i))
         }
     }
