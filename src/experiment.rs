@@ -137,6 +137,11 @@ pub struct TrainSection {
     /// checkpointing).
     #[serde(default)]
     pub gradient_checkpointing: bool,
+    /// Keep each training image's vision-tower features (host memory) after its first pass
+    /// and reuse them in later epochs; applies only when the vision tower is frozen and holds
+    /// no adapter (it then gives the same features every time).
+    #[serde(default = "yes")]
+    pub cache_vision: bool,
     /// Loss scaling for f16: `dynamic` or `none`.
     #[serde(default = "default_loss_scale")]
     pub loss_scale: String,
@@ -193,6 +198,9 @@ fn default_max_length() -> usize {
 }
 fn one() -> usize {
     1
+}
+fn yes() -> bool {
+    true
 }
 fn default_schedule() -> String {
     "cosine".into()

@@ -16,6 +16,7 @@ use std::cell::RefCell;
 
 use burn::module::Module;
 use burn::prelude::*;
+use burn::tensor::DType;
 
 pub use config::{AdapterConfig, AdapterKind};
 pub use lora::LoraLinear;
@@ -80,7 +81,7 @@ impl<B: Backend> FrozenLinear<B> for Linear<B> {
 #[derive(Debug, Default)]
 pub struct AdapterStats<B: Backend> {
     aux: RefCell<Vec<Tensor<B, 1>>>,
-    counts: RefCell<Vec<Vec<usize>>>,
+    counts: RefCell<Vec<Tensor<B, 1>>>,
 }
 
 impl<B: Backend> AdapterStats<B> {
@@ -92,8 +93,8 @@ impl<B: Backend> AdapterStats<B> {
         }
     }
 
-    /// Records one MoE layer's loss and token counts.
-    pub fn record(&self, aux: Tensor<B, 1>, counts: Vec<usize>) {
+    /// Records one MoE layer's loss and token counts per expert ([E], on the device).
+    pub fn record(&self, aux: Tensor<B, 1>, counts: Tensor<B, 1>) {
         self.aux.borrow_mut().push(aux);
         self.counts.borrow_mut().push(counts);
     }
@@ -107,13 +108,31 @@ impl<B: Backend> AdapterStats<B> {
         Some(Tensor::cat(aux.clone(), 0).mean())
     }
 
-    /// Tokens routed to each expert, summed over the MoE layers.
+    /// Tokens routed to each expert, summed over the MoE layers (layers with fewer experts
+    /// count towards the first ones). One read from the device.
     pub fn expert_tokens(&self) -> Vec<usize> {
         let counts = self.counts.borrow();
-        let n = counts.iter().map(Vec::len).max().unwrap_or(0);
-        (0..n)
-            .map(|e| counts.iter().map(|c| c.get(e).copied().unwrap_or(0)).sum())
-            .collect()
+        let Some(n) = counts.iter().map(|c| c.dims()[0]).max() else {
+            return Vec::new();
+        };
+        let padded: Vec<Tensor<B, 1>> = counts
+            .iter()
+            .map(|c| {
+                let (e, device) = (c.dims()[0], c.device());
+                let c = c.clone().cast(DType::F32);
+                match n - e {
+                    0 => c,
+                    pad => Tensor::cat(vec![c, Tensor::zeros([pad], (&device, DType::F32))], 0),
+                }
+            })
+            .collect();
+        let total: Vec<f32> = Tensor::stack::<2>(padded, 0)
+            .sum_dim(0)
+            .into_data()
+            .convert::<f32>()
+            .to_vec()
+            .unwrap_or_default();
+        total.iter().map(|&t| t.round() as usize).collect()
     }
 }
 

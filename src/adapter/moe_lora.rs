@@ -1,8 +1,11 @@
 //! `MoeLoraLinear`: a frozen base layer plus a token-routed mixture of LoRA experts.
 //!
 //! A router (no bias) scores the layer input for E experts; softmax; each token keeps its top-k
-//! experts (k = E is the dense mixture), optionally renormalised. Each expert runs only on the
-//! tokens routed to it (gather, two small matmuls, scatter-add). The load-balancing loss
+//! experts (k = E is the dense mixture), optionally renormalised. All experts run as one pair
+//! of matmuls over every token, each expert's rank columns scaled by the token's gate (zero
+//! for the experts it did not choose): no routing decision leaves the device, so a forward has
+//! no host synchronisation, at E/k times the (small) LoRA FLOPs of a gather/scatter version.
+//! The load-balancing loss
 //! `E · Σ_i f_i · P_i` (f_i = share of routing slots that went to expert i, P_i = mean router
 //! probability of expert i) is 1.0 for a perfectly uniform router and grows with imbalance.
 
@@ -96,75 +99,60 @@ impl<B: Backend, W: FrozenLinear<B>> MoeLoraLinear<B, W> {
         let d_in = dims[D - 1];
         let n: usize = dims[..D - 1].iter().product();
         let (e_count, k) = (self.experts(), self.top_k);
+        let [_, r, _] = self.experts_a.lazy_shape().dims::<3>();
+        let [_, d_out, _] = self.experts_b.lazy_shape().dims::<3>();
         let dtype = x.dtype();
         let xf = x.reshape([n, d_in]);
+        let device = xf.device();
 
-        // Router in f32: [N, E] probabilities, top-k per token.
+        // Router in f32: [N, E] probabilities; each token keeps its top-k experts. The choice
+        // stays on the device as a 0/1 mask (constant: no gradient through the selection).
         let logits = self
             .router_dropout
             .forward(xf.clone().cast(DType::F32))
             .matmul(self.router.val().transpose());
         let probs = softmax(logits, 1);
-        let (mut top_w, top_i) = probs.clone().topk_with_indices(k, 1); // [N, k]
+        let mask = if k < e_count {
+            let (_, top_i) = probs.clone().topk_with_indices(k, 1); // [N, k]
+            Tensor::<B, 2>::zeros([n, e_count], (&device, DType::F32)).scatter(
+                1,
+                top_i,
+                Tensor::ones([n, k], (&device, DType::F32)),
+                IndexingUpdateOp::Add,
+            )
+        } else {
+            Tensor::ones([n, e_count], (&device, DType::F32))
+        }; // [N, E]
+        let mut gate = probs.clone() * mask.clone();
         if self.renormalize {
-            top_w = top_w.clone() / top_w.sum_dim(1);
+            gate = gate.clone() / gate.sum_dim(1);
         }
-        let choice: Vec<i64> = top_i
-            .into_data()
-            .convert::<i64>()
-            .to_vec()
-            .expect("int data");
 
-        // Which (token, slot) pairs each expert serves.
-        let mut rows: Vec<Vec<i64>> = vec![Vec::new(); e_count];
-        let mut slots: Vec<Vec<i64>> = vec![Vec::new(); e_count];
-        for (pos, &e) in choice.iter().enumerate() {
-            rows[e as usize].push((pos / k) as i64);
-            slots[e as usize].push(pos as i64);
-        }
-        let counts: Vec<usize> = rows.iter().map(Vec::len).collect();
-        let device = xf.device();
-        let top_w = top_w.reshape([n * k]);
-        let d_out = y.dims()[D - 1];
-        let mut delta = Tensor::<B, 2>::zeros([n, d_out], (&device, dtype));
-        for e in 0..e_count {
-            if rows[e].is_empty() {
-                continue;
-            }
-            let m = rows[e].len();
-            let idx =
-                Tensor::<B, 1, Int>::from_data(TensorData::new(rows[e].clone(), [m]), &device);
-            let sel =
-                Tensor::<B, 1, Int>::from_data(TensorData::new(slots[e].clone(), [m]), &device);
-            let xe = self.dropout.forward(xf.clone().select(0, idx.clone())); // [m, in]
-            let a = self
-                .experts_a
-                .val()
-                .narrow(0, e, 1)
-                .squeeze_dim::<2>(0)
-                .cast(dtype); // [r, in]
-            let b = self
-                .experts_b
-                .val()
-                .narrow(0, e, 1)
-                .squeeze_dim::<2>(0)
-                .cast(dtype); // [out, r]
-            let w = top_w
-                .clone()
-                .select(0, sel)
-                .cast(dtype)
-                .unsqueeze_dim::<2>(1); // [m, 1]
-            let he = xe
-                .matmul(a.transpose())
-                .matmul(b.transpose())
-                .mul_scalar(self.scaling)
-                * w;
-            delta = delta.select_assign(0, idx, he, IndexingUpdateOp::Add);
-        }
+        // All experts as one pair of matmuls: x·[A_1; …; A_E]ᵀ -> [N, E·r], each expert's r
+        // columns scaled by the token's gate (0 for experts it did not choose), then
+        // ·[B_1ᵀ; …; B_Eᵀ] -> [N, out].
+        let a = self
+            .experts_a
+            .val()
+            .reshape([e_count * r, d_in])
+            .cast(dtype); // [E·r, in]
+        let b = self
+            .experts_b
+            .val()
+            .swap_dims(1, 2)
+            .reshape([e_count * r, d_out])
+            .cast(dtype); // [E·r, out]
+        let gate_cols = gate
+            .cast(dtype)
+            .unsqueeze_dim::<3>(2)
+            .expand([n, e_count, r])
+            .reshape([n, e_count * r]);
+        let h = self.dropout.forward(xf).matmul(a.transpose()) * gate_cols; // [N, E·r]
+        let delta = h.matmul(b).mul_scalar(self.scaling); // [N, out]
 
         // Load-balancing loss: f_i from the (constant) routing counts, P_i carries the gradient.
-        let f: Vec<f32> = counts.iter().map(|&c| c as f32 / (n * k) as f32).collect();
-        let f = Tensor::<B, 1>::from_data(TensorData::new(f, [e_count]), (&device, DType::F32));
+        let counts = mask.sum_dim(0).reshape([e_count]); // [E] tokens per expert
+        let f = counts.clone().div_scalar((n * k) as f64);
         let p = probs.mean_dim(0).reshape([e_count]);
         stats.record((f * p).sum().mul_scalar(e_count as f64), counts);
 
@@ -255,6 +243,46 @@ mod tests {
         }
         let counts = stats.expert_tokens();
         assert_eq!(counts.iter().sum::<usize>(), 12); // two forwards x 6 tokens x top-1
+    }
+
+    #[test]
+    fn top2_of_4_renormalised_matches_the_per_token_formula() {
+        let mut l = layer::<Flex>(4, 2, true);
+        l.experts_b = set(&l.experts_b, randn([4, 4, 2], 8));
+        l.experts_a = set(&l.experts_a, randn([4, 2, 5], 9));
+        l.router = set(&l.router, randn([4, 5], 10));
+        let x = randn::<Flex, 2>([7, 5], 11);
+        let stats = AdapterStats::new();
+        let update = (l.forward(x.clone(), &stats) - l.base.forward(x.clone()))
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap();
+        let p = softmax(x.clone().matmul(l.router.val().transpose()), 1)
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap();
+        let mut served = [0usize; 4];
+        for t in 0..7 {
+            // The two largest probabilities of token t, renormalised.
+            let mut order: Vec<usize> = (0..4).collect();
+            order.sort_by(|&a, &b| p[t * 4 + b].total_cmp(&p[t * 4 + a]));
+            let (e0, e1) = (order[0], order[1]);
+            served[e0] += 1;
+            served[e1] += 1;
+            let s = p[t * 4 + e0] + p[t * 4 + e1];
+            let xt = x.clone().narrow(0, t, 1);
+            let want = xt
+                .clone()
+                .matmul(l.expert_delta(e0).transpose())
+                .mul_scalar(p[t * 4 + e0] / s)
+                + xt.matmul(l.expert_delta(e1).transpose())
+                    .mul_scalar(p[t * 4 + e1] / s);
+            let want = want.into_data().to_vec::<f32>().unwrap();
+            for j in 0..4 {
+                assert!((update[t * 4 + j] - want[j]).abs() < 1e-5, "token {t}");
+            }
+        }
+        assert_eq!(stats.expert_tokens(), served.to_vec());
     }
 
     #[test]

@@ -12,7 +12,7 @@ use super::args::{CaptionArgs, GenerationArgs, ImageArgs, ModelArgs};
 use super::preprocess::parse_size;
 use crate::checkpoint::tensor_file::write_atomically;
 use crate::checkpoint::WeightDType;
-use crate::data::batch::{CaptionBatcher, PadSide, SamplePreparer};
+use crate::data::batch::{CaptionBatcher, SamplePreparer};
 use crate::data::sources::read_csv;
 use crate::data::template::{ChatEncoder, DEFAULT_PROMPT};
 use crate::data::tokenizer::load_tokenizer;
@@ -183,12 +183,10 @@ impl<B: Backend> Session<B> {
 
     /// Batches of left-padded prompts.
     pub fn batcher(&self) -> CaptionBatcher {
-        CaptionBatcher {
-            pad_id: self.encoder.tokens.endoftext,
-            side: PadSide::Left,
-            temporal_patch_size: self.images.temporal_patch_size,
-            pad_to_multiple: 1,
-        }
+        CaptionBatcher::for_generation(
+            self.encoder.tokens.endoftext,
+            self.images.temporal_patch_size,
+        )
     }
 
     /// Prepares caption prompts for image files.
@@ -357,17 +355,7 @@ pub fn run_caption<B: Backend>(
         images.len() as f64 / secs
     );
     if let Some(s) = score_captions(scored.iter().map(|(p, r)| (p.as_str(), r.as_slice()))) {
-        println!(
-            "BLEU-1..4 {:.3} {:.3} {:.3} {:.3}, ROUGE-L {:.3}, CIDEr-D {:.3} ({} images with \
-             references)",
-            s.bleu[0],
-            s.bleu[1],
-            s.bleu[2],
-            s.bleu[3],
-            s.rouge_l,
-            s.cider_d,
-            scored.len()
-        );
+        println!("{s} ({} images with references)", scored.len());
     }
     if let Some(out) = &args.out {
         write_atomically(out, lines.as_bytes())?;

@@ -181,5 +181,6 @@ fn turn_inputs<B: Backend>(
         attention_mask: None,
         pixel_values,
         image_grid_thw: images.iter().map(|i| i.grid_thw).collect(),
+        image_features: None,
     }
 }

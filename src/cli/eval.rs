@@ -11,7 +11,7 @@ use super::args::EvalArgs;
 use super::caption::generate_options;
 use crate::checkpoint::tensor_file::write_atomically;
 use crate::checkpoint::WeightDType;
-use crate::data::batch::{CaptionBatcher, PadSide};
+use crate::data::batch::CaptionBatcher;
 use crate::error::{Error, Result};
 use crate::eval::report::{score_and_report, ReportItem};
 use crate::eval::CaptionScores;
@@ -100,12 +100,10 @@ pub fn run_eval<B: Backend>(args: &EvalArgs, device: &B::Device) -> Result<EvalR
         }),
         encoder.tokens.im_end,
     )?;
-    let batcher = CaptionBatcher {
-        pad_id: encoder.tokens.endoftext,
-        side: PadSide::Left,
-        temporal_patch_size: cfg.vision_config.temporal_patch_size,
-        pad_to_multiple: 1,
-    };
+    let batcher = CaptionBatcher::for_generation(
+        encoder.tokens.endoftext,
+        cfg.vision_config.temporal_patch_size,
+    );
     let bar = indicatif::ProgressBar::new(samples.len() as u64);
     let started = Instant::now();
     let generated = caption_samples(
@@ -160,10 +158,7 @@ pub fn run_eval<B: Backend>(args: &EvalArgs, device: &B::Device) -> Result<EvalR
         report.samples
     );
     if let Some(s) = &report.scores {
-        println!(
-            "BLEU-1..4 {:.3} {:.3} {:.3} {:.3}, ROUGE-L {:.3}, CIDEr-D {:.3}",
-            s.bleu[0], s.bleu[1], s.bleu[2], s.bleu[3], s.rouge_l, s.cider_d
-        );
+        println!("{s}");
     }
     println!(
         "wrote {} and {}",

@@ -117,6 +117,7 @@ pub fn read_inputs<B: Backend>(path: &Path, device: &B::Device) -> Result<ModelI
         attention_mask,
         pixel_values,
         image_grid_thw,
+        image_features: None,
     })
 }
 

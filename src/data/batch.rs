@@ -218,6 +218,17 @@ pub struct CaptionBatcher {
 }
 
 impl CaptionBatcher {
+    /// Left-padded prompts for generation (the last position of every row is its own last
+    /// token), no length rounding.
+    pub fn for_generation(pad_id: u32, temporal_patch_size: usize) -> Self {
+        Self {
+            pad_id,
+            side: PadSide::Left,
+            temporal_patch_size,
+            pad_to_multiple: 1,
+        }
+    }
+
     /// Padded length of a batch whose longest sequence has `longest` tokens.
     pub fn padded_len(&self, longest: usize) -> usize {
         longest.div_ceil(self.pad_to_multiple.max(1)) * self.pad_to_multiple.max(1)
@@ -302,6 +313,7 @@ impl<B: Backend> Batcher<B, PreparedSample, CaptionBatch<B>> for CaptionBatcher 
                 attention_mask: Some(mask),
                 pixel_values,
                 image_grid_thw: grids,
+                image_features: None,
             },
             labels: Tensor::from_data(TensorData::new(labels, [b, t]), device),
             tokens,

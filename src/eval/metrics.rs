@@ -28,6 +28,18 @@ pub struct CaptionScores {
     pub cider_d: f64,
 }
 
+impl std::fmt::Display for CaptionScores {
+    /// One line: `BLEU-1..4 a b c d, ROUGE-L r, CIDEr-D c` (3 decimals).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let b = self.bleu;
+        write!(
+            f,
+            "BLEU-1..4 {:.3} {:.3} {:.3} {:.3}, ROUGE-L {:.3}, CIDEr-D {:.3}",
+            b[0], b[1], b[2], b[3], self.rouge_l, self.cider_d
+        )
+    }
+}
+
 type Ngram<'a> = Vec<&'a str>;
 
 /// Counts of every 1..=n-gram of `s` (whitespace tokens).

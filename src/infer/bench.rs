@@ -109,6 +109,7 @@ fn synthetic_inputs<B: Backend>(
         attention_mask: None,
         pixel_values: Some(pixels),
         image_grid_thw: grids,
+        image_features: None,
     })
 }
 

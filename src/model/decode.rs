@@ -183,6 +183,7 @@ impl<B: Backend> Qwen3VlModel<B> {
             attention_mask: None,
             pixel_values: None,
             image_grid_thw: Vec::new(),
+            image_features: None,
         };
         self.extend(&inputs, cache)
     }

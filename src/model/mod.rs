@@ -24,4 +24,4 @@ pub mod vision;
 
 pub use config::Qwen3VlConfig;
 pub use decode::KvCache;
-pub use qwen3_vl::{ModelInputs, ModelOutput, Qwen3VlModel};
+pub use qwen3_vl::{ImageFeatures, ModelInputs, ModelOutput, Qwen3VlModel};

@@ -21,6 +21,23 @@ pub fn count_params<B: Backend, M: Module<B>>(module: &M) -> usize {
     c.0
 }
 
+struct TrainableCounter(usize);
+
+impl<B: Backend> ModuleVisitor<B> for TrainableCounter {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        if param.val().is_require_grad() {
+            self.0 += param.lazy_shape().num_elements();
+        }
+    }
+}
+
+/// Number of float parameters of `module` that require a gradient (0 off autodiff backends).
+pub fn count_trainable<B: Backend, M: Module<B>>(module: &M) -> usize {
+    let mut c = TrainableCounter(0);
+    module.visit(&mut c);
+    c.0
+}
+
 /// Parameter counts of the model's parts.
 #[derive(Debug, Clone)]
 pub struct ParamBreakdown {

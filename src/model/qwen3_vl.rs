@@ -65,6 +65,18 @@ pub struct ModelInputs<B: Backend> {
     pub pixel_values: Option<Tensor<B, 2>>,
     /// (t, h, w) per image, in order of appearance.
     pub image_grid_thw: Vec<[usize; 3]>,
+    /// The vision tower's outputs for these images, computed earlier: used instead of running
+    /// the tower on `pixel_values` (a frozen tower gives the same features every epoch).
+    pub image_features: Option<ImageFeatures<B>>,
+}
+
+/// What the vision tower gives the decoder for a batch's images (batch-major token order).
+#[derive(Debug, Clone)]
+pub struct ImageFeatures<B: Backend> {
+    /// Merged image tokens [N_vis, H].
+    pub merged: Tensor<B, 2>,
+    /// One [N_vis, H] feature per DeepStack tap.
+    pub deepstack: Vec<Tensor<B, 2>>,
 }
 
 /// What a forward pass returns.
@@ -219,11 +231,23 @@ impl<B: Backend> Qwen3VlModel<B> {
         let stats = AdapterStats::new();
         let mut vision = None;
         let mut deepstack = None;
-        if let Some(pv) = &inputs.pixel_values {
-            let out = self
-                .visual
-                .forward(pv.clone(), &inputs.image_grid_thw, &stats)?;
-            let rows = out.merged.dims()[0];
+        let features = match (&inputs.image_features, &inputs.pixel_values) {
+            (Some(f), _) => Some(f.clone()),
+            (None, Some(pv)) => {
+                let out = self
+                    .visual
+                    .forward(pv.clone(), &inputs.image_grid_thw, &stats)?;
+                let f = ImageFeatures {
+                    merged: out.merged.clone(),
+                    deepstack: out.deepstack.clone(),
+                };
+                vision = Some(out);
+                Some(f)
+            }
+            (None, None) => None,
+        };
+        if let Some(f) = features {
+            let rows = f.merged.dims()[0];
             if rows != n_visual as usize {
                 return Err(Error::Input(format!(
                     "input_ids hold {n_visual} image tokens but the images give {rows} features"
@@ -237,16 +261,15 @@ impl<B: Backend> Qwen3VlModel<B> {
                     k => (b * t) as i64 + k - 1,
                 })
                 .collect();
-            let table = Tensor::cat(vec![flat, out.merged.clone().cast(dtype)], 0);
+            let table = Tensor::cat(vec![flat, f.merged.cast(dtype)], 0);
             let pick = Tensor::<B, 1, Int>::from_data(TensorData::new(pick, [b * t]), &device);
             embeds = table.select(0, pick).reshape([b, t, hidden]);
             let index =
                 Tensor::<B, 1, Int>::from_data(TensorData::new(visual_index, [b * t]), &device);
             deepstack = Some(DeepStackInjection {
                 index,
-                features: out.deepstack.clone(),
+                features: f.deepstack,
             });
-            vision = Some(out);
         } else if n_visual > 0 {
             return Err(Error::Input(format!(
                 "input_ids hold {n_visual} image tokens but no pixel_values were given"

@@ -208,10 +208,20 @@ pub fn bench_train<B: AutodiffBackend>(
         settings,
         vec!["synthetic bench sample".into()],
     ));
+    let vision_trained = crate::model::params::count_trainable(&model.visual) > 0;
+    let vision_cache = super::run::vision_cache_for(exp, &model);
+    // Vision FLOPs per patch factor: forward + backward when trained, forward only when
+    // frozen, none when its features come from the cache (every step after the first).
+    let vision_factor = match (vision_trained, vision_cache.is_some()) {
+        (true, _) => 4.0,
+        (false, false) => 2.0,
+        (false, true) => 0.0,
+    };
     let mut model = TrainModel {
         model,
         run,
         config_json: Arc::new(String::new()),
+        vision_cache,
     };
     let mut optim = AdamWConfig::new()
         .with_weight_decay(exp.train.weight_decay as f32)
@@ -265,8 +275,8 @@ pub fn bench_train<B: AutodiffBackend>(
     let samples_per_s = ga as f64 / median;
     let (text, vision) = matmul_params(&cfg);
     let patches = grid.iter().product::<usize>();
-    // Forward 2·N·T plus the backward pass to the activations 2·N·T.
-    let flops_per_sample = 4.0 * (text * seq_tokens as f64 + vision * patches as f64);
+    // Text: forward 2·N·T plus the backward pass to the activations 2·N·T.
+    let flops_per_sample = 4.0 * text * seq_tokens as f64 + vision_factor * vision * patches as f64;
     Ok(BenchReport {
         seq_tokens,
         image_patches: patches,

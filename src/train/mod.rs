@@ -8,6 +8,7 @@
 //! * [`checkpoint`]: atomic step checkpoints and resume.
 //! * [`metrics`]: dashboard metrics; [`plot`]: loss/lr PNGs; [`schedule`]: warmup + decay.
 //! * [`sweep`]: grids of runs; [`bench`]: timing of the training step.
+//! * [`vision_cache`]: the frozen vision tower's features, reused across epochs.
 
 pub mod bench;
 pub mod checkpoint;
@@ -20,5 +21,6 @@ pub mod schedule;
 pub mod state;
 pub mod step;
 pub mod sweep;
+pub mod vision_cache;
 
 pub use run::{train, TrainOptions, TrainReport};

@@ -27,6 +27,7 @@ use super::prepare::{
 use super::schedule::{Decay, WarmupDecay};
 use super::state::{read_rows, truncate_rows, RunSettings, RunState, StepRow};
 use super::step::TrainModel;
+use super::vision_cache::VisionCache;
 use crate::adapter::inject::{inject, trainable_counts, trainable_line};
 use crate::adapter::peft::{load_adapter, save_adapter};
 use crate::adapter::{is_adapter_param, AdapterConfig};
@@ -41,7 +42,7 @@ use crate::eval::report::{score_and_report, ReportItem};
 use crate::experiment::Experiment;
 use crate::infer::generate::greedy_captions;
 use crate::model::config::Qwen3VlConfig;
-use crate::model::params::count_params;
+use crate::model::params::{count_params, count_trainable};
 use crate::model::Qwen3VlModel;
 
 /// How `train` runs.
@@ -403,11 +404,13 @@ fn run_stage<B: AutodiffBackend>(
     if !opts.dashboard {
         training = training.renderer(QuietRenderer);
     }
+    let vision_cache = vision_cache_for(exp, &model);
     let learner = Learner::new(
         TrainModel {
             model,
             run: run.clone(),
             config_json: Arc::new(config_json.clone()),
+            vision_cache,
         },
         optim,
         schedule,
@@ -557,10 +560,24 @@ fn finish<B: AutodiffBackend>(
         None => println!("base model {}", report.exact_match_line()),
     }
     if let Some(s) = &report.scores {
-        println!(
-            "held-out BLEU-1..4 {:.3} {:.3} {:.3} {:.3}, ROUGE-L {:.3}, CIDEr-D {:.3}",
-            s.bleu[0], s.bleu[1], s.bleu[2], s.bleu[3], s.rouge_l, s.cider_d
-        );
+        println!("held-out {s}");
     }
     Ok(report)
+}
+
+/// A vision-feature cache when the experiment asks for one and the vision tower is frozen and
+/// holds no adapter (then it gives the same features every epoch).
+pub fn vision_cache_for<B: AutodiffBackend>(
+    exp: &Experiment,
+    model: &Qwen3VlModel<B>,
+) -> Option<Arc<VisionCache>> {
+    if !exp.train.cache_vision {
+        return None;
+    }
+    if count_trainable(&model.visual) > 0 {
+        println!("vision features recomputed every step (the vision tower is trained)");
+        return None;
+    }
+    println!("vision features cached after each image's first pass (frozen vision tower)");
+    Some(Arc::new(VisionCache::default()))
 }

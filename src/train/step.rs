@@ -18,8 +18,9 @@ use burn::train::{InferenceStep, TrainOutput, TrainStep};
 use super::checkpoint::{save_checkpoint, CheckpointState};
 use super::data::TrainBatch;
 use super::state::{append_row, RunState, StepRow, Window};
+use super::vision_cache::VisionCache;
 use crate::error::Error;
-use crate::model::Qwen3VlModel;
+use crate::model::{ImageFeatures, ModelInputs, Qwen3VlModel};
 
 /// The trained model plus the run's shared state.
 #[derive(Module, Debug)]
@@ -32,6 +33,9 @@ pub struct TrainModel<B: Backend> {
     /// The base model's config.json text (written with full-model checkpoints).
     #[module(skip)]
     pub config_json: Arc<String>,
+    /// Vision features of the training images (frozen, un-adapted vision tower only).
+    #[module(skip)]
+    pub vision_cache: Option<Arc<VisionCache>>,
 }
 
 /// What one micro-batch reports to the metrics (already on the host).
@@ -91,7 +95,36 @@ pub type Losses<B> = (Tensor<B, 1>, Option<Tensor<B, 1>>, Vec<usize>);
 impl<B: Backend> TrainModel<B> {
     /// Forward pass and losses.
     pub fn losses(&self, batch: &TrainBatch<B>) -> crate::Result<Losses<B>> {
-        let out = self.model.forward(&batch.batch.inputs, false)?;
+        let inputs = &batch.batch.inputs;
+        let image_token = self.model.meta.image_token_id;
+        let cache = self
+            .vision_cache
+            .as_ref()
+            .filter(|_| inputs.pixel_values.is_some());
+        let cached =
+            cache.and_then(|c| c.lookup(inputs, &batch.indexes, image_token, &self.device()));
+        let out = match (cache, cached) {
+            (Some(_), Some(features)) => {
+                let inputs = ModelInputs {
+                    pixel_values: None,
+                    image_features: Some(features),
+                    ..inputs.clone()
+                };
+                self.model.forward(&inputs, false)?
+            }
+            (Some(c), None) => {
+                let out = self.model.forward(inputs, false)?;
+                if let Some(v) = &out.vision {
+                    let features = ImageFeatures {
+                        merged: v.merged.clone(),
+                        deepstack: v.deepstack.clone(),
+                    };
+                    c.store(inputs, &batch.indexes, image_token, &features);
+                }
+                out
+            }
+            (None, _) => self.model.forward(inputs, false)?,
+        };
         let lm = caption_loss(out.logits, &batch.target_rows, &batch.target_ids);
         Ok((lm, out.aux_loss, out.expert_tokens))
     }

@@ -89,6 +89,7 @@ fn kv_cache_decoding_matches_a_full_recompute() {
                 attention_mask: None,
                 pixel_values: None,
                 image_grid_thw: Vec::new(),
+                image_features: None,
             };
             host(model.extend(&step, &mut cache).unwrap())
         };
@@ -120,6 +121,7 @@ fn unpadded_single_row_decoding_matches_a_full_recompute() {
         attention_mask: None,
         pixel_values: Some(pv.slice([0..rows, 0..width])),
         image_grid_thw: inputs.image_grid_thw[..2].to_vec(),
+        image_features: None,
     };
     let mut cache = KvCache::new(model.language_model.layers.len(), 1);
     model.extend(&one, &mut cache).unwrap();

@@ -131,11 +131,45 @@ fn killed_run_resumes_with_identical_losses() {
     let log = String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{log}");
     assert!(log.contains("resuming at step "), "{log}");
-    let resumed = read_rows(&cut).unwrap();
-    assert_eq!(resumed.len(), expected.len());
-    for (a, b) in expected.iter().zip(&resumed) {
+    same_losses(&expected, &read_rows(&cut).unwrap(), "resumed");
+
+    // The full run reused its images' vision features from the second epoch on (the tower is
+    // frozen); recomputing them every step gives the same losses.
+    assert!(log.contains("vision features cached"), "{log}");
+    let fresh = dir.path().join("fresh");
+    let o = train(&exp, &fresh)
+        .args([
+            "--set",
+            "train.cache_vision=false",
+            "--set",
+            "train.save_every=0",
+        ])
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{log}");
+    assert!(!log.contains("vision features cached"), "{log}");
+    same_losses(
+        &expected,
+        &read_rows(&fresh).unwrap(),
+        "without the vision cache",
+    );
+    // The loss went down over the run.
+    let head: f64 = expected[..5].iter().map(|r| r.lm_loss).sum::<f64>() / 5.0;
+    let tail: f64 = expected[49..].iter().map(|r| r.lm_loss).sum::<f64>() / 5.0;
+    assert!(tail < head * 0.8, "loss {head} -> {tail}");
+}
+
+/// Every step's losses and learning rate agree within 1e-6.
+fn same_losses(
+    expected: &[qwen3_vl_moelora::train::state::StepRow],
+    got: &[qwen3_vl_moelora::train::state::StepRow],
+    what: &str,
+) {
+    assert_eq!(got.len(), expected.len(), "{what}");
+    for (a, b) in expected.iter().zip(got) {
         assert_eq!(a.step, b.step);
-        for (x, y, what) in [
+        for (x, y, name) in [
             (a.loss, b.loss, "loss"),
             (a.lm_loss, b.lm_loss, "lm_loss"),
             (a.aux_loss, b.aux_loss, "aux_loss"),
@@ -143,15 +177,11 @@ fn killed_run_resumes_with_identical_losses() {
         ] {
             assert!(
                 (x - y).abs() <= 1e-6 * x.abs().max(1.0),
-                "step {} {what}: {x} vs {y}",
+                "{what}: step {} {name}: {x} vs {y}",
                 a.step
             );
         }
     }
-    // The loss went down over the run.
-    let head: f64 = expected[..5].iter().map(|r| r.lm_loss).sum::<f64>() / 5.0;
-    let tail: f64 = expected[49..].iter().map(|r| r.lm_loss).sum::<f64>() / 5.0;
-    assert!(tail < head * 0.8, "loss {head} -> {tail}");
 }
 
 /// f16 compute (f32 adapter weights and AdamW state) with dynamic loss scaling.
