@@ -96,3 +96,66 @@ impl VisionCache {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::Flex;
+
+    const IMG: i64 = 9;
+
+    /// Rows of 4 ids: `n` image tokens then text.
+    fn inputs(rows: &[usize]) -> ModelInputs<Flex> {
+        let ids = rows
+            .iter()
+            .flat_map(|&n| (0..4).map(move |p| if p < n { IMG } else { 1 }))
+            .collect();
+        ModelInputs {
+            input_ids: ids,
+            batch: rows.len(),
+            len: 4,
+            attention_mask: None,
+            pixel_values: None,
+            image_grid_thw: Vec::new(),
+            image_features: None,
+        }
+    }
+
+    /// Features whose value names the sample: sample s, token j, tap t -> 100·s + 10·t + j.
+    fn features(samples: &[(usize, usize)]) -> ImageFeatures<Flex> {
+        let tap = |t: usize| {
+            let v: Vec<f32> = samples
+                .iter()
+                .flat_map(|&(s, n)| (0..n).flat_map(move |j| [(100 * s + 10 * t + j) as f32; 2]))
+                .collect();
+            let rows = v.len() / 2;
+            Tensor::<Flex, 2>::from_data(TensorData::new(v, [rows, 2]), &Default::default())
+        };
+        ImageFeatures {
+            merged: tap(0),
+            deepstack: vec![tap(1), tap(2)],
+        }
+    }
+
+    #[test]
+    fn rows_are_stored_per_sample_and_reassembled_in_any_batch() {
+        let cache = VisionCache::default();
+        // Samples 5 (2 image tokens), 7 (none) and 3 (3 image tokens) in one batch.
+        let batch = inputs(&[2, 0, 3]);
+        cache.store(&batch, &[5, 7, 3], IMG, &features(&[(5, 2), (3, 3)]));
+        assert_eq!(cache.len(), 2, "the text-only row stores nothing");
+        // Another batch order, and a sample not seen yet.
+        let dev = Default::default();
+        let again = inputs(&[3, 2]);
+        let got = cache.lookup(&again, &[3, 5], IMG, &dev).unwrap();
+        let want = features(&[(3, 3), (5, 2)]);
+        for (g, w) in std::iter::once((&got.merged, &want.merged))
+            .chain(got.deepstack.iter().zip(&want.deepstack))
+        {
+            assert_eq!(g.to_data(), w.to_data());
+        }
+        assert!(cache.lookup(&inputs(&[3, 2]), &[3, 8], IMG, &dev).is_none());
+        // A cached sample whose token count changed is not reused.
+        assert!(cache.lookup(&inputs(&[2]), &[3], IMG, &dev).is_none());
+    }
+}
