@@ -93,14 +93,16 @@ fn batch_seed(seed: u64, position: usize) -> u64 {
 pub type Losses<B> = (Tensor<B, 1>, Option<Tensor<B, 1>>, Vec<usize>);
 
 impl<B: Backend> TrainModel<B> {
-    /// Forward pass and losses.
-    pub fn losses(&self, batch: &TrainBatch<B>) -> crate::Result<Losses<B>> {
+    /// Forward pass and losses. `training`: the batch holds training-set samples, whose
+    /// vision features may come from (and go to) the cache; held-out batches never touch it
+    /// (their set indexes name other samples).
+    pub fn losses(&self, batch: &TrainBatch<B>, training: bool) -> crate::Result<Losses<B>> {
         let inputs = &batch.batch.inputs;
         let image_token = self.model.meta.image_token_id;
         let cache = self
             .vision_cache
             .as_ref()
-            .filter(|_| inputs.pixel_values.is_some());
+            .filter(|_| training && inputs.pixel_values.is_some());
         let cached =
             cache.and_then(|c| c.lookup(inputs, &batch.indexes, image_token, &self.device()));
         let out = match (cache, cached) {
@@ -134,9 +136,10 @@ impl<B: Backend> TrainModel<B> {
     fn measured_losses(
         &self,
         batch: &TrainBatch<B>,
+        training: bool,
         what: impl Fn() -> String,
     ) -> (Tensor<B, 1>, Option<Tensor<B, 1>>, StepOutput) {
-        let (lm, aux, expert_tokens) = match self.losses(batch) {
+        let (lm, aux, expert_tokens) = match self.losses(batch, training) {
             Ok(l) => l,
             Err(e) => self.run.fail(Error::Input(format!("{}: {e}", what()))),
         };
@@ -170,7 +173,7 @@ impl<B: AutodiffBackend> TrainStep for TrainModel<B> {
         let s = &self.run.settings;
         B::seed(&self.device(), batch_seed(s.seed, batch.positions[0]));
         let what = || format!("training batch of {}", self.run.describe(&batch.indexes));
-        let (lm, aux, mut output) = self.measured_losses(&batch, what);
+        let (lm, aux, mut output) = self.measured_losses(&batch, true, what);
         let (lm_v, aux_v) = (output.lm_loss, output.aux_loss);
         if !lm_v.is_finite() && !s.dynamic_loss_scale {
             self.run.fail(Error::Input(format!(
@@ -296,7 +299,8 @@ impl<B: Backend> InferenceStep for TrainModel<B> {
     type Output = StepOutput;
 
     fn step(&self, batch: TrainBatch<B>) -> StepOutput {
-        self.measured_losses(&batch, || "held-out batch".into()).2
+        self.measured_losses(&batch, false, || "held-out batch".into())
+            .2
     }
 }
 

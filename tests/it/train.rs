@@ -154,6 +154,22 @@ fn killed_run_resumes_with_identical_losses() {
         &read_rows(&fresh).unwrap(),
         "without the vision cache",
     );
+    // Held-out batches never read the cache (their set indexes name other samples).
+    let held_out = |run: &Path| {
+        std::fs::read_to_string(run.join("burn/valid/epoch-1/LM_loss.log"))
+            .unwrap()
+            .lines()
+            .map(|l| l.split(',').next().unwrap().parse::<f64>().unwrap())
+            .collect::<Vec<f64>>()
+    };
+    let (cached, recomputed) = (held_out(&full), held_out(&fresh));
+    assert_eq!(cached.len(), 2, "4 held-out samples in batches of 2");
+    for (a, b) in cached.iter().zip(&recomputed) {
+        assert!(
+            (a - b).abs() <= 1e-6 * a.abs().max(1.0),
+            "held-out loss {a} vs {b}"
+        );
+    }
     // The loss went down over the run.
     let head: f64 = expected[..5].iter().map(|r| r.lm_loss).sum::<f64>() / 5.0;
     let tail: f64 = expected[49..].iter().map(|r| r.lm_loss).sum::<f64>() / 5.0;
