@@ -40,7 +40,8 @@ use qwen3_vl_moelora::infer::bench::{bench_generate, GenerateBenchOptions};
 use qwen3_vl_moelora::model::config::config_file;
 use qwen3_vl_moelora::model::Qwen3VlConfig;
 use qwen3_vl_moelora::quant::bench::{
-    bench_nf4, check_kernels, tolerance, Nf4BenchOptions, QWEN3_VL_4B_SHAPES,
+    bench_nf4, check_kernels, print_checks, tolerance, Nf4BenchOptions, CHECK_CASES,
+    QWEN3_VL_4B_SHAPES,
 };
 use qwen3_vl_moelora::quant::convert::{quantize_checkpoint, QuantizeOptions};
 use qwen3_vl_moelora::train::bench::{bench_train, BenchOptions, BenchReport};
@@ -111,16 +112,7 @@ fn run_bench_generate(args: BenchGenerateArgs) -> Result<()> {
             Ok(())
         }
     }
-    for b in args.batch.split(',') {
-        let batch = b
-            .trim()
-            .parse::<usize>()
-            .ok()
-            .filter(|&b| b > 0)
-            .ok_or_else(|| Error::Argument {
-                arg: "--batch".into(),
-                message: format!("expected positive numbers separated by commas, found `{b}`"),
-            })?;
+    for batch in positive_list("--batch", &args.batch)? {
         let opts = GenerateBenchOptions {
             batch,
             prompt_tokens: args.prompt_tokens,
@@ -168,20 +160,22 @@ fn run_bench_train(args: BenchTrainArgs) -> Result<()> {
     Ok(())
 }
 
+/// Positive numbers separated by commas (`1,8`), or an error naming the flag.
+fn positive_list(arg: &str, v: &str) -> Result<Vec<usize>> {
+    v.split(',')
+        .map(|r| r.trim().parse::<usize>().ok().filter(|&r| r > 0))
+        .collect::<Option<Vec<_>>>()
+        .ok_or_else(|| Error::Argument {
+            arg: arg.into(),
+            message: format!("expected positive numbers separated by commas, found `{v}`"),
+        })
+}
+
 fn run_bench_nf4(args: BenchNf4Args) -> Result<()> {
-    let rows = |arg: &str, v: &str| -> Result<Vec<usize>> {
-        v.split(',')
-            .map(|r| r.trim().parse::<usize>().ok().filter(|&r| r > 0))
-            .collect::<Option<Vec<_>>>()
-            .ok_or_else(|| Error::Argument {
-                arg: arg.into(),
-                message: format!("expected positive numbers separated by commas, found `{v}`"),
-            })
-    };
     let opts = Nf4BenchOptions {
         shapes: QWEN3_VL_4B_SHAPES.to_vec(),
-        gemv_rows: rows("--gemv-rows", &args.gemv_rows)?,
-        gemm_rows: rows("--gemm-rows", &args.gemm_rows)?,
+        gemv_rows: positive_list("--gemv-rows", &args.gemv_rows)?,
+        gemm_rows: positive_list("--gemm-rows", &args.gemm_rows)?,
         dtype: WeightDType::parse(&args.dtype)?.dtype(),
         iters: args.iters,
         repeats: args.repeats,
@@ -191,26 +185,8 @@ fn run_bench_nf4(args: BenchNf4Args) -> Result<()> {
         type Out = ();
         fn run<B: AutodiffBackend>(self, device: &B::Device) -> Result<()> {
             let (o, check_only) = (self.0, self.1);
-            // (in, out, rows): odd sizes, an input width that is not a multiple of 8 (no GEMV),
-            // rows on both sides of the GEMV limit, and two real layers.
-            let cases = [
-                (200, 72, 1),
-                (192, 45, 5),
-                (264, 40, 33),
-                (100, 32, 2),
-                (2560, 9728, 8),
-                (9728, 2560, 100),
-            ];
-            let checks = check_kernels::<B>(&cases, o.dtype, device)?;
-            let limit = tolerance(o.dtype);
-            for c in &checks {
-                let verdict = if c.rel_err <= limit { "ok" } else { "FAILED" };
-                println!(
-                    "check {:<11} {:>5}->{:<5} rows {:>3}: rel err {:.2e} {verdict}",
-                    c.what, c.d_in, c.d_out, c.rows, c.rel_err
-                );
-            }
-            let failed = checks.iter().filter(|c| c.rel_err > limit).count();
+            let checks = check_kernels::<B>(&CHECK_CASES, o.dtype, device)?;
+            let failed = print_checks(&checks, o.dtype);
             if !check_only {
                 let report = bench_nf4::<B::InnerBackend>(&o, checks, device)?;
                 println!("{}", serde_json::to_string(&report).expect("json"));
@@ -218,7 +194,8 @@ fn run_bench_nf4(args: BenchNf4Args) -> Result<()> {
             match failed {
                 0 => Ok(()),
                 n => Err(Error::Input(format!(
-                    "{n} NF4 kernel checks above the {limit:.0e} tolerance"
+                    "{n} NF4 kernel checks above the {:.0e} tolerance",
+                    tolerance(o.dtype)
                 ))),
             }
         }

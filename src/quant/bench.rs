@@ -24,6 +24,17 @@ pub const QWEN3_VL_4B_SHAPES: [(usize, usize); 5] = [
     (9728, 2560),
 ];
 
+/// The kernel checks' (in, out, rows): odd sizes, an input width that is not a multiple of 8
+/// (no GEMV), rows on both sides of the GEMV limit, and two real layers.
+pub const CHECK_CASES: [(usize, usize, usize); 6] = [
+    (200, 72, 1),
+    (192, 45, 5),
+    (264, 40, 33),
+    (100, 32, 2),
+    (2560, 9728, 8),
+    (9728, 2560, 100),
+];
+
 /// What `bench nf4` runs.
 #[derive(Debug, Clone)]
 pub struct Nf4BenchOptions {
@@ -221,6 +232,19 @@ pub fn check_kernels<B: AutodiffBackend>(
         }
     }
     Ok(rows_out)
+}
+
+/// Prints one line per check; returns how many are above the tolerance.
+pub fn print_checks(checks: &[CheckRow], dtype: DType) -> usize {
+    let limit = tolerance(dtype);
+    for c in checks {
+        let verdict = if c.rel_err <= limit { "ok" } else { "FAILED" };
+        println!(
+            "check {:<11} {:>5}->{:<5} rows {:>3}: rel err {:.2e} {verdict}",
+            c.what, c.d_in, c.d_out, c.rows, c.rel_err
+        );
+    }
+    checks.iter().filter(|c| c.rel_err > limit).count()
 }
 
 /// Median seconds per call of `f` (`iters` calls per repeat, results kept until the device
