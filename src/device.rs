@@ -76,25 +76,26 @@ pub fn on_train_backend<J: TrainJob>(device: &str, checkpointing: bool, job: J) 
             );
             let d = CudaDevice::new(i);
             match (checkpointing, fusion) {
-                (true, true) => {
-                    use_nf4_kernels::<Autodiff<Cuda, BalancedCheckpointing>>(true);
-                    job.run::<Autodiff<Cuda, BalancedCheckpointing>>(&d)
-                }
-                (false, true) => {
-                    use_nf4_kernels::<Autodiff<Cuda>>(true);
-                    job.run::<Autodiff<Cuda>>(&d)
-                }
+                (true, true) => run_cuda::<Autodiff<Cuda, BalancedCheckpointing>, J>(job, &d, true),
+                (false, true) => run_cuda::<Autodiff<Cuda>, J>(job, &d, true),
                 (true, false) => {
-                    use_nf4_kernels::<Autodiff<CudaUnfused, BalancedCheckpointing>>(false);
-                    job.run::<Autodiff<CudaUnfused, BalancedCheckpointing>>(&d)
+                    run_cuda::<Autodiff<CudaUnfused, BalancedCheckpointing>, J>(job, &d, false)
                 }
-                (false, false) => {
-                    use_nf4_kernels::<Autodiff<CudaUnfused>>(false);
-                    job.run::<Autodiff<CudaUnfused>>(&d)
-                }
+                (false, false) => run_cuda::<Autodiff<CudaUnfused>, J>(job, &d, false),
             }
         }
     }
+}
+
+/// Runs `job` on CUDA backend `B`, with the NF4 kernels registered for it (see
+/// [`nf4_kernels_enabled`]; `fusion`: whether `B` runs burn's fusion).
+fn run_cuda<B, J: TrainJob>(job: J, device: &CudaDevice, fusion: bool) -> Result<J::Out>
+where
+    B: AutodiffBackend<Device = CudaDevice> + Nf4Backend,
+    B::InnerBackend: Nf4Backend,
+{
+    use_nf4_kernels::<B>(fusion);
+    job.run::<B>(device)
 }
 
 /// Inference work on a backend chosen at run time.

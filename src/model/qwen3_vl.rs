@@ -79,6 +79,15 @@ pub struct ImageFeatures<B: Backend> {
     pub deepstack: Vec<Tensor<B, 2>>,
 }
 
+impl<B: Backend> From<&VisionOutput<B>> for ImageFeatures<B> {
+    fn from(out: &VisionOutput<B>) -> Self {
+        Self {
+            merged: out.merged.clone(),
+            deepstack: out.deepstack.clone(),
+        }
+    }
+}
+
 /// What a forward pass returns.
 #[derive(Debug, Clone)]
 pub struct ModelOutput<B: Backend> {
@@ -237,10 +246,7 @@ impl<B: Backend> Qwen3VlModel<B> {
                 let out = self
                     .visual
                     .forward(pv.clone(), &inputs.image_grid_thw, &stats)?;
-                let f = ImageFeatures {
-                    merged: out.merged.clone(),
-                    deepstack: out.deepstack.clone(),
-                };
+                let f = ImageFeatures::from(&out);
                 vision = Some(out);
                 Some(f)
             }

@@ -117,10 +117,7 @@ impl<B: Backend> TrainModel<B> {
             (Some(c), None) => {
                 let out = self.model.forward(inputs, false)?;
                 if let Some(v) = &out.vision {
-                    let features = ImageFeatures {
-                        merged: v.merged.clone(),
-                        deepstack: v.deepstack.clone(),
-                    };
+                    let features = ImageFeatures::from(v);
                     c.store(inputs, &batch.indexes, image_token, &features);
                 }
                 out
