@@ -9,14 +9,15 @@ use burn::prelude::Backend;
 use burn::tensor::backend::AutodiffBackend;
 use qwen3_vl_moelora::checkpoint::WeightDType;
 use qwen3_vl_moelora::quant::kernels::{self, Nf4Backend};
+use qwen3_vl_moelora::train::TrainDevices;
 use qwen3_vl_moelora::{Error, Result};
 
 /// Work that runs on an autodiff backend chosen at run time.
 pub trait TrainJob {
     /// What the work returns.
     type Out;
-    /// Runs on backend `B`.
-    fn run<B: AutodiffBackend>(self, device: &B::Device) -> Result<Self::Out>;
+    /// Runs on backend `B` (one device, or data-parallel replicas).
+    fn run<B: AutodiffBackend>(self, devices: &TrainDevices<B>) -> Result<Self::Out>;
 }
 
 /// burn-cuda without burn's fusion JIT (`QWEN3VL_FUSION=0`).
@@ -51,51 +52,108 @@ pub fn fusion_enabled() -> bool {
     std::env::var("QWEN3VL_FUSION").map_or(true, |v| v != "0")
 }
 
-/// Runs `job` on the device `--device` names: Flex on the CPU, CUDA with burn's balanced
-/// gradient checkpointing when `checkpointing` (element-wise activations are recomputed in the
-/// backward pass instead of kept).
-pub fn on_train_backend<J: TrainJob>(device: &str, checkpointing: bool, job: J) -> Result<J::Out> {
+/// Runs `job` on the device(s) `spec` names (see [`choose_devices`]): Flex on the CPU, CUDA
+/// with burn's balanced gradient checkpointing when `checkpointing` (element-wise activations
+/// are recomputed in the backward pass instead of kept). Several CUDA devices train
+/// data-parallel (builds with the `ddp` feature).
+pub fn on_train_backend<J: TrainJob>(spec: &str, checkpointing: bool, job: J) -> Result<J::Out> {
     let fusion = fusion_enabled();
-    match choose_device(device)? {
-        DeviceChoice::Cpu => {
-            println!("device: cpu (flex)");
-            if checkpointing {
-                println!("note: gradient checkpointing is used on the GPU only");
-            }
-            job.run::<Autodiff<Flex>>(&FlexDevice)
-        }
-        DeviceChoice::Cuda(i) => {
-            println!(
-                "device: cuda:{i}{}{}",
-                if checkpointing {
-                    " (gradient checkpointing)"
-                } else {
-                    ""
-                },
-                if fusion { "" } else { " without fusion" }
-            );
-            let d = CudaDevice::new(i);
-            match (checkpointing, fusion) {
-                (true, true) => run_cuda::<Autodiff<Cuda, BalancedCheckpointing>, J>(job, &d, true),
-                (false, true) => run_cuda::<Autodiff<Cuda>, J>(job, &d, true),
-                (true, false) => {
-                    run_cuda::<Autodiff<CudaUnfused, BalancedCheckpointing>, J>(job, &d, false)
-                }
-                (false, false) => run_cuda::<Autodiff<CudaUnfused>, J>(job, &d, false),
-            }
-        }
+    let cuda = match choose_devices(spec)?.as_slice() {
+        [DeviceChoice::Cpu] => return on_cpu(checkpointing, job),
+        list => list
+            .iter()
+            .map(|d| match d {
+                DeviceChoice::Cuda(i) => Ok(*i),
+                DeviceChoice::Cpu => Err(Error::Argument {
+                    arg: "--devices".into(),
+                    message: "data-parallel training runs on CUDA devices only".into(),
+                }),
+            })
+            .collect::<Result<Vec<usize>>>()?,
+    };
+    let names: Vec<String> = cuda.iter().map(|i| format!("cuda:{i}")).collect();
+    println!(
+        "device: {}{}{}",
+        names.join(", "),
+        if checkpointing {
+            " (gradient checkpointing)"
+        } else {
+            ""
+        },
+        if fusion { "" } else { " without fusion" }
+    );
+    let d: Vec<CudaDevice> = cuda.into_iter().map(CudaDevice::new).collect();
+    match (checkpointing, fusion) {
+        (true, true) => run_cuda::<Autodiff<Cuda, BalancedCheckpointing>, J>(job, d, true),
+        (false, true) => run_cuda::<Autodiff<Cuda>, J>(job, d, true),
+        (true, false) => run_cuda::<Autodiff<CudaUnfused, BalancedCheckpointing>, J>(job, d, false),
+        (false, false) => run_cuda::<Autodiff<CudaUnfused>, J>(job, d, false),
     }
 }
 
-/// Runs `job` on CUDA backend `B`, with the NF4 kernels registered for it (see
+/// Training on Flex. Builds with the `ddp` feature have none: burn 0.21's `distributed`
+/// feature requires every autodiff backend to be a distributed one, which Flex is not.
+#[cfg(not(feature = "ddp"))]
+fn on_cpu<J: TrainJob>(checkpointing: bool, job: J) -> Result<J::Out> {
+    println!("device: cpu (flex)");
+    if checkpointing {
+        println!("note: gradient checkpointing is used on the GPU only");
+    }
+    job.run::<Autodiff<Flex>>(&TrainDevices::single(FlexDevice))
+}
+
+#[cfg(feature = "ddp")]
+fn on_cpu<J: TrainJob>(_checkpointing: bool, _job: J) -> Result<J::Out> {
+    Err(Error::Argument {
+        arg: "--device".into(),
+        message: "this build (feature `ddp`) trains on CUDA devices only: burn 0.21's \
+                  distributed autodiff has no CPU backend; the default build trains on the CPU"
+            .into(),
+    })
+}
+
+/// Runs `job` on CUDA backend `B` over `devices`, with the NF4 kernels registered for it (see
 /// [`nf4_kernels_enabled`]; `fusion`: whether `B` runs burn's fusion).
-fn run_cuda<B, J: TrainJob>(job: J, device: &CudaDevice, fusion: bool) -> Result<J::Out>
+fn run_cuda<B, J: TrainJob>(job: J, devices: Vec<CudaDevice>, fusion: bool) -> Result<J::Out>
 where
-    B: AutodiffBackend<Device = CudaDevice> + Nf4Backend,
+    B: AutodiffBackend<Device = CudaDevice> + Nf4Backend + MaybeDistributed,
     B::InnerBackend: Nf4Backend,
 {
     use_nf4_kernels::<B>(fusion);
-    job.run::<B>(device)
+    job.run::<B>(&B::train_devices(devices)?)
+}
+
+/// Backends that can train on several devices when the binary is built with `ddp`.
+pub trait MaybeDistributed: AutodiffBackend {
+    /// One device, or data-parallel replicas over several.
+    fn train_devices(devices: Vec<Self::Device>) -> Result<TrainDevices<Self>>;
+}
+
+#[cfg(feature = "ddp")]
+impl<B> MaybeDistributed for B
+where
+    B: AutodiffBackend + burn::tensor::backend::distributed::DistributedBackend,
+{
+    fn train_devices(devices: Vec<Self::Device>) -> Result<TrainDevices<Self>> {
+        Ok(TrainDevices::data_parallel(devices))
+    }
+}
+
+#[cfg(not(feature = "ddp"))]
+impl<B: AutodiffBackend> MaybeDistributed for B {
+    fn train_devices(mut devices: Vec<Self::Device>) -> Result<TrainDevices<Self>> {
+        if devices.len() > 1 {
+            return Err(Error::Argument {
+                arg: "--devices".into(),
+                message: format!(
+                    "{} devices asked for, but this binary was built without data-parallel \
+                     training: build it with `cargo build --release --features ddp`",
+                    devices.len()
+                ),
+            });
+        }
+        Ok(TrainDevices::single(devices.remove(0)))
+    }
 }
 
 /// Inference work on a backend chosen at run time.
@@ -147,6 +205,42 @@ fn cuda_devices() -> std::result::Result<usize, String> {
     Ok(n as usize)
 }
 
+/// The devices of a `--devices` list: `all` (every CUDA device), or comma-separated entries
+/// each as [`choose_device`] reads them (`cuda:0,cuda:1`); a single entry may be anything
+/// `--device` takes. Repeated devices are an error.
+pub fn choose_devices(spec: &str) -> Result<Vec<DeviceChoice>> {
+    let bad = |m: String| Error::Argument {
+        arg: "--devices".into(),
+        message: m,
+    };
+    if spec == "all" {
+        let n =
+            cuda_devices().map_err(|why| bad(format!("`all`: CUDA is not usable here ({why})")))?;
+        return Ok((0..n).map(DeviceChoice::Cuda).collect());
+    }
+    let entries: Vec<&str> = spec.split(',').map(str::trim).collect();
+    if entries.len() == 1 {
+        return Ok(vec![choose_device(entries[0])?]);
+    }
+    let mut seen = Vec::new();
+    for e in entries {
+        let i = match choose_device(e).map_err(|err| bad(format!("`{e}` in `{spec}`: {err}")))? {
+            DeviceChoice::Cuda(i) => i,
+            DeviceChoice::Cpu => {
+                return Err(bad(format!(
+                    "`{spec}`: data-parallel training runs on CUDA devices only"
+                )))
+            }
+        };
+        if seen.contains(&i) {
+            return Err(bad(format!("`{spec}`: cuda:{i} is listed twice")));
+        }
+        seen.push(i);
+    }
+    Ok(seen.into_iter().map(DeviceChoice::Cuda).collect())
+}
+
+/// The device `--device` names: `auto`, `cpu`, `cuda` or `cuda:N`.
 pub fn choose_device(arg: &str) -> Result<DeviceChoice> {
     let bad = |m: String| Error::Argument {
         arg: "--device".into(),

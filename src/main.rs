@@ -46,7 +46,7 @@ use qwen3_vl_moelora::quant::bench::{
 use qwen3_vl_moelora::quant::convert::{quantize_checkpoint, QuantizeOptions};
 use qwen3_vl_moelora::train::bench::{bench_train, BenchOptions, BenchReport};
 use qwen3_vl_moelora::train::sweep::run_sweep;
-use qwen3_vl_moelora::train::{train, TrainOptions};
+use qwen3_vl_moelora::train::{train, TrainDevices, TrainOptions};
 use qwen3_vl_moelora::{Error, Result};
 
 fn run_train(args: TrainArgs) -> Result<()> {
@@ -59,12 +59,12 @@ fn run_train(args: TrainArgs) -> Result<()> {
     struct Job(Experiment, TrainOptions);
     impl TrainJob for Job {
         type Out = ();
-        fn run<B: AutodiffBackend>(self, device: &B::Device) -> Result<()> {
-            train::<B>(&self.0, &self.1, device).map(|_| ())
+        fn run<B: AutodiffBackend>(self, devices: &TrainDevices<B>) -> Result<()> {
+            train::<B>(&self.0, &self.1, devices).map(|_| ())
         }
     }
     let checkpointing = exp.train.gradient_checkpointing;
-    on_train_backend(&args.device, checkpointing, Job(exp, opts))
+    on_train_backend(&args.devices()?, checkpointing, Job(exp, opts))
 }
 
 fn run_inference(command: Command) -> Result<()> {
@@ -139,8 +139,8 @@ fn run_bench_train(args: BenchTrainArgs) -> Result<()> {
     struct Job(Experiment, BenchOptions);
     impl TrainJob for Job {
         type Out = BenchReport;
-        fn run<B: AutodiffBackend>(self, device: &B::Device) -> Result<BenchReport> {
-            bench_train::<B>(&self.0, &self.1, device)
+        fn run<B: AutodiffBackend>(self, devices: &TrainDevices<B>) -> Result<BenchReport> {
+            bench_train::<B>(&self.0, &self.1, devices.main())
         }
     }
     let checkpointing = exp.train.gradient_checkpointing;
@@ -183,8 +183,8 @@ fn run_bench_nf4(args: BenchNf4Args) -> Result<()> {
     struct Job(Nf4BenchOptions, bool);
     impl TrainJob for Job {
         type Out = ();
-        fn run<B: AutodiffBackend>(self, device: &B::Device) -> Result<()> {
-            let (o, check_only) = (self.0, self.1);
+        fn run<B: AutodiffBackend>(self, devices: &TrainDevices<B>) -> Result<()> {
+            let (o, check_only, device) = (self.0, self.1, devices.main());
             let checks = check_kernels::<B>(&CHECK_CASES, o.dtype, device)?;
             let failed = print_checks(&checks, o.dtype);
             if !check_only {

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use clap::{Parser, Subcommand};
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::experiment::Experiment;
 
 #[derive(Parser)]
@@ -432,6 +432,19 @@ pub struct TrainArgs {
     /// auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: String,
+    /// Data-parallel training on several GPUs: cuda:0,cuda:1,... or all (builds with the
+    /// `ddp` feature; replaces --device).
+    #[arg(long, conflicts_with = "device", value_name = "LIST")]
+    pub devices: Option<String>,
+    /// Hosts taking part (multi-host training is not available with burn 0.21; see README).
+    #[arg(long, default_value_t = 1)]
+    pub nodes: usize,
+    /// This host's rank among --nodes.
+    #[arg(long, default_value_t = 0)]
+    pub node_rank: usize,
+    /// HOST:PORT of the rank-0 host.
+    #[arg(long)]
+    pub coordinator: Option<String>,
     /// Plain log lines even on a terminal (no dashboard).
     #[arg(long)]
     pub plain: bool,
@@ -454,6 +467,22 @@ impl BenchTrainArgs {
 }
 
 impl TrainArgs {
+    /// The device spec (`--devices`, else `--device`); multi-host flags are refused with the
+    /// reason.
+    pub fn devices(&self) -> Result<String> {
+        if self.nodes > 1 || self.node_rank > 0 || self.coordinator.is_some() {
+            return Err(Error::Argument {
+                arg: "--nodes".into(),
+                message: "multi-host training needs a collective backend across hosts, which \
+                          burn 0.21.0 does not ship (its DDP all-reduces between the GPUs of one \
+                          process: DistributedConfig holds only the reduce operation); train on \
+                          one host with --devices"
+                    .into(),
+            });
+        }
+        Ok(self.devices.clone().unwrap_or_else(|| self.device.clone()))
+    }
+
     /// The experiment with the path flags folded into the overrides.
     pub fn experiment(&self) -> Result<Experiment> {
         let mut set = self.set.clone();

@@ -203,6 +203,7 @@ pub fn bench_train<B: AutodiffBackend>(
         adapter: Some(exp.adapter.clone()),
         base_model: exp.model.path.display().to_string(),
         max_consecutive_skips: usize::MAX,
+        replicas: 1,
     };
     let run = Arc::new(RunState::new(
         settings,

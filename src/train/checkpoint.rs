@@ -25,6 +25,10 @@ pub struct CheckpointState {
     pub position: usize,
     /// Learning-rate scheduler calls made.
     pub scheduler_calls: usize,
+    /// Samples per optimizer step over all devices (the global batch; 0 in checkpoints written
+    /// before data-parallel training existed: batch_size x grad_accum of the config).
+    #[serde(default)]
+    pub samples_per_step: usize,
     /// Loss scaler.
     pub scaler: LossScaler,
     /// Steps skipped so far.

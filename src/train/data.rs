@@ -6,6 +6,10 @@
 //! is its index in that concatenation: it fixes the data order and (through the per-batch
 //! reseed in the train step) the dropout masks, so a run resumed at step k sees exactly what an
 //! uninterrupted run sees.
+//!
+//! With data-parallel replicas, burn-train cuts the dataset into one contiguous slice per
+//! device; [`RunOrder::sharded`] lays the positions out so that the slices together cover each
+//! optimizer step's positions exactly as one device with the same global batch would.
 
 use std::sync::Arc;
 
@@ -47,6 +51,10 @@ pub struct RunOrder {
     orders: Arc<Vec<Vec<usize>>>,
     start: usize,
     end: usize,
+    /// Data-parallel replicas the dataset is sliced into (1: plain run order).
+    replicas: usize,
+    /// Samples each replica contributes to one optimizer step (batch x accumulation).
+    per_replica: usize,
 }
 
 impl RunOrder {
@@ -68,7 +76,41 @@ impl RunOrder {
             orders: Arc::new(orders),
             start,
             end,
+            replicas: 1,
+            per_replica: 1,
         }
+    }
+
+    /// The same positions, laid out for `replicas` equal contiguous slices (burn-train's
+    /// `split_dataloader`): slice `d`'s `j`-th item is position
+    /// `start + k·S + d·per_replica + r` with `k = j / per_replica`, `r = j % per_replica` and
+    /// `S = replicas·per_replica` the samples of one optimizer step. So every step's positions
+    /// are split between the replicas, whatever their number. `end - start` must be a whole
+    /// number of steps.
+    pub fn sharded(mut self, replicas: usize, per_replica: usize) -> Self {
+        assert!(
+            replicas >= 1 && per_replica >= 1,
+            "replicas and per_replica are at least 1"
+        );
+        assert_eq!(
+            (self.end - self.start) % (replicas * per_replica),
+            0,
+            "a sharded run order holds whole optimizer steps"
+        );
+        self.replicas = replicas;
+        self.per_replica = per_replica;
+        self
+    }
+
+    /// Run position of dataset item `i` (see [`RunOrder::sharded`]).
+    fn position_of(&self, i: usize) -> usize {
+        if self.replicas == 1 {
+            return self.start + i;
+        }
+        let slice = (self.end - self.start) / self.replicas;
+        let (d, j) = (i / slice, i % slice);
+        let (k, r) = (j / self.per_replica, j % self.per_replica);
+        self.start + k * self.replicas * self.per_replica + d * self.per_replica + r
     }
 
     /// Every sample once, in file order, positions 0.. (held-out evaluation).
@@ -86,8 +128,8 @@ impl RunOrder {
 
 impl Dataset<TrainItem> for RunOrder {
     fn get(&self, i: usize) -> Option<TrainItem> {
-        let position = self.start + i;
-        (position < self.end).then(|| {
+        (i < self.end - self.start).then(|| {
+            let position = self.position_of(i);
             let index = self.index_at(position);
             TrainItem {
                 sample: self.samples[index].clone(),
@@ -189,5 +231,38 @@ mod tests {
         e0.sort();
         assert_eq!(e0, (0..7).collect::<Vec<_>>());
         assert_ne!(f[..7], f[7..14]);
+    }
+
+    /// Positions each replica's slice sees, one optimizer step per inner vector.
+    fn steps_of(order: &RunOrder, replicas: usize, per_step: usize) -> Vec<Vec<usize>> {
+        let slice = order.len() / replicas;
+        let mut steps = vec![Vec::new(); order.len() / per_step];
+        for d in 0..replicas {
+            for j in 0..slice {
+                let p = order.get(d * slice + j).unwrap().position;
+                steps[j / (per_step / replicas)].push(p);
+            }
+        }
+        steps.iter_mut().for_each(|s| s.sort());
+        steps
+    }
+
+    #[test]
+    fn sharded_slices_cover_each_step_as_one_device_does() {
+        let samples = Arc::new((0..10).map(sample).collect::<Vec<_>>());
+        // Resumed at position 12 of 2 epochs (20 positions), 4 samples per optimizer step.
+        let one = RunOrder::new(samples.clone(), 2, 3, true, 12, 20);
+        let two = RunOrder::new(samples.clone(), 2, 3, true, 12, 20).sharded(2, 2);
+        let four = RunOrder::new(samples, 2, 3, true, 12, 20).sharded(4, 1);
+        let expected = vec![vec![12, 13, 14, 15], vec![16, 17, 18, 19]];
+        assert_eq!(steps_of(&one, 1, 4), expected);
+        assert_eq!(steps_of(&two, 2, 4), expected);
+        assert_eq!(steps_of(&four, 4, 4), expected);
+        // Same samples at the same positions, only the item order differs.
+        for i in 0..two.len() {
+            let it = two.get(i).unwrap();
+            assert_eq!(it.index, one.get(it.position - 12).unwrap().index);
+        }
+        assert!(two.get(8).is_none());
     }
 }

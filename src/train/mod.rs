@@ -2,6 +2,7 @@
 //!
 //! * [`run`]: `train` — data, model + adapter, Learner, final adapter, predictions, plots.
 //! * [`step`]: the train/valid steps, loss, loss scaling, clipping, per-step hooks.
+//! * [`devices`]: one device or data-parallel replicas (burn-train's DDP, feature `ddp`).
 //! * [`data`]: run order (seeded epochs, resumable position) and the batcher.
 //! * [`prepare`]: the run's tokenizer, image settings and prepared samples.
 //! * [`state`]: shared run state, loss scaler, `metrics.csv`.
@@ -13,6 +14,7 @@
 pub mod bench;
 pub mod checkpoint;
 pub mod data;
+pub mod devices;
 pub mod metrics;
 pub mod plot;
 pub mod prepare;
@@ -23,4 +25,5 @@ pub mod step;
 pub mod sweep;
 pub mod vision_cache;
 
+pub use devices::TrainDevices;
 pub use run::{train, TrainOptions, TrainReport};

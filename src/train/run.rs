@@ -18,6 +18,7 @@ use serde::Serialize;
 
 use super::checkpoint::{latest_checkpoint, load_optimizer, CheckpointState};
 use super::data::{RunOrder, TrainBatcher};
+use super::devices::TrainDevices;
 use super::metrics::{Quantity, QuietRenderer, ScalarMetric};
 use super::plot::plot_run;
 use super::prepare::{
@@ -95,7 +96,7 @@ impl TrainReport {
 pub fn train<B: AutodiffBackend>(
     exp: &Experiment,
     opts: &TrainOptions,
-    device: &B::Device,
+    devices: &TrainDevices<B>,
 ) -> Result<TrainReport> {
     ensure_synthetic(exp)?;
     if let Some(pre) = &exp.pretrain {
@@ -123,7 +124,7 @@ pub fn train<B: AutodiffBackend>(
                 resume: false,
                 ..opts.clone()
             };
-            run_stage::<B>(&stage, None, &fresh, device)?;
+            run_stage::<B>(&stage, None, &fresh, devices)?;
             let from = stage.train.output_dir.join("model");
             std::fs::create_dir_all(&exp.model.path).map_err(|e| Error::io(&exp.model.path, e))?;
             for f in ["config.json", "model.safetensors"] {
@@ -135,7 +136,7 @@ pub fn train<B: AutodiffBackend>(
             std::fs::copy(&tok, &dst).map_err(|e| Error::io(&dst, e))?;
         }
     }
-    run_stage::<B>(exp, Some(&exp.adapter), opts, device)
+    run_stage::<B>(exp, Some(&exp.adapter), opts, devices)
 }
 
 /// Generates the synthetic set when the experiment asks for one and it is missing.
@@ -219,8 +220,9 @@ fn run_stage<B: AutodiffBackend>(
     exp: &Experiment,
     adapter: Option<&AdapterConfig>,
     opts: &TrainOptions,
-    device: &B::Device,
+    devices: &TrainDevices<B>,
 ) -> Result<TrainReport> {
+    let device = devices.main();
     let out = exp.train.output_dir.clone();
     if adapter.is_none() && nf4_options(exp)?.is_some() {
         return Err(Error::Config {
@@ -287,20 +289,29 @@ fn run_stage<B: AutodiffBackend>(
     };
 
     let n = data.train.len();
-    let per_step = exp.train.batch_size * exp.train.grad_accum;
+    let replicas = devices.replicas();
+    let accum = grad_accum_per_device(exp, replicas, resume_from.as_ref().map(|r| &r.1))?;
+    let per_step = exp.train.batch_size * accum * replicas;
     let total_steps = exp.train.epochs * n / per_step;
     if total_steps == 0 {
         return Err(Error::Config {
             path: out.join("config.toml"),
             field: "train.batch_size".into(),
             message: format!(
-                "{} epochs of {n} samples make no optimizer step of batch_size x grad_accum = \
-                 {per_step}",
+                "{} epochs of {n} samples make no optimizer step of batch_size x grad_accum x \
+                 devices = {per_step}",
                 exp.train.epochs
             ),
         });
     }
     println!("{}", trainable_line(trainable, all));
+    if replicas > 1 {
+        println!(
+            "data-parallel on {replicas} devices: effective batch {} per device x {replicas} \
+             devices x {accum} accumulation = {per_step} samples per optimizer step",
+            exp.train.batch_size
+        );
+    }
     println!(
         "training {} for {total_steps} optimizer steps ({} epochs x {n} samples, {} per step) into {}",
         match adapter {
@@ -314,7 +325,7 @@ fn run_stage<B: AutodiffBackend>(
 
     let settings = RunSettings {
         seed: exp.train.seed,
-        grad_accum: exp.train.grad_accum,
+        grad_accum: accum,
         batch_size: exp.train.batch_size,
         dynamic_loss_scale: exp.model.dtype == "f16" && exp.train.loss_scale == "dynamic",
         max_grad_norm: exp.train.max_grad_norm,
@@ -331,6 +342,7 @@ fn run_stage<B: AutodiffBackend>(
         adapter: adapter.cloned(),
         base_model: exp.model.path.display().to_string(),
         max_consecutive_skips: 25,
+        replicas,
     };
     let run = Arc::new(RunState::new(settings, data.train_origins.clone()));
     let mut optim = AdamWConfig::new()
@@ -358,7 +370,8 @@ fn run_stage<B: AutodiffBackend>(
         } else {
             Decay::Cosine
         },
-        calls_per_step: exp.train.grad_accum,
+        // burn-train's DDP loop steps every replica's scheduler once per device per batch.
+        calls_per_step: accum * replicas,
         calls,
     };
 
@@ -371,7 +384,8 @@ fn run_stage<B: AutodiffBackend>(
     };
     let samples = Arc::new(data.train.clone());
     let end = total_steps * per_step;
-    let order = RunOrder::new(samples, exp.train.epochs, exp.train.seed, true, start, end);
+    let order = RunOrder::new(samples, exp.train.epochs, exp.train.seed, true, start, end)
+        .sharded(replicas, exp.train.batch_size * accum);
     let train_loader = DataLoaderBuilder::new(TrainBatcher(batcher.clone()))
         .batch_size(exp.train.batch_size)
         .build(order);
@@ -398,8 +412,11 @@ fn run_stage<B: AutodiffBackend>(
             training = training.metric_train_numeric(ScalarMetric::new(Quantity::ExpertShare(e)));
         }
     }
-    if exp.train.grad_accum > 1 {
-        training = training.grads_accumulation(exp.train.grad_accum);
+    if accum > 1 {
+        training = training.grads_accumulation(accum);
+    }
+    if replicas > 1 {
+        training = training.with_training_strategy(devices.strategy().into());
     }
     if !opts.dashboard {
         training = training.renderer(QuietRenderer);
@@ -456,9 +473,46 @@ fn run_stage<B: AutodiffBackend>(
     )
 }
 
+/// Micro-batches each device accumulates per optimizer step: `train.grad_accum`, except when
+/// resuming on another number of devices, where the checkpoint's global batch is kept (the
+/// schedule and data order continue exactly) if the new device count divides it.
+fn grad_accum_per_device(
+    exp: &Experiment,
+    replicas: usize,
+    resumed: Option<&CheckpointState>,
+) -> Result<usize> {
+    let accum = exp.train.grad_accum;
+    let bs = exp.train.batch_size;
+    let Some(global) = resumed.map(|s| s.samples_per_step).filter(|&g| g > 0) else {
+        return Ok(accum);
+    };
+    if global == bs * accum * replicas {
+        return Ok(accum);
+    }
+    if global % (bs * replicas) != 0 {
+        return Err(Error::Config {
+            path: exp.train.output_dir.join("config.toml"),
+            field: "train.grad_accum".into(),
+            message: format!(
+                "the checkpoint was written with a global batch of {global} samples per step, \
+                 which {replicas} device(s) x batch_size {bs} cannot split evenly; resume on a \
+                 device count that divides {}",
+                global / bs
+            ),
+        });
+    }
+    let adjusted = global / (bs * replicas);
+    println!(
+        "resuming on {replicas} device(s): grad_accum {adjusted} per device keeps the \
+         checkpoint's global batch of {global} samples"
+    );
+    Ok(adjusted)
+}
+
 fn resume_progress(run: &RunState, state: &CheckpointState, rows: Vec<StepRow>) {
     let mut p = run.lock();
     p.step = state.step;
+    p.first_step = state.step;
     p.scaler = state.scaler;
     p.skipped = state.skipped;
     p.seconds_before = state.seconds;

@@ -1,6 +1,12 @@
 //! What a run shares between its train steps and optimizer steps: settings, the dynamic loss
 //! scaler, the running window of micro-batch losses, and the per-step rows of `metrics.csv`.
+//!
+//! Data-parallel replicas (one model copy per GPU) share one `RunState`: every replica's
+//! micro-batches add to the window of their optimizer step, and the first replica to finish a
+//! step decides it (gradient norm, clipping, skip, loss scale, metrics row, checkpoint) for all
+//! of them; the others apply the same decision to their identical, all-reduced gradients.
 
+use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -43,6 +49,31 @@ pub struct RunSettings {
     pub base_model: String,
     /// Consecutive skipped (non-finite) steps before the run gives up.
     pub max_consecutive_skips: usize,
+    /// Data-parallel replicas (devices) that each run `grad_accum` micro-batches per step.
+    pub replicas: usize,
+}
+
+impl RunSettings {
+    /// Samples of one optimizer step over every replica (the global batch).
+    pub fn samples_per_step(&self) -> usize {
+        self.batch_size * self.grad_accum * self.replicas
+    }
+
+    /// The optimizer step (1-based) that the sample at run `position` belongs to.
+    pub fn step_of(&self, position: usize) -> usize {
+        position / self.samples_per_step() + 1
+    }
+}
+
+/// How the first replica to finish an optimizer step applied it; the others do the same.
+#[derive(Debug, Clone, Copy)]
+pub struct StepDecision {
+    /// The gradients were finite (the step was taken, not skipped).
+    pub finite: bool,
+    /// Factor applied to the gradients (unscaling times clipping).
+    pub factor: f64,
+    /// Replicas that have not applied it yet.
+    pub remaining: usize,
 }
 
 /// Dynamic loss scaling as PyTorch's GradScaler: halve on overflow, double after
@@ -186,8 +217,14 @@ pub struct Progress {
     pub skipped: usize,
     /// Skipped steps in a row.
     pub consecutive_skips: usize,
-    /// Current window.
-    pub window: Window,
+    /// The windows of the steps in progress, by step number.
+    pub windows: BTreeMap<usize, Window>,
+    /// Optimizer steps each replica (by device) has applied, counted from `first_step`.
+    pub replica_steps: HashMap<String, usize>,
+    /// The step this process started at (0, or the checkpoint's step on resume).
+    pub first_step: usize,
+    /// Decided steps that some replicas have still to apply.
+    pub decisions: HashMap<usize, StepDecision>,
     /// Every step's row.
     pub rows: Vec<StepRow>,
     /// Clock start of this process's part of the run.
@@ -198,6 +235,53 @@ pub struct Progress {
     pub last_step_at: Instant,
     /// Checkpoints written (step numbers).
     pub checkpoints: Vec<usize>,
+}
+
+/// What a replica that finished its next optimizer step has to do.
+#[derive(Debug, Clone, Copy)]
+pub enum StepClaim {
+    /// It is the first to finish step N: decide it (and record the decision for the others
+    /// with [`Progress::decided`]).
+    Decide(usize),
+    /// Another replica decided this step: do the same.
+    Apply(StepDecision),
+}
+
+impl Progress {
+    /// Replica `replica` (a device name) finished its next optimizer step.
+    pub fn claim_step(&mut self, replica: &str) -> StepClaim {
+        let first = self.first_step;
+        let done = self
+            .replica_steps
+            .entry(replica.to_string())
+            .or_insert(first);
+        *done += 1;
+        let step = *done;
+        match self.decisions.get_mut(&step) {
+            Some(d) => {
+                d.remaining -= 1;
+                let out = *d;
+                if d.remaining == 0 {
+                    self.decisions.remove(&step);
+                }
+                StepClaim::Apply(out)
+            }
+            None => StepClaim::Decide(step),
+        }
+    }
+
+    /// Records how `step` was applied, for the `replicas - 1` other replicas.
+    pub fn decided(&mut self, step: usize, finite: bool, factor: f64, replicas: usize) {
+        if replicas > 1 {
+            let remaining = replicas - 1;
+            let d = StepDecision {
+                finite,
+                factor,
+                remaining,
+            };
+            self.decisions.insert(step, d);
+        }
+    }
 }
 
 /// Shared state of a run (held by the model wrapper, so it reaches the step hooks).
@@ -226,7 +310,10 @@ impl RunState {
                 scaler,
                 skipped: 0,
                 consecutive_skips: 0,
-                window: Window::default(),
+                windows: BTreeMap::new(),
+                replica_steps: HashMap::new(),
+                first_step: 0,
+                decisions: HashMap::new(),
                 rows: Vec::new(),
                 started: now,
                 seconds_before: 0.0,
@@ -243,9 +330,14 @@ impl RunState {
     }
 
     /// Records `e` and stops the run: the Learner has no error channel, so this panics after
-    /// storing the error for `train` to report.
+    /// storing the error for `train` to report. With data-parallel replicas the process exits
+    /// at once (status 1): the other replicas would wait for this one's gradients forever.
     pub fn fail(&self, e: Error) -> ! {
         let msg = e.to_string();
+        if self.settings.replicas > 1 {
+            eprintln!("error: {msg}");
+            std::process::exit(1);
+        }
         *self.error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
         panic!("{msg}");
     }
@@ -377,6 +469,65 @@ mod tests {
         fixed.overflow();
         fixed.good();
         assert_eq!(fixed.scale, 1.0);
+    }
+
+    fn settings(replicas: usize) -> RunSettings {
+        RunSettings {
+            seed: 1,
+            grad_accum: 2,
+            batch_size: 3,
+            dynamic_loss_scale: false,
+            max_grad_norm: 1.0,
+            log_every: 0,
+            save_every: 0,
+            keep_last: 1,
+            total_steps: 10,
+            samples_per_epoch: 60,
+            out_dir: PathBuf::new(),
+            adapter: None,
+            base_model: String::new(),
+            max_consecutive_skips: 3,
+            replicas,
+        }
+    }
+
+    #[test]
+    fn replicas_share_one_decision_per_step() {
+        let s = settings(2);
+        assert_eq!(s.samples_per_step(), 12);
+        assert_eq!((s.step_of(0), s.step_of(11), s.step_of(12)), (1, 1, 2));
+        let run = RunState::new(s, Vec::new());
+        let mut p = run.lock();
+        p.first_step = 4; // resumed at step 4
+        let StepClaim::Decide(step) = p.claim_step("cuda:1") else {
+            panic!("the first replica to finish a step decides it")
+        };
+        assert_eq!(step, 5);
+        p.decided(step, false, 0.5, 2);
+        // The fast replica may finish step 6 before the slow one applies step 5.
+        assert!(matches!(p.claim_step("cuda:1"), StepClaim::Decide(6)));
+        p.decided(6, true, 0.25, 2);
+        match p.claim_step("cuda:0") {
+            StepClaim::Apply(d) => assert!(!d.finite && d.factor == 0.5),
+            other => panic!("expected step 5's decision, got {other:?}"),
+        }
+        match p.claim_step("cuda:0") {
+            StepClaim::Apply(d) => assert!(d.finite && d.factor == 0.25),
+            other => panic!("expected step 6's decision, got {other:?}"),
+        }
+        assert!(p.decisions.is_empty(), "applied decisions are dropped");
+        assert!(matches!(p.claim_step("cuda:0"), StepClaim::Decide(7)));
+    }
+
+    #[test]
+    fn one_device_decides_every_step() {
+        let run = RunState::new(settings(1), Vec::new());
+        let mut p = run.lock();
+        for step in 1..=3 {
+            assert!(matches!(p.claim_step("cpu"), StepClaim::Decide(s) if s == step));
+            p.decided(step, true, 1.0, 1);
+            assert!(p.decisions.is_empty());
+        }
     }
 
     #[test]

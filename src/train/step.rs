@@ -17,7 +17,7 @@ use burn::train::{InferenceStep, TrainOutput, TrainStep};
 
 use super::checkpoint::{save_checkpoint, CheckpointState};
 use super::data::TrainBatch;
-use super::state::{append_row, RunState, StepRow, Window};
+use super::state::{append_row, RunState, StepClaim, StepRow, Window};
 use super::vision_cache::VisionCache;
 use crate::error::Error;
 use crate::model::{ImageFeatures, ModelInputs, Qwen3VlModel};
@@ -185,7 +185,7 @@ impl<B: AutodiffBackend> TrainStep for TrainModel<B> {
         };
         let scale = {
             let mut p = self.run.lock();
-            let w = &mut p.window;
+            let w = p.windows.entry(s.step_of(batch.positions[0])).or_default();
             w.lm += lm_v;
             w.aux += aux_v;
             w.micro += 1;
@@ -216,17 +216,32 @@ impl<B: AutodiffBackend> TrainStep for TrainModel<B> {
         let run = self.run.clone();
         let s = &run.settings;
         let mut p = run.lock();
+        // The first replica to finish a step decides it; with one device that is every step.
+        let step = match p.claim_step(&format!("{:?}", self.device())) {
+            StepClaim::Decide(step) => step,
+            StepClaim::Apply(d) => {
+                drop(p);
+                if !d.finite {
+                    return self;
+                }
+                if d.factor != 1.0 {
+                    scale_grads::<B2, Self>(&self, &mut grads, d.factor);
+                }
+                return optim.step(lr, self, grads);
+            }
+        };
         let scale = p.scaler.scale;
         let norm = grad_sq_sum::<B2, Self>(&self, &grads).sqrt() / scale;
-        p.step += 1;
-        let window = std::mem::take(&mut p.window);
+        p.step = step;
+        let window = p.windows.remove(&step).unwrap_or_default();
+        let mut factor = 1.0;
         let mut model = if norm.is_finite() {
             let clip = if s.max_grad_norm > 0.0 && norm > s.max_grad_norm {
                 s.max_grad_norm / norm
             } else {
                 1.0
             };
-            let factor = clip / scale;
+            factor = clip / scale;
             if factor != 1.0 {
                 scale_grads::<B2, Self>(&self, &mut grads, factor);
             }
@@ -251,6 +266,7 @@ impl<B: AutodiffBackend> TrainStep for TrainModel<B> {
             }
             self
         };
+        p.decided(step, norm.is_finite(), factor, s.replicas);
         let row = step_row(&mut p, &window, lr, norm, s.samples_per_epoch);
         if let Err(e) = append_row(&s.out_dir, &row) {
             drop(p);
@@ -265,8 +281,9 @@ impl<B: AutodiffBackend> TrainStep for TrainModel<B> {
         if save {
             let state = CheckpointState {
                 step: p.step,
-                position: p.step * s.grad_accum * s.batch_size,
-                scheduler_calls: p.step * s.grad_accum,
+                position: p.step * s.samples_per_step(),
+                scheduler_calls: p.step * s.grad_accum * s.replicas,
+                samples_per_step: s.samples_per_step(),
                 scaler: p.scaler,
                 skipped: p.skipped,
                 seconds: p.seconds_before + p.started.elapsed().as_secs_f64(),

@@ -12,6 +12,7 @@ JOB: ours:EXPERIMENT[:key=value,...]   e.g. ours:experiments/qwen3-vl-4b-lora.to
 The 4B config is model/configs/qwen3-vl-4b-instruct.json for both.
 """
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -21,8 +22,10 @@ CONFIG = "model/configs/qwen3-vl-4b-instruct.json"
 
 
 def used_mib():
-    out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-                         capture_output=True, text=True).stdout
+    # The first visible GPU (CUDA_VISIBLE_DEVICES picks it when several jobs share a host).
+    gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
+    out = subprocess.run(["nvidia-smi", "-i", gpu, "--query-gpu=memory.used",
+                          "--format=csv,noheader,nounits"], capture_output=True, text=True).stdout
     return int(out.split()[0])
 
 

@@ -5,8 +5,11 @@ on the values), one 288x288 image (18x18 patches, 81 image tokens) and 120 token
 batch 1 x gradient accumulation 8, LoRA r=8 alpha=16 on q/k/v/o, AdamW; prints one JSON line.
 
 Usage: python3 hf_train_4b.py CONFIG_JSON VARIANT [STEPS]
-VARIANT: bf16 | bf16-ckpt | f16-ckpt | nf4   (nf4: bitsandbytes NF4 + double quant, f16 autocast,
-gradient checkpointing -- the reference's setup). Run in the same call as our `bench train`.
+VARIANT: bf16 | bf16-ckpt | f16-ckpt | nf4 | nf4-nockpt | nf4-all | nf4-all-nockpt
+(nf4: bitsandbytes NF4 + double quant, f16 autocast, gradient checkpointing -- the reference's
+setup; -nockpt: without checkpointing; -all: LoRA r16 on q,k,v,o,gate,up,down, the adapter
+FLOPs of our 2-expert r8 MoE-LoRA on the same targets without its router -- peft has no
+MoE-LoRA). Run in the same call as our `bench train`.
 """
 import json
 import os
@@ -22,11 +25,17 @@ config_path, variant = sys.argv[1], sys.argv[2]
 steps = int(sys.argv[3]) if len(sys.argv) > 3 else 5
 accum, warmup = 8, 2
 cfg = Qwen3VLConfig.from_json_file(config_path)
-dtype = torch.bfloat16 if variant.startswith("bf16") else torch.float16
-checkpointing = variant.endswith("ckpt") or variant == "nf4"
+flags = variant.split("-")
+dtype = torch.bfloat16 if flags[0] == "bf16" else torch.float16
+checkpointing = "ckpt" in flags or (flags[0] == "nf4" and "nockpt" not in flags)
+targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
+rank = 8
+if "all" in flags:
+    targets += ["gate_proj", "up_proj", "down_proj"]
+    rank = 16
 torch.manual_seed(0)
 
-if variant == "nf4":
+if flags[0] == "nf4":
     from transformers import BitsAndBytesConfig
     folder = os.path.join(tempfile.gettempdir(), "qwen3-vl-random-f16")
     if not os.path.exists(os.path.join(folder, "config.json")):
@@ -42,9 +51,8 @@ model.config.use_cache = False
 if checkpointing:
     model.gradient_checkpointing_enable()
     model.enable_input_require_grads()
-model = get_peft_model(model, LoraConfig(task_type=TaskType.CAUSAL_LM, r=8, lora_alpha=16,
-                                         lora_dropout=0.05, bias="none",
-                                         target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+model = get_peft_model(model, LoraConfig(task_type=TaskType.CAUSAL_LM, r=rank, lora_alpha=2 * rank,
+                                         lora_dropout=0.05, bias="none", target_modules=targets))
 trainable, total = model.get_nb_trainable_parameters()
 
 # 3 text tokens, <vision_start>, 81 image pads, <vision_end>, 10 prompt tokens, 24 caption tokens.

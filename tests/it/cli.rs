@@ -86,6 +86,23 @@ fn fails_with(args: &[&str], needle: &str) {
 }
 
 #[test]
+fn bad_device_lists_fail_clearly() {
+    fails_with(&["train", "--devices", "cpu,cpu"], "CUDA devices only");
+    // No GPU here: the first entry is not usable; on a GPU machine cuda:99 does not exist.
+    fails_with(&["train", "--devices", "cuda:0,cuda:99"], "--devices");
+    fails_with(&["train", "--devices", "cuda:0,gpu1"], "--devices");
+    fails_with(
+        &["train", "--device", "cpu", "--devices", "cuda:0,cuda:1"],
+        "cannot be used with",
+    );
+    // Several hosts: refused with the reason.
+    fails_with(
+        &["train", "--nodes", "2", "--coordinator", "10.0.0.1:29500"],
+        "burn 0.21.0",
+    );
+}
+
+#[test]
 fn bad_inputs_fail_clearly() {
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.json");

@@ -11,6 +11,19 @@ use burn::tensor::TensorPrimitive;
 
 use super::{Nf4Backend, Nf4Parts};
 
+/// What burn's `Autodiff<B>` needs of `B` to be an autodiff backend: any backend, or with the
+/// `ddp` feature (burn's `distributed`) a distributed one.
+#[cfg(not(feature = "ddp"))]
+pub trait AutodiffInner: Backend {}
+#[cfg(not(feature = "ddp"))]
+impl<B: Backend> AutodiffInner for B {}
+/// What burn's `Autodiff<B>` needs of `B` to be an autodiff backend: any backend, or with the
+/// `ddp` feature (burn's `distributed`) a distributed one.
+#[cfg(feature = "ddp")]
+pub trait AutodiffInner: burn::tensor::backend::distributed::DistributedBackend {}
+#[cfg(feature = "ddp")]
+impl<B: burn::tensor::backend::distributed::DistributedBackend> AutodiffInner for B {}
+
 /// Backward of `x · Wᵀ` with W NF4: dX = dY · W, W dequantized again from the packed state.
 #[derive(Debug)]
 struct Nf4MatmulBackward;
@@ -31,7 +44,7 @@ impl<B: Nf4Backend> Backward<B, 1> for Nf4MatmulBackward {
     }
 }
 
-impl<B: Nf4Backend, C: CheckpointStrategy> Nf4Backend for Autodiff<B, C> {
+impl<B: Nf4Backend + AutodiffInner, C: CheckpointStrategy> Nf4Backend for Autodiff<B, C> {
     fn nf4_dequantize(w: &Nf4Parts<Self>) -> Tensor<Self, 2> {
         Tensor::from_inner(B::nf4_dequantize(&w.inner()))
     }

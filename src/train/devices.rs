@@ -1,0 +1,65 @@
+//! [`TrainDevices`]: the device(s) a run trains on. One device runs burn-train's single-device
+//! loop; several run its distributed data-parallel (DDP) strategy: a model replica per device,
+//! each device's gradients all-reduced (mean) after every backward pass, one optimizer per
+//! replica applying the same update, checkpoints and metrics from the first replica to finish
+//! each step.
+
+use burn::tensor::backend::AutodiffBackend;
+use burn::train::ExecutionStrategy;
+
+/// Builds burn-train's DDP strategy over the given devices.
+type DdpBuilder<B> = fn(Vec<burn::tensor::Device<B>>) -> ExecutionStrategy<B>;
+
+/// The devices of a run; the first one is the main device (validation, final weights).
+pub struct TrainDevices<B: AutodiffBackend> {
+    devices: Vec<B::Device>,
+    /// Set by [`TrainDevices::data_parallel`].
+    ddp: Option<DdpBuilder<B>>,
+}
+
+impl<B: AutodiffBackend> TrainDevices<B> {
+    /// Training on one device.
+    pub fn single(device: B::Device) -> Self {
+        Self {
+            devices: vec![device],
+            ddp: None,
+        }
+    }
+
+    /// Data-parallel training over `devices` (at least one) with burn-train's DDP strategy.
+    #[cfg(feature = "ddp")]
+    pub fn data_parallel(devices: Vec<B::Device>) -> Self
+    where
+        B: burn::tensor::backend::distributed::DistributedBackend,
+    {
+        use burn::tensor::backend::distributed::{DistributedConfig, ReduceOperation};
+        assert!(!devices.is_empty(), "data-parallel training needs a device");
+        Self {
+            devices,
+            ddp: Some(|devices| {
+                let config = DistributedConfig {
+                    all_reduce_op: ReduceOperation::Mean,
+                };
+                ExecutionStrategy::ddp(devices, config)
+            }),
+        }
+    }
+
+    /// The main device.
+    pub fn main(&self) -> &B::Device {
+        &self.devices[0]
+    }
+
+    /// How many replicas train (devices).
+    pub fn replicas(&self) -> usize {
+        self.devices.len()
+    }
+
+    /// burn-train's execution strategy for these devices.
+    pub fn strategy(&self) -> ExecutionStrategy<B> {
+        match (self.ddp, self.devices.len()) {
+            (Some(ddp), n) if n > 1 => ddp(self.devices.clone()),
+            _ => ExecutionStrategy::single(self.devices[0].clone()),
+        }
+    }
+}

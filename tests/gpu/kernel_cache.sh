@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Carry CubeCL's kernel caches between fresh GPU machines (each device call may start bare, and
+# a cold start compiles and autotunes hundreds of kernels for minutes).
+#   tests/gpu/kernel_cache.sh env            print the exports that put every cache under target/
+#   tests/gpu/kernel_cache.sh unpack DIR     restore DIR/kcache.tgz.* into target/ (if present)
+#   tests/gpu/kernel_cache.sh pack OUT       write target/'s caches as OUT/kcache.tgz.aa, .ab, ...
+#                                            (15 MB pieces: the device returns files up to 16 MiB)
+# CubeCL keeps PTX and autotune results under target/ (cubecl.toml: [compilation] cache =
+# "target"); the driver's PTX->SASS cache goes to target/nvcache via CUDA_CACHE_PATH.
+set -euo pipefail
+case "${1:-}" in
+  env)
+    echo "export CUDA_CACHE_PATH=$PWD/target/nvcache CUDA_CACHE_MAXSIZE=4294967296" ;;
+  unpack)
+    mkdir -p target
+    if ls "$2"/kcache.tgz.* >/dev/null 2>&1; then
+      cat "$2"/kcache.tgz.* | tar -C target -xzf -
+      echo "kernel cache restored: $(du -sh target | cut -f1)"
+    else
+      echo "no kernel cache in $2"
+    fi ;;
+  pack)
+    mkdir -p "$2" target
+    tar -C target -cf - . | gzip -1 | split -b 15000000 - "$2/kcache.tgz."
+    ls -l "$2"/kcache.tgz.* ;;
+  *)
+    echo "usage: $0 env | unpack DIR | pack OUT" >&2; exit 2 ;;
+esac
