@@ -3,10 +3,14 @@
 # a cold start compiles and autotunes hundreds of kernels for minutes).
 #   tests/gpu/kernel_cache.sh env            print the exports that put every cache under target/
 #   tests/gpu/kernel_cache.sh unpack DIR     restore DIR/kcache.tgz.* into target/ (if present)
-#   tests/gpu/kernel_cache.sh pack OUT       write target/'s caches as OUT/kcache.tgz.aa, .ab, ...
-#                                            (15 MB pieces: the device returns files up to 16 MiB)
-# CubeCL keeps PTX and autotune results under target/ (cubecl.toml: [compilation] cache =
-# "target"); the driver's PTX->SASS cache goes to target/nvcache via CUDA_CACHE_PATH.
+#   tests/gpu/kernel_cache.sh pack OUT       write CubeCL's caches as OUT/kcache.tgz.aa, .ab, ...
+#                                            (15 MB pieces: the device returns files up to 16 MiB,
+#                                            at most 64 MiB in all)
+# CubeCL keeps autotune results (target/autotune, ~0.4 MB for the 4B training step) and PTX
+# (target/cuda, ~110 MB) under target/ (cubecl.toml: [compilation] cache = "target"). The
+# autotune folder is packed first: it alone spares compiling every candidate kernel. The
+# driver's PTX->SASS cache (target/nvcache via CUDA_CACHE_PATH, ~420 MB) is not packed: too big
+# to come back (tests/NOTES.md, session 5).
 set -euo pipefail
 case "${1:-}" in
   env)
@@ -21,7 +25,8 @@ case "${1:-}" in
     fi ;;
   pack)
     mkdir -p "$2" target
-    tar -C target -cf - . | gzip -1 | split -b 15000000 - "$2/kcache.tgz."
+    dirs=$(cd target && ls -d autotune cuda 2>/dev/null || true)
+    tar -C target -cf - $dirs | gzip -1 | split -b 15000000 - "$2/kcache.tgz."
     ls -l "$2"/kcache.tgz.* ;;
   *)
     echo "usage: $0 env | unpack DIR | pack OUT" >&2; exit 2 ;;
