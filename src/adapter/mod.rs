@@ -76,48 +76,72 @@ impl<B: Backend> FrozenLinear<B> for Linear<B> {
     }
 }
 
-/// Router statistics gathered during one forward pass: each MoE layer's load-balancing loss
-/// and its per-expert token counts.
+/// Router statistics gathered during one forward pass, per MoE layer: the tokens routed to
+/// each expert and the mean router probability of each expert. The load-balancing loss of all
+/// layers is formed from them once, at the end of the pass (a handful of kernels instead of
+/// several per layer).
 #[derive(Debug, Default)]
 pub struct AdapterStats<B: Backend> {
-    aux: RefCell<Vec<Tensor<B, 1>>>,
-    counts: RefCell<Vec<Tensor<B, 1>>>,
+    layers: RefCell<Vec<LayerRouting<B>>>,
 }
+
+/// One MoE layer's routing: tokens per expert [E] (constant), mean probability per expert [E]
+/// (with its gradient), and routed slots N·k.
+type LayerRouting<B> = (Tensor<B, 1>, Tensor<B, 1>, usize);
 
 impl<B: Backend> AdapterStats<B> {
     /// Empty statistics.
     pub fn new() -> Self {
         Self {
-            aux: RefCell::new(Vec::new()),
-            counts: RefCell::new(Vec::new()),
+            layers: RefCell::new(Vec::new()),
         }
     }
 
-    /// Records one MoE layer's loss and token counts per expert ([E], on the device).
-    pub fn record(&self, aux: Tensor<B, 1>, counts: Tensor<B, 1>) {
-        self.aux.borrow_mut().push(aux);
-        self.counts.borrow_mut().push(counts);
+    /// Records one MoE layer: tokens per expert `counts` [E] out of `slots` = N·k routed
+    /// slots, and the mean router probability per expert `mean_probs` [E] (f32).
+    pub fn record(&self, counts: Tensor<B, 1>, mean_probs: Tensor<B, 1>, slots: usize) {
+        self.layers.borrow_mut().push((counts, mean_probs, slots));
     }
 
-    /// Mean load-balancing loss over the MoE layers (None without MoE layers).
+    /// Mean load-balancing loss over the MoE layers (None without MoE layers): per layer
+    /// `E · Σ_i f_i · P_i` with `f_i` = counts / slots (constant) and `P_i` the mean
+    /// probability (carries the gradient).
     pub fn mean_aux_loss(&self) -> Option<Tensor<B, 1>> {
-        let aux = self.aux.borrow();
-        if aux.is_empty() {
-            return None;
+        let layers = self.layers.borrow();
+        let (first, _, _) = layers.first()?;
+        let (e, device) = (first.dims()[0], first.device());
+        if layers.iter().any(|(c, _, _)| c.dims()[0] != e) {
+            // Layers with different expert counts: one loss each.
+            let per_layer = layers
+                .iter()
+                .map(|(c, p, slots)| {
+                    let f = c.clone().cast(DType::F32).div_scalar(*slots as f64);
+                    (f * p.clone()).sum().mul_scalar(c.dims()[0] as f64)
+                })
+                .collect();
+            return Some(Tensor::cat(per_layer, 0).mean());
         }
-        Some(Tensor::cat(aux.clone(), 0).mean())
+        let l = layers.len();
+        // f: [L, E] token shares, each layer's counts over its slots; p: [L, E].
+        let inv_slots: Vec<f32> = layers.iter().map(|(_, _, s)| 1.0 / *s as f32).collect();
+        let inv_slots =
+            Tensor::<B, 1>::from_data(TensorData::new(inv_slots, [l]), &device).reshape([l, 1]);
+        let counts: Vec<Tensor<B, 1>> = layers.iter().map(|(c, _, _)| c.clone()).collect();
+        let f = Tensor::stack::<2>(counts, 0).cast(DType::F32) * inv_slots;
+        let p = Tensor::stack::<2>(layers.iter().map(|(_, p, _)| p.clone()).collect(), 0);
+        Some((f * p).sum().mul_scalar(e as f64 / l as f64))
     }
 
     /// Tokens routed to each expert, summed over the MoE layers (layers with fewer experts
     /// count towards the first ones). One read from the device.
     pub fn expert_tokens(&self) -> Vec<usize> {
-        let counts = self.counts.borrow();
-        let Some(n) = counts.iter().map(|c| c.dims()[0]).max() else {
+        let layers = self.layers.borrow();
+        let Some(n) = layers.iter().map(|(c, _, _)| c.dims()[0]).max() else {
             return Vec::new();
         };
-        let padded: Vec<Tensor<B, 1>> = counts
+        let padded: Vec<Tensor<B, 1>> = layers
             .iter()
-            .map(|c| {
+            .map(|(c, _, _)| {
                 let (e, device) = (c.dims()[0], c.device());
                 let c = c.clone().cast(DType::F32);
                 match n - e {
@@ -246,5 +270,36 @@ impl<B: Backend> Projection<B> {
                 count_params(&l.router) + count_params(&l.experts_a) + count_params(&l.experts_b)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::Flex;
+
+    fn t(v: &[f32]) -> Tensor<Flex, 1> {
+        Tensor::from_data(TensorData::new(v.to_vec(), [v.len()]), &Default::default())
+    }
+
+    #[test]
+    fn aux_loss_is_the_mean_of_each_layers_loss() {
+        // Layer 1: 6 slots, counts (4, 2), P (0.7, 0.3): 2·(4/6·0.7 + 2/6·0.3) = 1.133…
+        // Layer 2: 4 slots, counts (1, 3), P (0.2, 0.8): 2·(1/4·0.2 + 3/4·0.8) = 1.3
+        let s = AdapterStats::<Flex>::new();
+        s.record(t(&[4.0, 2.0]), t(&[0.7, 0.3]), 6);
+        s.record(t(&[1.0, 3.0]), t(&[0.2, 0.8]), 4);
+        let want = (2.0 * (4.0 / 6.0 * 0.7 + 2.0 / 6.0 * 0.3) + 1.3) / 2.0;
+        let got = s.mean_aux_loss().unwrap().into_scalar();
+        assert!((got - want as f32).abs() < 1e-6, "{got} vs {want}");
+        assert_eq!(s.expert_tokens(), vec![5, 5]);
+        // A layer with 3 experts: each layer's loss uses its own expert count.
+        s.record(t(&[3.0, 0.0, 0.0]), t(&[0.5, 0.25, 0.25]), 3);
+        let third = 3.0 * 0.5;
+        let want = (2.0 * (4.0 / 6.0 * 0.7 + 2.0 / 6.0 * 0.3) + 1.3 + third) / 3.0;
+        let got = s.mean_aux_loss().unwrap().into_scalar();
+        assert!((got - want as f32).abs() < 1e-6, "{got} vs {want}");
+        assert_eq!(s.expert_tokens(), vec![8, 5, 0]);
+        assert!(AdapterStats::<Flex>::new().mean_aux_loss().is_none());
     }
 }

@@ -142,19 +142,22 @@ impl<B: Backend, W: FrozenLinear<B>> MoeLoraLinear<B, W> {
             .swap_dims(1, 2)
             .reshape([e_count * r, d_out])
             .cast(dtype); // [E·r, out]
-        let gate_cols = gate
-            .cast(dtype)
-            .unsqueeze_dim::<3>(2)
-            .expand([n, e_count, r])
-            .reshape([n, e_count * r]);
-        let h = self.dropout.forward(xf).matmul(a.transpose()) * gate_cols; // [N, E·r]
+
+        // [N, E·r] viewed as [N, E, r] times the gate broadcast over r (no expanded copy).
+        let h = self
+            .dropout
+            .forward(xf)
+            .matmul(a.transpose())
+            .reshape([n, e_count, r])
+            * gate.cast(dtype).unsqueeze_dim::<3>(2);
+        let h = h.reshape([n, e_count * r]);
         let delta = h.matmul(b).mul_scalar(self.scaling); // [N, out]
 
-        // Load-balancing loss: f_i from the (constant) routing counts, P_i carries the gradient.
+        // Load-balancing loss inputs (the loss is formed once for all layers, see
+        // AdapterStats): routing counts (constant) and mean probabilities (with gradient).
         let counts = mask.sum_dim(0).reshape([e_count]); // [E] tokens per expert
-        let f = counts.clone().div_scalar((n * k) as f64);
         let p = probs.mean_dim(0).reshape([e_count]);
-        stats.record((f * p).sum().mul_scalar(e_count as f64), counts);
+        stats.record(counts, p, n * k);
 
         let mut out_dims = dims;
         out_dims[D - 1] = d_out;
@@ -319,6 +322,53 @@ mod tests {
             prev = a;
         }
         assert!(prev > 1.99, "{prev}");
+    }
+
+    #[test]
+    fn aux_loss_gradient_matches_finite_differences() {
+        // Top-1 of 2: the routing counts are constant, the mean probabilities carry the
+        // gradient to the router (and to x).
+        let mut l = layer::<Ad>(2, 1, false);
+        l.router = set(&l.router, randn([2, 5], 12));
+        let x = randn::<Ad, 2>([9, 5], 13); // odd: the routing cannot be balanced
+        let stats = AdapterStats::new();
+        l.forward(x.clone(), &stats);
+        let grads = stats.mean_aux_loss().unwrap().backward();
+        let g = l.router.val().grad(&grads).unwrap();
+        let g = g.into_data().to_vec::<f32>().unwrap();
+        let inner = l.valid();
+        let flat = inner.router.val().into_data().to_vec::<f32>().unwrap();
+        let aux = |v: Vec<f32>| {
+            let mut m = inner.clone();
+            m.router = Param::initialized(
+                ParamId::new(),
+                Tensor::from_data(TensorData::new(v, [2, 5]), &Default::default()),
+            );
+            let s = AdapterStats::new();
+            m.forward(x.clone().inner(), &s);
+            s.mean_aux_loss().unwrap().into_scalar() as f64
+        };
+        let eps = 1e-3f32;
+        for i in 0..flat.len() {
+            let (mut p, mut m) = (flat.clone(), flat.clone());
+            p[i] += eps;
+            m[i] -= eps;
+            let fd = (aux(p) - aux(m)) / (2.0 * eps as f64);
+            assert!(
+                (fd - g[i] as f64).abs() < 1e-2 * (1.0 + fd.abs()),
+                "router[{i}]: fd {fd} vs autodiff {}",
+                g[i]
+            );
+        }
+        let counts = stats.expert_tokens();
+        assert_ne!(
+            counts[0], counts[1],
+            "balanced routing would give a zero gradient"
+        );
+        assert!(
+            g.iter().any(|v| v.abs() > 1e-3),
+            "no router gradient: {g:?}, {counts:?}"
+        );
     }
 
     #[test]

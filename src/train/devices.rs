@@ -7,6 +7,10 @@
 use burn::tensor::backend::AutodiffBackend;
 use burn::train::ExecutionStrategy;
 
+use super::checkpoint::CheckpointState;
+use crate::error::{Error, Result};
+use crate::experiment::Experiment;
+
 /// Builds burn-train's DDP strategy over the given devices.
 type DdpBuilder<B> = fn(Vec<burn::tensor::Device<B>>) -> ExecutionStrategy<B>;
 
@@ -62,4 +66,40 @@ impl<B: AutodiffBackend> TrainDevices<B> {
             _ => ExecutionStrategy::single(self.devices[0].clone()),
         }
     }
+}
+
+/// Micro-batches each device accumulates per optimizer step: `train.grad_accum`, except when
+/// resuming on another number of devices, where the checkpoint's global batch is kept (the
+/// schedule and data order continue exactly) if the new device count divides it.
+pub fn grad_accum_per_device(
+    exp: &Experiment,
+    replicas: usize,
+    resumed: Option<&CheckpointState>,
+) -> Result<usize> {
+    let accum = exp.train.grad_accum;
+    let bs = exp.train.batch_size;
+    let Some(global) = resumed.map(|s| s.samples_per_step).filter(|&g| g > 0) else {
+        return Ok(accum);
+    };
+    if global == bs * accum * replicas {
+        return Ok(accum);
+    }
+    if global % (bs * replicas) != 0 {
+        return Err(Error::Config {
+            path: exp.train.output_dir.join("config.toml"),
+            field: "train.grad_accum".into(),
+            message: format!(
+                "the checkpoint was written with a global batch of {global} samples per step, \
+                 which {replicas} device(s) x batch_size {bs} cannot split evenly; resume on a \
+                 device count that divides {}",
+                global / bs
+            ),
+        });
+    }
+    let adjusted = global / (bs * replicas);
+    println!(
+        "resuming on {replicas} device(s): grad_accum {adjusted} per device keeps the \
+         checkpoint's global batch of {global} samples"
+    );
+    Ok(adjusted)
 }
