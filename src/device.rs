@@ -58,18 +58,9 @@ pub fn fusion_enabled() -> bool {
 /// data-parallel (builds with the `ddp` feature).
 pub fn on_train_backend<J: TrainJob>(spec: &str, checkpointing: bool, job: J) -> Result<J::Out> {
     let fusion = fusion_enabled();
-    let cuda = match choose_devices(spec)?.as_slice() {
-        [DeviceChoice::Cpu] => return on_cpu(checkpointing, job),
-        list => list
-            .iter()
-            .map(|d| match d {
-                DeviceChoice::Cuda(i) => Ok(*i),
-                DeviceChoice::Cpu => Err(Error::Argument {
-                    arg: "--devices".into(),
-                    message: "data-parallel training runs on CUDA devices only".into(),
-                }),
-            })
-            .collect::<Result<Vec<usize>>>()?,
+    let cuda = match choose_devices(spec)? {
+        TrainOn::Cpu => return on_cpu(checkpointing, job),
+        TrainOn::Cuda(list) => list,
     };
     let names: Vec<String> = cuda.iter().map(|i| format!("cuda:{i}")).collect();
     println!(
@@ -205,10 +196,18 @@ fn cuda_devices() -> std::result::Result<usize, String> {
     Ok(n as usize)
 }
 
+/// Where a training run goes: the CPU, or one or more CUDA devices (several train data-parallel).
+pub enum TrainOn {
+    /// Flex on the CPU.
+    Cpu,
+    /// burn-cuda on these device indices (at least one, no repeats).
+    Cuda(Vec<usize>),
+}
+
 /// The devices of a `--devices` list: `all` (every CUDA device), or comma-separated entries
 /// each as [`choose_device`] reads them (`cuda:0,cuda:1`); a single entry may be anything
-/// `--device` takes. Repeated devices are an error.
-pub fn choose_devices(spec: &str) -> Result<Vec<DeviceChoice>> {
+/// `--device` takes. Repeated devices, and the CPU in a list, are errors.
+pub fn choose_devices(spec: &str) -> Result<TrainOn> {
     let bad = |m: String| Error::Argument {
         arg: "--devices".into(),
         message: m,
@@ -216,11 +215,14 @@ pub fn choose_devices(spec: &str) -> Result<Vec<DeviceChoice>> {
     if spec == "all" {
         let n =
             cuda_devices().map_err(|why| bad(format!("`all`: CUDA is not usable here ({why})")))?;
-        return Ok((0..n).map(DeviceChoice::Cuda).collect());
+        return Ok(TrainOn::Cuda((0..n).collect()));
     }
     let entries: Vec<&str> = spec.split(',').map(str::trim).collect();
     if entries.len() == 1 {
-        return Ok(vec![choose_device(entries[0])?]);
+        return Ok(match choose_device(entries[0])? {
+            DeviceChoice::Cpu => TrainOn::Cpu,
+            DeviceChoice::Cuda(i) => TrainOn::Cuda(vec![i]),
+        });
     }
     let mut seen = Vec::new();
     for e in entries {
@@ -237,7 +239,7 @@ pub fn choose_devices(spec: &str) -> Result<Vec<DeviceChoice>> {
         }
         seen.push(i);
     }
-    Ok(seen.into_iter().map(DeviceChoice::Cuda).collect())
+    Ok(TrainOn::Cuda(seen))
 }
 
 /// The device `--device` names: `auto`, `cpu`, `cuda` or `cuda:N`.

@@ -105,52 +105,31 @@ impl<B: Backend> AdapterStats<B> {
 
     /// Mean load-balancing loss over the MoE layers (None without MoE layers): per layer
     /// `E · Σ_i f_i · P_i` with `f_i` = counts / slots (constant) and `P_i` the mean
-    /// probability (carries the gradient).
+    /// probability (carries the gradient). Formed once from all layers' statistics.
     pub fn mean_aux_loss(&self) -> Option<Tensor<B, 1>> {
         let layers = self.layers.borrow();
-        let (first, _, _) = layers.first()?;
-        let (e, device) = (first.dims()[0], first.device());
-        if layers.iter().any(|(c, _, _)| c.dims()[0] != e) {
-            // Layers with different expert counts: one loss each.
-            let per_layer = layers
-                .iter()
-                .map(|(c, p, slots)| {
-                    let f = c.clone().cast(DType::F32).div_scalar(*slots as f64);
-                    (f * p.clone()).sum().mul_scalar(c.dims()[0] as f64)
-                })
-                .collect();
-            return Some(Tensor::cat(per_layer, 0).mean());
-        }
-        let l = layers.len();
-        // f: [L, E] token shares, each layer's counts over its slots; p: [L, E].
-        let inv_slots: Vec<f32> = layers.iter().map(|(_, _, s)| 1.0 / *s as f32).collect();
-        let inv_slots =
-            Tensor::<B, 1>::from_data(TensorData::new(inv_slots, [l]), &device).reshape([l, 1]);
-        let counts: Vec<Tensor<B, 1>> = layers.iter().map(|(c, _, _)| c.clone()).collect();
-        let f = Tensor::stack::<2>(counts, 0).cast(DType::F32) * inv_slots;
-        let p = Tensor::stack::<2>(layers.iter().map(|(_, p, _)| p.clone()).collect(), 0);
-        Some((f * p).sum().mul_scalar(e as f64 / l as f64))
+        let e_max = layers.iter().map(|(c, _, _)| c.dims()[0]).max()?;
+        let (l, device) = (layers.len(), layers[0].0.device());
+        // Each layer's weight E_l / (slots_l · L) turns its Σ counts·P into its share of the mean.
+        let weights: Vec<f32> = layers
+            .iter()
+            .map(|(c, _, slots)| c.dims()[0] as f32 / (*slots as f32 * l as f32))
+            .collect();
+        let weights = Tensor::<B, 1>::from_data(TensorData::new(weights, [l]), &device);
+        // counts, probs: [L, E_max], layers with fewer experts padded with zeros.
+        let counts = stack_padded(layers.iter().map(|(c, _, _)| c.clone()), e_max);
+        let probs = stack_padded(layers.iter().map(|(_, p, _)| p.clone()), e_max);
+        Some((counts * probs * weights.reshape([l, 1])).sum())
     }
 
     /// Tokens routed to each expert, summed over the MoE layers (layers with fewer experts
     /// count towards the first ones). One read from the device.
     pub fn expert_tokens(&self) -> Vec<usize> {
         let layers = self.layers.borrow();
-        let Some(n) = layers.iter().map(|(c, _, _)| c.dims()[0]).max() else {
+        let Some(e_max) = layers.iter().map(|(c, _, _)| c.dims()[0]).max() else {
             return Vec::new();
         };
-        let padded: Vec<Tensor<B, 1>> = layers
-            .iter()
-            .map(|(c, _, _)| {
-                let (e, device) = (c.dims()[0], c.device());
-                let c = c.clone().cast(DType::F32);
-                match n - e {
-                    0 => c,
-                    pad => Tensor::cat(vec![c, Tensor::zeros([pad], (&device, DType::F32))], 0),
-                }
-            })
-            .collect();
-        let total: Vec<f32> = Tensor::stack::<2>(padded, 0)
+        let total: Vec<f32> = stack_padded(layers.iter().map(|(c, _, _)| c.clone()), e_max)
             .sum_dim(0)
             .into_data()
             .convert::<f32>()
@@ -158,6 +137,24 @@ impl<B: Backend> AdapterStats<B> {
             .unwrap_or_default();
         total.iter().map(|&t| t.round() as usize).collect()
     }
+}
+
+/// Stacks per-layer vectors [E_l] as f32 rows [L, width], zero-padding the shorter ones.
+fn stack_padded<B: Backend>(
+    rows: impl Iterator<Item = Tensor<B, 1>>,
+    width: usize,
+) -> Tensor<B, 2> {
+    let padded = rows
+        .map(|r| {
+            let (e, device) = (r.dims()[0], r.device());
+            let r = r.cast(DType::F32);
+            match width - e {
+                0 => r,
+                pad => Tensor::cat(vec![r, Tensor::zeros([pad], (&device, DType::F32))], 0),
+            }
+        })
+        .collect();
+    Tensor::stack(padded, 0)
 }
 
 /// The weight under a projection: dense (trainable when no adapter wraps it) or NF4-packed.

@@ -59,12 +59,12 @@ impl<B: AutodiffBackend> TrainDevices<B> {
         self.devices.len()
     }
 
-    /// burn-train's execution strategy for these devices.
-    pub fn strategy(&self) -> ExecutionStrategy<B> {
-        match (self.ddp, self.devices.len()) {
-            (Some(ddp), n) if n > 1 => ddp(self.devices.clone()),
-            _ => ExecutionStrategy::single(self.devices[0].clone()),
-        }
+    /// burn-train's DDP strategy when these are several devices; `None` for one device (the
+    /// learner's default single-device loop).
+    pub fn data_parallel_strategy(&self) -> Option<ExecutionStrategy<B>> {
+        self.ddp
+            .filter(|_| self.devices.len() > 1)
+            .map(|ddp| ddp(self.devices.clone()))
     }
 }
 

@@ -415,8 +415,8 @@ fn run_stage<B: AutodiffBackend>(
     if accum > 1 {
         training = training.grads_accumulation(accum);
     }
-    if replicas > 1 {
-        training = training.with_training_strategy(devices.strategy().into());
+    if let Some(ddp) = devices.data_parallel_strategy() {
+        training = training.with_training_strategy(ddp.into());
     }
     if !opts.dashboard {
         training = training.renderer(QuietRenderer);

@@ -21,40 +21,10 @@ import subprocess
 import sys
 import time
 
-EXP = """
-[model]
-path = "{config}"
-dtype = "f32"
-
-[data]
-train = "{work}/synth/captions.csv"
-synthetic = 40
-tokenizer = "{work}/synth/tokenizer.json"
-test_samples = 4
-resize = [32, 32]
-min_pixels = 256
-max_length = 128
-
-[adapter]
-type = "moelora"
-r = 4
-alpha = 8
-dropout = 0.0
-targets = ["q_proj", "v_proj", "up_proj"]
-experts = 2
-router_dropout = 0.0
-
-[train]
-epochs = 2
-batch_size = 2
-grad_accum = 2
-lr = 5e-3
-warmup_steps = 3
-log_every = 1
-save_every = 5
-keep_last = 10
-output_dir = "unused"
-"""
+# Differences from the shared template: dropout off (the runs may differ only in how the
+# work is spread), 2 epochs, every checkpoint kept (the resume run cuts back to step 10).
+OVERRIDES = ["adapter.dropout=0.0", "adapter.router_dropout=0.0", "train.epochs=2",
+             "train.keep_last=10"]
 
 
 def run(binary, args, log):
@@ -88,14 +58,17 @@ def compare(name, a, b, steps):
 def main():
     binary, work = sys.argv[1], os.path.abspath(sys.argv[2])
     os.makedirs(work, exist_ok=True)
-    config = os.path.abspath("model/configs/qwen3-vl-demo.json")
+    with open("tests/small-moelora.toml") as f:
+        template = f.read()
     exp = os.path.join(work, "exp.toml")
     with open(exp, "w") as f:
-        f.write(EXP.format(config=config, work=work))
+        f.write(template.replace("@ROOT@", os.path.abspath(".")).replace("@WORK@", work))
+    sets = [a for s in OVERRIDES for a in ("--set", s)]
     one, two, back = (os.path.join(work, n) for n in ("one", "two", "back"))
-    rc = run(binary, ["--config", exp, "--device", "cuda:0", "--output-dir", one], one + ".log")
+    rc = run(binary, ["--config", exp, "--device", "cuda:0", "--output-dir", one] + sets,
+             one + ".log")
     rc |= run(binary, ["--config", exp, "--devices", "cuda:0,cuda:1", "--set",
-                       "train.grad_accum=1", "--output-dir", two], two + ".log")
+                       "train.grad_accum=1", "--output-dir", two] + sets, two + ".log")
     if rc:
         print("a run failed; logs:", one + ".log", two + ".log")
         sys.exit(1)

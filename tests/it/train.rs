@@ -10,49 +10,14 @@ fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_qwen3-vl-moelora"))
 }
 
-/// A small MoE-LoRA experiment on the demo architecture (random frozen base), with dropout on
-/// so resume has random state to restore.
+/// `tests/small-moelora.toml` (a small MoE-LoRA experiment on the demo architecture) with its
+/// paths pointing into `dir`.
 fn experiment(dir: &Path) -> PathBuf {
-    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("model/configs/qwen3-vl-demo.json");
-    let text = format!(
-        r#"
-[model]
-path = {config:?}
-dtype = "f32"
-
-[data]
-train = {train:?}
-synthetic = 40
-tokenizer = {tok:?}
-test_samples = 4
-resize = [32, 32]
-min_pixels = 256
-max_length = 128
-
-[adapter]
-type = "moelora"
-r = 4
-alpha = 8
-dropout = 0.1
-targets = ["q_proj", "v_proj", "up_proj"]
-experts = 2
-router_dropout = 0.1
-
-[train]
-epochs = 6
-batch_size = 2
-grad_accum = 2
-lr = 5e-3
-warmup_steps = 3
-log_every = 1
-save_every = 5
-keep_last = 2
-output_dir = "unused"
-"#,
-        config = config.display().to_string(),
-        train = dir.join("synth/captions.csv").display().to_string(),
-        tok = dir.join("synth/tokenizer.json").display().to_string(),
-    );
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(root.join("tests/small-moelora.toml"))
+        .unwrap()
+        .replace("@ROOT@", &root.display().to_string())
+        .replace("@WORK@", &dir.display().to_string());
     let f = dir.join("exp.toml");
     std::fs::write(&f, text).unwrap();
     f
