@@ -112,21 +112,25 @@ impl<B: Backend, W: FrozenLinear<B>> MoeLoraLinear<B, W> {
             .forward(xf.clone().cast(DType::F32))
             .matmul(self.router.val().transpose());
         let probs = softmax(logits, 1);
-        let mask = if k < e_count {
+        // With k = E (the reference: 2 of 2) every token keeps every expert: no mask, the gate
+        // is the probabilities (renormalising them would divide by 1) and the counts are N.
+        let (gate, counts) = if k < e_count {
             let (_, top_i) = probs.clone().topk_with_indices(k, 1); // [N, k]
-            Tensor::<B, 2>::zeros([n, e_count], (&device, DType::F32)).scatter(
+            let mask = Tensor::<B, 2>::zeros([n, e_count], (&device, DType::F32)).scatter(
                 1,
                 top_i,
                 Tensor::ones([n, k], (&device, DType::F32)),
                 IndexingUpdateOp::Add,
-            )
+            ); // [N, E]
+            let mut gate = probs.clone() * mask.clone();
+            if self.renormalize {
+                gate = gate.clone() / gate.sum_dim(1);
+            }
+            (gate, mask.sum_dim(0).reshape([e_count]))
         } else {
-            Tensor::ones([n, e_count], (&device, DType::F32))
-        }; // [N, E]
-        let mut gate = probs.clone() * mask.clone();
-        if self.renormalize {
-            gate = gate.clone() / gate.sum_dim(1);
-        }
+            let counts = Tensor::full([e_count], n as f32, (&device, DType::F32));
+            (probs.clone(), counts)
+        }; // gate [N, E], counts [E] tokens per expert
 
         // All experts as one pair of matmuls: x·[A_1; …; A_E]ᵀ -> [N, E·r], each expert's r
         // columns scaled by the token's gate (0 for experts it did not choose), then
@@ -143,19 +147,20 @@ impl<B: Backend, W: FrozenLinear<B>> MoeLoraLinear<B, W> {
             .reshape([e_count * r, d_out])
             .cast(dtype); // [E·r, out]
 
-        // [N, E·r] viewed as [N, E, r] times the gate broadcast over r (no expanded copy).
+        // [N, E·r] viewed as [N, E, r] times the gate (with the LoRA scaling folded in)
+        // broadcast over r (no expanded copy).
+        let gate = gate.mul_scalar(self.scaling).cast(dtype);
         let h = self
             .dropout
             .forward(xf)
             .matmul(a.transpose())
             .reshape([n, e_count, r])
-            * gate.cast(dtype).unsqueeze_dim::<3>(2);
+            * gate.unsqueeze_dim::<3>(2);
         let h = h.reshape([n, e_count * r]);
-        let delta = h.matmul(b).mul_scalar(self.scaling); // [N, out]
+        let delta = h.matmul(b); // [N, out]
 
         // Load-balancing loss inputs (the loss is formed once for all layers, see
         // AdapterStats): routing counts (constant) and mean probabilities (with gradient).
-        let counts = mask.sum_dim(0).reshape([e_count]); // [E] tokens per expert
         let p = probs.mean_dim(0).reshape([e_count]);
         stats.record(counts, p, n * k);
 
@@ -286,6 +291,27 @@ mod tests {
             }
         }
         assert_eq!(stats.expert_tokens(), served.to_vec());
+    }
+
+    /// Every token keeps every expert (the reference's 2 of 2): the update is the
+    /// probability-weighted sum of all experts, and each expert serves every token.
+    #[test]
+    fn dense_routing_weights_every_expert_by_its_probability() {
+        let mut l = layer::<Flex>(2, 2, true);
+        l.experts_b = set(&l.experts_b, randn([2, 4, 2], 12));
+        l.experts_a = set(&l.experts_a, randn([2, 2, 5], 13));
+        l.router = set(&l.router, randn([2, 5], 14));
+        let x = randn::<Flex, 2>([6, 5], 15);
+        let stats = AdapterStats::new();
+        let update = l.forward(x.clone(), &stats) - l.base.forward(x.clone());
+        let p = softmax(x.clone().matmul(l.router.val().transpose()), 1);
+        let want = (0..2)
+            .map(|e| x.clone().matmul(l.expert_delta(e).transpose()) * p.clone().narrow(1, e, 1))
+            .reduce(|a, b| a + b)
+            .unwrap();
+        let diff = (update - want).abs().max().into_scalar();
+        assert!(diff < 1e-5, "{diff}");
+        assert_eq!(stats.expert_tokens(), vec![6, 6]);
     }
 
     #[test]

@@ -89,14 +89,34 @@ pub fn random_model<B: Backend>(
     device: &B::Device,
     dtype: WeightDType,
 ) -> Qwen3VlModel<B> {
-    struct Init<B: Backend> {
+    randomize(Qwen3VlModel::init(cfg, device), cfg, device, dtype)
+}
+
+/// The std HF initialises the weight matrix or embedding named `hf_name` with: the vision or
+/// the text config's `initializer_range`.
+pub fn init_std(cfg: &Qwen3VlConfig, hf_name: &str) -> f64 {
+    if hf_name.starts_with("model.visual.") {
+        cfg.vision_config.initializer_range
+    } else {
+        cfg.text_config.initializer_range
+    }
+}
+
+/// Materialises the float parameters of a lazily built `model` as [`random_model`] does
+/// (parameters already replaced, e.g. by NF4 layers, are left alone: they are constants).
+pub fn randomize<B: Backend>(
+    model: Qwen3VlModel<B>,
+    cfg: &Qwen3VlConfig,
+    device: &B::Device,
+    dtype: WeightDType,
+) -> Qwen3VlModel<B> {
+    struct Init<'a, B: Backend> {
         dtype: DType,
-        text_std: f64,
-        vision_std: f64,
+        cfg: &'a Qwen3VlConfig,
         path: ModulePath,
         device: B::Device,
     }
-    impl<B: Backend> ModuleMapper<B> for Init<B> {
+    impl<B: Backend> ModuleMapper<B> for Init<'_, B> {
         fn enter_module(&mut self, name: &str, container: &str) {
             self.path.enter(name, container);
         }
@@ -104,12 +124,7 @@ pub fn random_model<B: Backend>(
             self.path.exit(container);
         }
         fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
-            let name = self.path.hf_name();
-            let std = if name.starts_with("model.visual.") {
-                self.vision_std
-            } else {
-                self.text_std
-            };
+            let std = init_std(self.cfg, &self.path.hf_name());
             let dt = self.dtype;
             if D < 2 || std == LAYER_INIT_STD {
                 return param.map(|t| t.cast(dt));
@@ -119,10 +134,9 @@ pub fn random_model<B: Backend>(
             Param::initialized(param.id, t.cast(dt).require_grad())
         }
     }
-    Qwen3VlModel::init(cfg, device).map(&mut Init::<B> {
+    model.map(&mut Init::<B> {
         dtype: dtype.dtype(),
-        text_std: cfg.text_config.initializer_range,
-        vision_std: cfg.vision_config.initializer_range,
+        cfg,
         path: ModulePath::default(),
         device: device.clone(),
     })

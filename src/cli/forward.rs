@@ -9,13 +9,11 @@ use burn::prelude::*;
 use burn::tensor::DType;
 
 use crate::adapter::peft::load_adapter;
-use crate::checkpoint::load::random_model;
-use crate::checkpoint::{load_model, HostTensor, TensorFile, WeightDType};
+use crate::checkpoint::{HostTensor, TensorFile, WeightDType};
 use crate::error::{Error, Result};
 use crate::model::config::config_file;
 use crate::model::{ModelInputs, ModelOutput, Qwen3VlConfig, Qwen3VlModel};
-use crate::quant::convert::is_4bit_checkpoint;
-use crate::quant::load::{load_model_nf4, quantize_model, Nf4Options};
+use crate::quant::load::{load_base_model, random_model_nf4, Nf4Options};
 
 /// Options of the `forward` command.
 #[derive(Debug, Clone)]
@@ -165,22 +163,13 @@ pub fn prepare_model<B: Backend>(
     opts: &ForwardOptions,
     device: &B::Device,
 ) -> Result<(Qwen3VlConfig, Qwen3VlModel<B>)> {
-    let nf4 = Nf4Options {
-        blocksize: 64,
-        double_quant: true,
-        compute: opts.dtype.dtype(),
-    };
+    let nf4 = opts.nf4.then(|| Nf4Options::standard(opts.dtype.dtype()));
     let (cfg, model) = if opts.random_init {
         let cfg = Qwen3VlConfig::from_path(&config_file(&opts.model))?;
-        let mut model = random_model(&cfg, device, opts.dtype);
-        if opts.nf4 {
-            quantize_model(&mut model, &nf4)?;
-        }
+        let (model, _) = random_model_nf4(&cfg, device, opts.dtype, nf4.as_ref())?;
         (cfg, model)
-    } else if opts.nf4 || is_4bit_checkpoint(&opts.model) {
-        load_model_nf4(&opts.model, device, opts.dtype, &nf4)?
     } else {
-        load_model(&opts.model, device, opts.dtype)?
+        load_base_model(&opts.model, device, opts.dtype, nf4)?
     };
     match &opts.adapter {
         Some(dir) => Ok((cfg, load_adapter(model, dir)?.0)),

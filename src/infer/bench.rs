@@ -10,12 +10,11 @@ use burn::tensor::{DType, Distribution};
 use serde::Serialize;
 
 use super::generate::{generate, GenerateOptions};
-use crate::checkpoint::load::random_model;
 use crate::checkpoint::WeightDType;
 use crate::cli::forward::median;
 use crate::error::{Error, Result};
 use crate::model::{KvCache, ModelInputs, Qwen3VlConfig};
-use crate::quant::load::{quantize_model, Nf4Options};
+use crate::quant::load::{random_model_nf4, Nf4Options};
 
 /// What `bench generate` measures.
 #[derive(Debug, Clone)]
@@ -125,16 +124,9 @@ pub fn bench_generate<B: Backend>(
             message: "must be at least 2 (the first comes from the prefill)".into(),
         });
     }
-    let mut model = random_model::<B>(cfg, device, o.dtype);
+    let nf4 = o.nf4.then(|| Nf4Options::standard(o.dtype.dtype()));
+    let (model, n) = random_model_nf4::<B>(cfg, device, o.dtype, nf4.as_ref())?;
     if o.nf4 {
-        let n = quantize_model(
-            &mut model,
-            &Nf4Options {
-                blocksize: 64,
-                double_quant: true,
-                compute: o.dtype.dtype(),
-            },
-        )?;
         eprintln!("NF4 base: {n} linear layers");
     }
     let inputs = synthetic_inputs::<B>(cfg, o, device)?;

@@ -7,12 +7,11 @@ use std::path::{Path, PathBuf};
 use burn::prelude::*;
 
 use crate::adapter::peft::load_adapter;
-use crate::checkpoint::{load_model, WeightDType};
+use crate::checkpoint::WeightDType;
 use crate::error::{Error, Result};
 use crate::experiment::Experiment;
 use crate::model::{Qwen3VlConfig, Qwen3VlModel};
-use crate::quant::convert::is_4bit_checkpoint;
-use crate::quant::load::{load_model_nf4, Nf4Options};
+use crate::quant::load::{load_base_model, Nf4Options};
 use crate::train::checkpoint::latest_checkpoint;
 
 /// A trained result found on disk.
@@ -118,16 +117,8 @@ pub fn load_for_inference<B: Backend>(
         Some(Trained::Model(dir)) => dir.as_path(),
         _ => model_dir,
     };
-    let nf4 = Nf4Options {
-        blocksize: 64,
-        double_quant: true,
-        compute: opts.dtype.dtype(),
-    };
-    let (cfg, model) = if opts.nf4 || is_4bit_checkpoint(base_dir) {
-        load_model_nf4::<B>(base_dir, device, opts.dtype, &nf4)?
-    } else {
-        load_model::<B>(base_dir, device, opts.dtype)?
-    };
+    let nf4 = opts.nf4.then(|| Nf4Options::standard(opts.dtype.dtype()));
+    let (cfg, model) = load_base_model::<B>(base_dir, device, opts.dtype, nf4)?;
     match trained {
         Some(Trained::Adapter(dir)) => Ok((cfg, load_adapter(model, dir)?.0)),
         _ => Ok((cfg, model)),

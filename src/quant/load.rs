@@ -10,13 +10,14 @@ use std::collections::BTreeSet;
 use std::path::Path;
 
 use burn::prelude::*;
-use burn::tensor::DType;
+use burn::tensor::{DType, Distribution};
 
-use super::convert::dtype_name;
+use super::convert::{dtype_name, is_4bit_checkpoint};
 use super::linear::Nf4Linear;
 use super::tensor::{Nf4Tensor, STATE_SUFFIX};
 use crate::adapter::inject::sites;
 use crate::adapter::{BaseLinear, Projection};
+use crate::checkpoint::load::{init_std, randomize};
 use crate::checkpoint::save::to_host_f32;
 use crate::checkpoint::tensor_file::{decode_f32, parse_safetensors};
 use crate::checkpoint::{load_weights, CheckpointFiles, HostTensor, WeightDType};
@@ -33,6 +34,34 @@ pub struct Nf4Options {
     pub double_quant: bool,
     /// Dtype of the dequantized weights and of the products.
     pub compute: DType,
+}
+
+impl Nf4Options {
+    /// bitsandbytes' defaults as the reference used them: blocks of 64, double quant, the
+    /// products in `compute`.
+    pub fn standard(compute: DType) -> Self {
+        Self {
+            blocksize: 64,
+            double_quant: true,
+            compute,
+        }
+    }
+}
+
+/// Loads the checkpoint in `dir` as a base: with an NF4 base when `nf4` is given or when the
+/// checkpoint is a bitsandbytes 4-bit one (which can only load as NF4; standard options), else
+/// dense in `dtype`. The weights get their own device allocations ([`weights_on_device`]).
+pub fn load_base_model<B: Backend>(
+    dir: &Path,
+    device: &B::Device,
+    dtype: WeightDType,
+    nf4: Option<Nf4Options>,
+) -> Result<(Qwen3VlConfig, Qwen3VlModel<B>)> {
+    let nf4 = nf4.or_else(|| is_4bit_checkpoint(dir).then(|| Nf4Options::standard(dtype.dtype())));
+    weights_on_device::<B, _>(device, || match &nf4 {
+        Some(o) => load_model_nf4::<B>(dir, device, dtype, o),
+        None => crate::checkpoint::load_model::<B>(dir, device, dtype),
+    })
 }
 
 /// Loads the checkpoint in `dir` with an NF4 base (`dtype`: the dense tensors' dtype).
@@ -109,16 +138,66 @@ pub fn load_model_nf4<B: Backend>(
     Ok((cfg, model))
 }
 
-/// Quantizes the dense targetable layers of a model already in memory (e.g. random weights for
-/// benchmarks); returns how many layers were converted.
-pub fn quantize_model<B: Backend>(model: &mut Qwen3VlModel<B>, opts: &Nf4Options) -> Result<usize> {
+/// A model with random weights (as [`random_model`](crate::checkpoint::load::random_model)) and, with `nf4`, an NF4 base: each
+/// targetable layer's random weight is made, quantized and dropped on its own, so the
+/// full-precision base never exists on the device (peak: one f32 weight beside the packed ones).
+/// Returns the model and how many layers are NF4.
+pub fn random_model_nf4<B: Backend>(
+    cfg: &Qwen3VlConfig,
+    device: &B::Device,
+    dtype: WeightDType,
+    nf4: Option<&Nf4Options>,
+) -> Result<(Qwen3VlModel<B>, usize)> {
+    weights_on_device::<B, _>(device, || {
+        let mut model = Qwen3VlModel::init(cfg, device);
+        let n = match nf4 {
+            Some(opts) => quantize_sites(&mut model, opts, |name, l| {
+                let std = init_std(cfg, name);
+                to_host_f32(Tensor::<B, 2>::random(
+                    l.weight.lazy_shape(),
+                    Distribution::Normal(0.0, std),
+                    device,
+                ))
+            })?,
+            None => 0,
+        };
+        Ok((randomize(model, cfg, device, dtype), n))
+    })
+}
+
+/// Runs `build` (loading or creating model weights) with the device allocator in persistent
+/// mode, then frees what building left unused. The weights then sit in allocations of their own
+/// size instead of pages of the pools that activations reuse — on CUDA those pages are sized from
+/// the card's memory (an H200 puts every 69 MB–550 MB tensor in a 2.2 GB page), so a model
+/// built into them keeps gigabytes reserved for the whole run. No effect on the CPU.
+pub fn weights_on_device<B: Backend, T: Send>(
+    device: &B::Device,
+    build: impl Fn() -> Result<T> + Send + Sync,
+) -> Result<T> {
+    let built = B::memory_persistent_allocations(device, (), |()| {
+        let built = build();
+        // Fusion backends run queued work here, inside the persistent scope.
+        let _ = B::sync(device);
+        built
+    });
+    B::memory_cleanup(device);
+    built
+}
+
+/// Replaces every dense targetable layer by an [`Nf4Linear`] of the f32 values `weight`
+/// gives for it (HF name, layer); its bias is kept. Returns how many layers were converted.
+fn quantize_sites<B: Backend>(
+    model: &mut Qwen3VlModel<B>,
+    opts: &Nf4Options,
+    mut weight: impl FnMut(&str, &crate::model::layers::Linear<B>) -> HostTensor,
+) -> Result<usize> {
     let mut n = 0;
     for site in sites(model) {
         let Projection::Plain(BaseLinear::Dense(l)) = &*site.proj else {
             continue;
         };
         let device = l.weight.lazy_device();
-        let HostTensor::F32(values, shape) = to_host_f32(l.weight.val()) else {
+        let HostTensor::F32(values, shape) = weight(&site.name, l) else {
             unreachable!("to_host_f32 gives f32")
         };
         let bias = l.bias.as_ref().map(|b| match to_host_f32(b.val()) {

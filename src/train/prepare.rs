@@ -165,19 +165,7 @@ pub(crate) fn load_base<B: burn::prelude::Backend>(
     device: &B::Device,
 ) -> Result<(Qwen3VlConfig, crate::model::Qwen3VlModel<B>)> {
     let dtype = crate::checkpoint::WeightDType::parse(&exp.model.dtype)?;
-    // A bitsandbytes 4-bit checkpoint can only be used as an NF4 base.
-    let four_bit = crate::quant::convert::is_4bit_checkpoint(path);
-    let opts = nf4_options(exp)?.or_else(|| {
-        four_bit.then_some(crate::quant::load::Nf4Options {
-            blocksize: 64,
-            double_quant: true,
-            compute: dtype.dtype(),
-        })
-    });
-    match opts {
-        Some(o) => crate::quant::load::load_model_nf4::<B>(path, device, dtype, &o),
-        None => crate::checkpoint::load_model::<B>(path, device, dtype),
-    }
+    crate::quant::load::load_base_model::<B>(path, device, dtype, nf4_options(exp)?)
 }
 
 /// A randomly initialised base from `cfg` in the experiment's dtype, quantized to NF4 when the
@@ -188,10 +176,5 @@ pub(crate) fn random_base<B: burn::prelude::Backend>(
     device: &B::Device,
 ) -> Result<(crate::model::Qwen3VlModel<B>, usize)> {
     let dtype = crate::checkpoint::WeightDType::parse(&exp.model.dtype)?;
-    let mut model = crate::checkpoint::load::random_model::<B>(cfg, device, dtype);
-    let quantized = match nf4_options(exp)? {
-        Some(o) => crate::quant::load::quantize_model(&mut model, &o)?,
-        None => 0,
-    };
-    Ok((model, quantized))
+    crate::quant::load::random_model_nf4::<B>(cfg, device, dtype, nf4_options(exp)?.as_ref())
 }
