@@ -9,6 +9,7 @@ use burn::prelude::Backend;
 use burn::tensor::backend::AutodiffBackend;
 use qwen3_vl_moelora::checkpoint::WeightDType;
 use qwen3_vl_moelora::quant::kernels::{self, Nf4Backend};
+use qwen3_vl_moelora::train::bench::PoolMemory;
 use qwen3_vl_moelora::train::TrainDevices;
 use qwen3_vl_moelora::{Error, Result};
 
@@ -167,6 +168,20 @@ pub fn on_infer_backend<J: InferJob>(device: &str, job: J) -> Result<()> {
             job.run::<CudaUnfused>(WeightDType::BF16, &CudaDevice::new(i))
         }
     }
+}
+
+/// The CUDA allocator's pools of the calling thread's stream on `device` (a [`CudaDevice`]);
+/// None for other devices.
+pub fn cuda_pool_memory(device: &dyn std::any::Any) -> Option<PoolMemory> {
+    use cubecl::Runtime;
+    let device = device.downcast_ref::<CudaDevice>()?;
+    let usage = cubecl::cuda::CudaRuntime::client(device)
+        .memory_usage()
+        .ok()?;
+    Some(PoolMemory {
+        in_use: usage.bytes_in_use,
+        reserved: usage.bytes_reserved,
+    })
 }
 
 /// Where to run.

@@ -135,6 +135,7 @@ fn run_bench_train(args: BenchTrainArgs) -> Result<()> {
         random_weights: args.random_weights,
         tokens: args.tokens,
         peak_tflops: args.peak_tflops,
+        memory: Some(device::cuda_pool_memory),
     };
     struct Job(Experiment, BenchOptions);
     impl TrainJob for Job {
@@ -156,6 +157,13 @@ fn run_bench_train(args: BenchTrainArgs) -> Result<()> {
         report.mfu * 100.0,
         args.peak_tflops
     );
+    if let (Some(w), Some(u), Some(r)) = (report.weights_mib, report.in_use_mib, report.reserved_mib)
+    {
+        println!(
+            "device memory: weights {w:.0} MiB; live tensors up to {u:.0} MiB between \
+             micro-batches; allocator reserved up to {r:.0} MiB"
+        );
+    }
     println!("{}", serde_json::to_string(&report).expect("json"));
     Ok(())
 }

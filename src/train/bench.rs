@@ -38,7 +38,22 @@ pub struct BenchOptions {
     pub tokens: usize,
     /// Dense f16/bf16 tensor-core peak of the card in TFLOP/s, for the utilisation figure.
     pub peak_tflops: f64,
+    /// Reads the device allocator's pools on the calling thread (CUDA; None elsewhere).
+    pub memory: Option<MemoryReader>,
 }
+
+/// What the device allocator holds, read on the thread that allocates (CubeCL keeps pools per
+/// stream, and a stream per thread).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PoolMemory {
+    /// Bytes of live tensors.
+    pub in_use: u64,
+    /// Bytes the pools have reserved from the driver (live tensors plus free pool space).
+    pub reserved: u64,
+}
+
+/// Reads the pools of a device given as `&dyn Any` (None when it is not one it knows).
+pub type MemoryReader = fn(&dyn std::any::Any) -> Option<PoolMemory>;
 
 /// The result of `bench train` (printed as one JSON line).
 #[derive(Debug, Clone, Serialize)]
@@ -67,6 +82,13 @@ pub struct BenchReport {
     pub params: usize,
     /// Seconds of the warm-up steps (compilation included).
     pub warmup_s: f64,
+    /// MiB of live device tensors once the model is built (weights), when readable.
+    pub weights_mib: Option<f64>,
+    /// Most MiB of live device tensors seen between micro-batches and optimizer steps (the
+    /// peak inside a backward pass is higher and not visible from here).
+    pub in_use_mib: Option<f64>,
+    /// Most MiB the device allocator had reserved from the driver.
+    pub reserved_mib: Option<f64>,
 }
 
 /// Matmul weights the forward pass multiplies by: (text decoder + lm_head per text token,
@@ -228,6 +250,21 @@ pub fn bench_train<B: AutodiffBackend>(
         .with_weight_decay(exp.train.weight_decay as f32)
         .init::<B, TrainModel<B>>();
 
+    let mib = |b: u64| b as f64 / 1048576.0;
+    let read_memory = || opts.memory.and_then(|read| read(device as &dyn std::any::Any));
+    let weights_mib = read_memory().map(|m| mib(m.in_use));
+    if let Some(w) = weights_mib {
+        eprintln!("device memory after building the model: {w:.0} MiB of live tensors");
+    }
+    let mut seen: Option<PoolMemory> = None;
+    let note_memory = |seen: &mut Option<PoolMemory>| {
+        if let Some(m) = read_memory() {
+            let s = seen.get_or_insert(m);
+            s.in_use = s.in_use.max(m.in_use);
+            s.reserved = s.reserved.max(m.reserved);
+        }
+    };
+
     let mut times = Vec::new();
     let started = Instant::now();
     eprintln!("model ready in {:.1} s", setup.elapsed().as_secs_f64());
@@ -244,6 +281,7 @@ pub fn bench_train<B: AutodiffBackend>(
             let batch: TrainBatch<B> =
                 burn::data::dataloader::batcher::Batcher::batch(&batcher, vec![item], device);
             let out = model.step(batch);
+            note_memory(&mut seen);
             acc.accumulate(&model, out.grads);
             if step < opts.warmup {
                 // The first micro-batches compile and autotune every kernel: show where time goes.
@@ -257,9 +295,18 @@ pub fn bench_train<B: AutodiffBackend>(
         model = model.optimize(&mut optim, exp.train.lr, acc.grads());
         B::sync(device).map_err(|e| Error::Input(format!("device error: {e:?}")))?;
         let dt = t0.elapsed().as_secs_f64();
+        note_memory(&mut seen);
         if step < opts.warmup {
             warmup_s = started.elapsed().as_secs_f64();
             eprintln!("warm-up step {}/{}: {dt:.2} s", step + 1, opts.warmup);
+            if let Some(m) = &seen {
+                eprintln!(
+                    "device memory so far: live tensors up to {:.0} MiB between micro-batches, \
+                     reserved up to {:.0} MiB",
+                    mib(m.in_use),
+                    mib(m.reserved)
+                );
+            }
         } else {
             times.push(dt);
         }
@@ -291,6 +338,9 @@ pub fn bench_train<B: AutodiffBackend>(
         trainable,
         params,
         warmup_s,
+        weights_mib,
+        in_use_mib: seen.map(|m| mib(m.in_use)),
+        reserved_mib: seen.map(|m| mib(m.reserved)),
     })
 }
 
