@@ -157,7 +157,8 @@ fn run_bench_train(args: BenchTrainArgs) -> Result<()> {
         report.mfu * 100.0,
         args.peak_tflops
     );
-    if let (Some(w), Some(u), Some(r)) = (report.weights_mib, report.in_use_mib, report.reserved_mib)
+    if let (Some(w), Some(u), Some(r)) =
+        (report.weights_mib, report.in_use_mib, report.reserved_mib)
     {
         println!(
             "device memory: weights {w:.0} MiB; live tensors up to {u:.0} MiB between \

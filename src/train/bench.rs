@@ -251,7 +251,10 @@ pub fn bench_train<B: AutodiffBackend>(
         .init::<B, TrainModel<B>>();
 
     let mib = |b: u64| b as f64 / 1048576.0;
-    let read_memory = || opts.memory.and_then(|read| read(device as &dyn std::any::Any));
+    let read_memory = || {
+        opts.memory
+            .and_then(|read| read(device as &dyn std::any::Any))
+    };
     let weights_mib = read_memory().map(|m| mib(m.in_use));
     if let Some(w) = weights_mib {
         eprintln!("device memory after building the model: {w:.0} MiB of live tensors");

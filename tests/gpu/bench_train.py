@@ -3,8 +3,9 @@
 
 Each job runs in its own process while a thread samples nvidia-smi's used memory every 100 ms;
 "peak GiB" is the highest reading minus the reading before the job started (CUDA context and
-allocator pools included, the same way for both). HF's own torch peak (allocated / reserved)
-is printed too.
+allocator pools included, the same way for both). The allocator's own view is printed too:
+torch's peak allocated / reserved for HF, and for ours the live tensors (max between
+micro-batches) / the pools' reservation from `bench train`'s probe.
 
 Usage: python3 tests/gpu/bench_train.py BINARY JOB... [--steps N] [--timeout S]
 JOB: ours:EXPERIMENT[:key=value,...]   e.g. ours:experiments/qwen3-vl-4b-lora.toml
@@ -102,11 +103,15 @@ def main():
             rows.append((job, r))
     hf = [r["samples_per_s"] for j, r in rows if j.startswith("hf:")]
     best_hf = max(hf) if hf else None
-    print("\n| job | samples/s | tokens/s | s/step (median) | peak GiB (nvidia-smi) | torch peak alloc/reserved GiB | vs best HF |")
+    print("\n| job | samples/s | tokens/s | s/step (median) | peak GiB (nvidia-smi) | allocator live / reserved GiB | vs best HF |")
     print("|---|---|---|---|---|---|---|")
     for job, r in rows:
-        torch_peak = (f"{r['torch_peak_allocated_gib']:.2f} / {r['torch_peak_reserved_gib']:.2f}"
-                      if "torch_peak_allocated_gib" in r else "")
+        if "torch_peak_allocated_gib" in r:
+            torch_peak = f"{r['torch_peak_allocated_gib']:.2f} / {r['torch_peak_reserved_gib']:.2f}"
+        elif r.get("in_use_mib") is not None:
+            torch_peak = f"{r['in_use_mib'] / 1024:.2f} / {r['reserved_mib'] / 1024:.2f}"
+        else:
+            torch_peak = ""
         ratio = f"{r['samples_per_s'] / best_hf:.2f}x" if best_hf else ""
         print(f"| {job} | {r['samples_per_s']:.3f} | {r['tokens_per_s']:.0f} | {r['step_s_median']:.3f} "
               f"| {r['peak_gib']:.2f} | {torch_peak} | {ratio} |")
