@@ -121,6 +121,11 @@ pub struct TrainSection {
     /// `cosine` or `linear` decay after warmup.
     #[serde(default = "default_schedule")]
     pub schedule: String,
+    /// How a micro-batch's caption loss averages: `tokens` (every target token of the batch
+    /// weighs the same, HF's batch loss) or `samples` (each sample's mean, then the mean over
+    /// samples: batch B x accumulation A then optimizes what batch 1 x accumulation B·A does).
+    #[serde(default = "default_loss_average")]
+    pub loss_average: String,
     /// Warmup optimizer steps.
     #[serde(default)]
     pub warmup_steps: usize,
@@ -211,6 +216,10 @@ fn default_clip() -> f64 {
 fn default_seed() -> u64 {
     42
 }
+fn default_loss_average() -> String {
+    "tokens".into()
+}
+
 fn default_loss_scale() -> String {
     "dynamic".into()
 }
@@ -317,6 +326,12 @@ impl Experiment {
             "train.schedule",
             &self.train.schedule,
             &["cosine", "linear"],
+        )?;
+        one_of(
+            path,
+            "train.loss_average",
+            &self.train.loss_average,
+            &["tokens", "samples"],
         )?;
         one_of(
             path,

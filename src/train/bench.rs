@@ -1,7 +1,7 @@
 //! `bench train`: times the real training step (the same [`TrainModel`] step and optimize that
 //! `train` runs, with loss scaling, clipping and AdamW) on one synthetic sample shaped like the
-//! reference workload: one image of the experiment's resize, ~120 tokens, batch 1 x the
-//! experiment's gradient accumulation. Weights may be random: speed does not depend on them.
+//! reference workload: one image of the experiment's resize, ~120 tokens, the experiment's
+//! batch size x gradient accumulation (the reference: 1 x 8). Weights may be random: speed does not depend on them.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -62,6 +62,8 @@ pub struct BenchReport {
     pub seq_tokens: usize,
     /// Image patches per sample (vision tower tokens).
     pub image_patches: usize,
+    /// Samples per micro-batch.
+    pub batch_size: usize,
     /// Micro-batches per optimizer step.
     pub grad_accum: usize,
     /// Median seconds per optimizer step.
@@ -207,14 +209,15 @@ pub fn bench_train<B: AutodiffBackend>(
         temporal_patch_size: cfg.vision_config.temporal_patch_size,
         pad_to_multiple: 1,
     });
-    let ga = exp.train.grad_accum;
+    let (bs, ga) = (exp.train.batch_size, exp.train.grad_accum);
     let out_dir = std::env::temp_dir().join(format!("qwen3-vl-bench-{}", std::process::id()));
     std::fs::create_dir_all(&out_dir).map_err(|e| Error::io(&out_dir, e))?;
     let settings = RunSettings {
         seed: exp.train.seed,
         grad_accum: ga,
-        batch_size: 1,
+        batch_size: bs,
         dynamic_loss_scale: exp.model.dtype == "f16" && exp.train.loss_scale == "dynamic",
+        loss_per_sample: exp.train.loss_average == "samples",
         max_grad_norm: exp.train.max_grad_norm,
         log_every: 0,
         save_every: 0,
@@ -229,7 +232,7 @@ pub fn bench_train<B: AutodiffBackend>(
     };
     let run = Arc::new(RunState::new(
         settings,
-        vec!["synthetic bench sample".into()],
+        vec!["synthetic bench sample".into(); bs],
     ));
     let vision_trained = crate::model::params::count_trainable(&model.visual) > 0;
     let vision_cache = super::run::vision_cache_for(exp, &model);
@@ -276,13 +279,16 @@ pub fn bench_train<B: AutodiffBackend>(
         let t0 = Instant::now();
         let mut acc = GradientsAccumulator::<TrainModel<B>>::new();
         for micro in 0..ga {
-            let item = TrainItem {
-                sample: sample.clone(),
-                position: step * ga + micro,
-                index: 0,
-            };
+            // `bs` copies of the sample, as `bs` training samples (each its own vision cache entry).
+            let items = (0..bs)
+                .map(|i| TrainItem {
+                    sample: sample.clone(),
+                    position: (step * ga + micro) * bs + i,
+                    index: i,
+                })
+                .collect();
             let batch: TrainBatch<B> =
-                burn::data::dataloader::batcher::Batcher::batch(&batcher, vec![item], device);
+                burn::data::dataloader::batcher::Batcher::batch(&batcher, items, device);
             let out = model.step(batch);
             note_memory(&mut seen);
             acc.accumulate(&model, out.grads);
@@ -323,7 +329,7 @@ pub fn bench_train<B: AutodiffBackend>(
     }
     times.sort_by(f64::total_cmp);
     let median = times[times.len() / 2];
-    let samples_per_s = ga as f64 / median;
+    let samples_per_s = (bs * ga) as f64 / median;
     let (text, vision) = matmul_params(&cfg);
     let patches = grid.iter().product::<usize>();
     // Text: forward 2·N·T plus the backward pass to the activations 2·N·T.
@@ -331,6 +337,7 @@ pub fn bench_train<B: AutodiffBackend>(
     Ok(BenchReport {
         seq_tokens,
         image_patches: patches,
+        batch_size: bs,
         grad_accum: ga,
         step_s_median: median,
         step_s_min: times[0],

@@ -29,6 +29,9 @@ pub struct RunSettings {
     pub batch_size: usize,
     /// Dynamic loss scaling (f16 compute).
     pub dynamic_loss_scale: bool,
+    /// Each sample's mean token loss weighs the same (`train.loss_average = "samples"`),
+    /// instead of each target token.
+    pub loss_per_sample: bool,
     /// Global gradient-norm clip (0 = none).
     pub max_grad_norm: f64,
     /// Plain log line every N steps (0 = never).
@@ -477,6 +480,7 @@ mod tests {
             grad_accum: 2,
             batch_size: 3,
             dynamic_loss_scale: false,
+            loss_per_sample: false,
             max_grad_norm: 1.0,
             log_every: 0,
             save_every: 0,

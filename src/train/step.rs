@@ -66,20 +66,37 @@ impl ItemLazy for StepOutput {
     }
 }
 
-/// Mean cross-entropy of the target tokens: `rows` index the flattened [B·T] positions that
-/// predict `ids` (the label one position later).
-pub fn caption_loss<B: Backend>(logits: Tensor<B, 3>, rows: &[i64], ids: &[i64]) -> Tensor<B, 1> {
+/// Cross-entropy of the target tokens: `rows` index the flattened [B·T] positions that predict
+/// `ids` (the label one position later). The mean over all target tokens, or with `per_sample`
+/// the mean over the B samples of each sample's mean (a sample without targets adds 0).
+pub fn caption_loss<B: Backend>(
+    logits: Tensor<B, 3>,
+    rows: &[i64],
+    ids: &[i64],
+    per_sample: bool,
+) -> Tensor<B, 1> {
     let [b, t, v] = logits.dims();
     let device = logits.device();
     if rows.is_empty() {
         return Tensor::zeros([1], (&device, DType::F32));
     }
     let n = rows.len();
+    let weights = if per_sample {
+        // Row r belongs to sample r / T; each of its targets weighs 1 / (its count · B).
+        let mut count = vec![0usize; b];
+        rows.iter().for_each(|&r| count[r as usize / t] += 1);
+        rows.iter()
+            .map(|&r| 1.0 / (count[r as usize / t] * b) as f32)
+            .collect()
+    } else {
+        vec![1.0 / n as f32; n]
+    };
+    let weights = Tensor::<B, 2>::from_data(TensorData::new(weights, [n, 1]), &device);
     let rows = Tensor::<B, 1, Int>::from_data(TensorData::new(rows.to_vec(), [n]), &device);
     let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids.to_vec(), [n, 1]), &device);
     let picked = logits.cast(DType::F32).reshape([b * t, v]).select(0, rows); // [n, V]
     let logp = log_softmax(picked, 1).gather(1, ids); // [n, 1]
-    logp.sum().neg().div_scalar(n as f64)
+    (logp * weights).sum().neg()
 }
 
 /// Seed of the micro-batch starting at run position `position`.
@@ -124,7 +141,13 @@ impl<B: Backend> TrainModel<B> {
             }
             (None, _) => self.model.forward(inputs, false)?,
         };
-        let lm = caption_loss(out.logits, &batch.target_rows, &batch.target_ids);
+        let per_sample = self.run.settings.loss_per_sample;
+        let lm = caption_loss(
+            out.logits,
+            &batch.target_rows,
+            &batch.target_ids,
+            per_sample,
+        );
         Ok((lm, out.aux_loss, out.expert_tokens))
     }
 
@@ -438,9 +461,37 @@ mod tests {
         let dev = Default::default();
         // [1, 3, 2] logits; predict id 1 from position 0 and id 0 from position 1.
         let logits = Tensor::<B, 3>::from_floats([[[0.0, 1.0], [2.0, 0.0], [5.0, 5.0]]], &dev);
-        let l = caption_loss(logits, &[0, 1], &[1, 0]).into_scalar();
+        let l = caption_loss(logits, &[0, 1], &[1, 0], false).into_scalar();
         let nll = |a: f32, b: f32| -(a - (a.exp() + b.exp()).ln());
         let want = (nll(1.0, 0.0) + nll(2.0, 0.0)) / 2.0;
         assert!((l - want).abs() < 1e-6, "{l} vs {want}");
+    }
+
+    /// Two samples, one with 3 targets and one with 1: per token each target weighs 1/4; per
+    /// sample the lone target weighs 1/2 and the others 1/6.
+    #[test]
+    fn per_sample_loss_averages_each_samples_mean() {
+        let dev = Default::default();
+        let logits = Tensor::<B, 3>::from_floats(
+            [
+                [[0.0, 1.0], [2.0, 0.0], [0.5, 0.0], [1.0, 1.0]],
+                [[3.0, 0.0], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0]],
+            ],
+            &dev,
+        );
+        let (rows, ids) = ([0, 1, 2, 4], [1, 0, 0, 1]);
+        let nll = |a: f32, b: f32, id: usize| -([a, b][id] - (a.exp() + b.exp()).ln());
+        let each = [
+            nll(0.0, 1.0, 1),
+            nll(2.0, 0.0, 0),
+            nll(0.5, 0.0, 0),
+            nll(3.0, 0.0, 1),
+        ];
+        let tokens = caption_loss(logits.clone(), &rows, &ids, false).into_scalar();
+        let want = each.iter().sum::<f32>() / 4.0;
+        assert!((tokens - want).abs() < 1e-6, "{tokens} vs {want}");
+        let samples = caption_loss(logits, &rows, &ids, true).into_scalar();
+        let want = ((each[0] + each[1] + each[2]) / 3.0 + each[3]) / 2.0;
+        assert!((samples - want).abs() < 1e-6, "{samples} vs {want}");
     }
 }

@@ -165,6 +165,58 @@ fn same_losses(
     }
 }
 
+/// `train.loss_average = "samples"`: batch 2 x accumulation 1 optimizes what batch 1 x
+/// accumulation 2 does (same per-step losses, so the same updates), while the default
+/// token average weighs the two samples by their caption lengths and drifts apart.
+#[test]
+fn per_sample_loss_makes_batching_match_accumulation() {
+    let dir = tempfile::tempdir().unwrap();
+    let exp = experiment(dir.path());
+    let run = |name: &str, sets: &[&str]| {
+        let out = dir.path().join(name);
+        let mut cmd = train(&exp, &out);
+        for s in [
+            "adapter.type=lora",
+            "adapter.dropout=0.0",
+            "train.epochs=2",
+            "train.save_every=0",
+        ]
+        .iter()
+        .chain(sets)
+        {
+            cmd.args(["--set", s]);
+        }
+        let o = cmd.output().unwrap();
+        let log =
+            String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{log}");
+        read_rows(&out).unwrap()
+    };
+    let accumulated = run("accum", &["train.batch_size=1", "train.grad_accum=2"]);
+    let batched = |average: &str| {
+        let average = format!("train.loss_average={average}");
+        run(
+            average.as_str(),
+            &["train.batch_size=2", "train.grad_accum=1", average.as_str()],
+        )
+    };
+    let (samples, tokens) = (batched("samples"), batched("tokens"));
+    assert_eq!(accumulated.len(), 36, "2 epochs x 36 samples / 2 per step");
+    let worst = |rows: &[qwen3_vl_moelora::train::state::StepRow]| {
+        assert_eq!(rows.len(), accumulated.len());
+        rows.iter()
+            .zip(&accumulated)
+            .map(|(a, b)| (a.lm_loss - b.lm_loss).abs() / b.lm_loss.abs())
+            .fold(0.0, f64::max)
+    };
+    let (same, drift) = (worst(&samples), worst(&tokens));
+    assert!(same < 1e-5, "per-sample batches vs accumulation: {same}");
+    assert!(
+        drift > 1e-3,
+        "token-averaged batches should differ: {drift}"
+    );
+}
+
 /// f16 compute (f32 adapter weights and AdamW state) with dynamic loss scaling.
 #[test]
 fn f16_compute_with_loss_scaling_trains() {
