@@ -138,9 +138,10 @@ pub fn load_model_nf4<B: Backend>(
     Ok((cfg, model))
 }
 
-/// A model with random weights (as [`random_model`](crate::checkpoint::load::random_model)) and, with `nf4`, an NF4 base: each
-/// targetable layer's random weight is made, quantized and dropped on its own, so the
-/// full-precision base never exists on the device (peak: one f32 weight beside the packed ones).
+/// A model with random weights (as [`random_model`](crate::checkpoint::load::random_model))
+/// and, with `nf4`, an NF4 base: each targetable layer's random weight is made, quantized and
+/// dropped on its own, so the full-precision base never exists on the device (peak: one f32
+/// weight beside the packed ones).
 /// Returns the model and how many layers are NF4.
 pub fn random_model_nf4<B: Backend>(
     cfg: &Qwen3VlConfig,

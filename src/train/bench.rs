@@ -1,7 +1,8 @@
 //! `bench train`: times the real training step (the same [`TrainModel`] step and optimize that
 //! `train` runs, with loss scaling, clipping and AdamW) on one synthetic sample shaped like the
 //! reference workload: one image of the experiment's resize, ~120 tokens, the experiment's
-//! batch size x gradient accumulation (the reference: 1 x 8). Weights may be random: speed does not depend on them.
+//! batch size x gradient accumulation (the reference: 1 x 8). Weights may be random: speed
+//! does not depend on them.
 
 use std::sync::Arc;
 use std::time::Instant;
