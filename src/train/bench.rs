@@ -280,7 +280,7 @@ pub fn bench_train<B: AutodiffBackend>(
         let t0 = Instant::now();
         let mut acc = GradientsAccumulator::<TrainModel<B>>::new();
         for micro in 0..ga {
-            // `bs` copies of the sample, as `bs` training samples (each its own vision cache entry).
+            // `bs` copies of the sample as `bs` training samples (own vision cache entries).
             let items = (0..bs)
                 .map(|i| TrainItem {
                     sample: sample.clone(),
