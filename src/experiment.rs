@@ -306,6 +306,16 @@ impl Experiment {
         Ok(exp)
     }
 
+    /// Dynamic loss scaling is on: f16 compute with `train.loss_scale = "dynamic"`.
+    pub fn dynamic_loss_scale(&self) -> bool {
+        self.model.dtype == "f16" && self.train.loss_scale == "dynamic"
+    }
+
+    /// Each sample's mean token loss weighs the same (`train.loss_average = "samples"`).
+    pub fn loss_per_sample(&self) -> bool {
+        self.train.loss_average == "samples"
+    }
+
     /// Checks values that serde cannot: enumerations, ranges, combinations.
     pub fn validate(&self, path: &Path) -> Result<()> {
         one_of(

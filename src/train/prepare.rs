@@ -152,9 +152,8 @@ pub fn nf4_options(exp: &Experiment) -> Result<Option<crate::quant::load::Nf4Opt
     }
     let compute = crate::checkpoint::WeightDType::parse(&exp.model.dtype)?.dtype();
     Ok(Some(crate::quant::load::Nf4Options {
-        blocksize: 64,
         double_quant: exp.model.double_quant,
-        compute,
+        ..crate::quant::load::Nf4Options::standard(compute)
     }))
 }
 

@@ -327,8 +327,8 @@ fn run_stage<B: AutodiffBackend>(
         seed: exp.train.seed,
         grad_accum: accum,
         batch_size: exp.train.batch_size,
-        dynamic_loss_scale: exp.model.dtype == "f16" && exp.train.loss_scale == "dynamic",
-        loss_per_sample: exp.train.loss_average == "samples",
+        dynamic_loss_scale: exp.dynamic_loss_scale(),
+        loss_per_sample: exp.loss_per_sample(),
         max_grad_norm: exp.train.max_grad_norm,
         log_every: if opts.dashboard {
             0
