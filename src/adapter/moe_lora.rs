@@ -1,19 +1,19 @@
 //! `MoeLoraLinear`: a frozen base layer plus a token-routed mixture of LoRA experts.
 //!
 //! A router (no bias) scores the layer input for E experts; softmax; each token keeps its top-k
-//! experts (k = E is the dense mixture), optionally renormalised. All experts run as one pair
-//! of matmuls over every token, each expert's rank columns scaled by the token's gate (zero
-//! for the experts it did not choose): no routing decision leaves the device, so a forward has
-//! no host synchronisation, at E/k times the (small) LoRA FLOPs of a gather/scatter version.
-//! The load-balancing loss
-//! `E · Σ_i f_i · P_i` (f_i = share of routing slots that went to expert i, P_i = mean router
-//! probability of expert i) is 1.0 for a perfectly uniform router and grows with imbalance.
+//! experts (k = E is the dense mixture; otherwise k argmax rounds on the device), optionally
+//! renormalised. All experts run as one pair of matmuls over every token, each expert's rank
+//! columns scaled by the token's gate (zero for the experts it did not choose): no routing
+//! decision leaves the device, so a forward has no host synchronisation, at E/k times the
+//! (small) LoRA FLOPs of a gather/scatter version. The load-balancing loss `E · Σ_i f_i · P_i`
+//! (f_i = share of routing slots that went to expert i, P_i = mean router probability of
+//! expert i) is 1.0 for a perfectly uniform router and grows with imbalance.
 
 use burn::module::{Initializer, Module, Param};
 use burn::nn::{Dropout, DropoutConfig};
 use burn::prelude::*;
 use burn::tensor::activation::softmax;
-use burn::tensor::{DType, IndexingUpdateOp};
+use burn::tensor::DType;
 
 use super::lora::lora_a_init;
 use super::{AdapterStats, FrozenLinear};
@@ -103,7 +103,6 @@ impl<B: Backend, W: FrozenLinear<B>> MoeLoraLinear<B, W> {
         let [_, d_out, _] = self.experts_b.lazy_shape().dims::<3>();
         let dtype = x.dtype();
         let xf = x.reshape([n, d_in]);
-        let device = xf.device();
 
         // Router in f32: [N, E] probabilities; each token keeps its top-k experts. The choice
         // stays on the device as a 0/1 mask (constant: no gradient through the selection).
@@ -115,20 +114,14 @@ impl<B: Backend, W: FrozenLinear<B>> MoeLoraLinear<B, W> {
         // With k = E (the reference: 2 of 2) every token keeps every expert: no mask, the gate
         // is the probabilities (renormalising them would divide by 1) and the counts are N.
         let (gate, counts) = if k < e_count {
-            let (_, top_i) = probs.clone().topk_with_indices(k, 1); // [N, k]
-            let mask = Tensor::<B, 2>::zeros([n, e_count], (&device, DType::F32)).scatter(
-                1,
-                top_i,
-                Tensor::ones([n, k], (&device, DType::F32)),
-                IndexingUpdateOp::Add,
-            ); // [N, E]
+            let mask = top_k_mask(probs.clone().detach(), k); // [N, E]
             let mut gate = probs.clone() * mask.clone();
             if self.renormalize {
                 gate = gate.clone() / gate.sum_dim(1);
             }
             (gate, mask.sum_dim(0).reshape([e_count]))
         } else {
-            let counts = Tensor::full([e_count], n as f32, (&device, DType::F32));
+            let counts = Tensor::full([e_count], n as f32, (&probs.device(), DType::F32));
             (probs.clone(), counts)
         }; // gate [N, E], counts [E] tokens per expert
 
@@ -177,6 +170,24 @@ impl<B: Backend, W: FrozenLinear<B>> MoeLoraLinear<B, W> {
     }
 }
 
+/// 0/1 mask [N, E] of each row's `k` largest probabilities, chosen on the device by `k` rounds
+/// of argmax (burn's `topk` sorts on the host: one device read-back per call, per layer).
+fn top_k_mask<B: Backend>(probs: Tensor<B, 2>, k: usize) -> Tensor<B, 2> {
+    let [n, e] = probs.dims();
+    let columns = Tensor::<B, 1, Int>::arange(0..e as i64, &probs.device())
+        .reshape([1, e])
+        .expand([n, e]); // [N, E]: each entry's column index
+    let mut mask = probs.zeros_like();
+    let mut left = probs; // probabilities of the experts not chosen yet; chosen ones become -1
+    for _ in 0..k {
+        let best = left.clone().argmax(1).expand([n, e]); // [N, 1] -> [N, E]
+        let chosen = columns.clone().equal(best);
+        mask = mask.mask_fill(chosen.clone(), 1.0);
+        left = left.mask_fill(chosen, -1.0);
+    }
+    mask
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -222,6 +233,27 @@ mod tests {
             .map(|_| (rng.below(2001) as f32 - 1000.0) / 1000.0)
             .collect();
         Tensor::from_data(TensorData::new(v, shape), &Default::default())
+    }
+
+    #[test]
+    fn top_k_mask_marks_each_rows_largest_probabilities() {
+        let probs = Tensor::<Flex, 2>::from_floats(
+            [
+                [0.1, 0.4, 0.2, 0.3],
+                [0.7, 0.1, 0.15, 0.05],
+                [0.2, 0.2001, 0.3, 0.2999],
+            ],
+            &Default::default(),
+        );
+        let top1 = top_k_mask(probs.clone(), 1)
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap();
+        let top2 = top_k_mask(probs, 2).into_data().to_vec::<f32>().unwrap();
+        #[rustfmt::skip]
+        assert_eq!(top1, vec![0., 1., 0., 0.,  1., 0., 0., 0.,  0., 0., 1., 0.]);
+        #[rustfmt::skip]
+        assert_eq!(top2, vec![0., 1., 0., 1.,  1., 0., 1., 0.,  0., 0., 1., 1.]);
     }
 
     #[test]

@@ -7,7 +7,9 @@ allocator pools included, the same way for both). The allocator's own view is pr
 torch's peak allocated / reserved for HF, and for ours the live tensors (max between
 micro-batches) / the pools' reservation from `bench train`'s probe.
 
-Usage: python3 tests/gpu/bench_train.py BINARY JOB... [--steps N] [--timeout S]
+Usage: python3 tests/gpu/bench_train.py BINARY JOB... [--steps N] [--warmup N] [--timeout S] [--memcap MIB]
+--warmup: our untimed steps (HF's script always does 2); --memcap: run ours as if the GPU had MIB
+of memory (tests/gpu/memcap.sh: pools sized for that card, allocations past it refused).
 JOB: ours:EXPERIMENT[:key=value,...]   e.g. ours:experiments/qwen3-vl-4b-lora.toml
      hf:VARIANT                        bf16 | bf16-ckpt | f16-ckpt | nf4
 The 4B config is model/configs/qwen3-vl-4b-instruct.json for both.
@@ -68,21 +70,23 @@ def run(cmd, timeout):
         print("\n".join(out.splitlines()[-25:]))
         return None
     result["peak_gib"] = (peak[0] - base) / 1024
+    result["memcap"] = next((l for l in reversed(out.splitlines()) if l.startswith("memcap:")), None)
     result["wall_s"] = wall
     return result
 
 
 def main():
     args = sys.argv[1:]
-    steps, timeout = "5", 540
-    if "--steps" in args:
-        i = args.index("--steps")
-        steps = args[i + 1]
+    def option(name, default):
+        if name not in args:
+            return default
+        i = args.index(name)
+        value = args[i + 1]
         del args[i:i + 2]
-    if "--timeout" in args:
-        i = args.index("--timeout")
-        timeout = int(args[i + 1])
-        del args[i:i + 2]
+        return value
+
+    steps, warmup = option("--steps", "5"), option("--warmup", "2")
+    timeout, memcap = int(option("--timeout", "540")), option("--memcap", None)
     binary, jobs = args[0], args[1:]
     print(subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
                           "--format=csv,noheader"], capture_output=True, text=True).stdout.strip())
@@ -91,8 +95,10 @@ def main():
         kind, _, spec = job.partition(":")
         if kind == "ours":
             exp, _, sets = spec.partition(":")
-            cmd = [binary, "bench", "train", "--config", exp, "--model", CONFIG,
-                   "--random-weights", "--steps", steps, "--device", "cuda"]
+            cmd = [binary, "bench", "train", "--config", exp, "--model", CONFIG, "--random-weights",
+                   "--steps", steps, "--warmup", warmup, "--device", "cuda"]
+            if memcap:
+                cmd = ["tests/gpu/memcap.sh", memcap] + cmd
             for s in filter(None, sets.split(",")):
                 cmd += ["--set", s]
         else:

@@ -3,7 +3,7 @@
 # a cold start compiles and autotunes hundreds of kernels for minutes).
 #   tests/gpu/kernel_cache.sh env            print the exports that put every cache under target/
 #   tests/gpu/kernel_cache.sh unpack DIR     restore DIR/kcache.tgz.* into target/ (if present)
-#   tests/gpu/kernel_cache.sh pack OUT       write CubeCL's caches as OUT/kcache.tgz.aa, .ab, ...
+#   tests/gpu/kernel_cache.sh pack OUT       write CubeCL's caches (xz, else gzip) as OUT/kcache.tgz.aa, .ab, ...
 #                                            (15 MB pieces: the device returns files up to 16 MiB,
 #                                            at most 64 MiB in all)
 # CubeCL keeps autotune results (target/autotune, ~0.4 MB for the 4B training step) and PTX
@@ -18,7 +18,9 @@ case "${1:-}" in
   unpack)
     mkdir -p target
     if ls "$2"/kcache.tgz.* >/dev/null 2>&1; then
-      cat "$2"/kcache.tgz.* | tar -C target -xzf -
+      # xz (starts with 0xFD '7zXZ') or gzip, whichever pack found.
+      if [ "$(head -c 5 "$(ls "$2"/kcache.tgz.* | head -n 1)" | tail -c 4)" = "7zXZ" ]; then unsqueeze="xz -dc"; else unsqueeze="gzip -dc"; fi
+      cat "$2"/kcache.tgz.* | $unsqueeze | tar -C target -xf -
       echo "kernel cache restored: $(du -sh target | cut -f1)"
     else
       echo "no kernel cache in $2"
@@ -26,7 +28,9 @@ case "${1:-}" in
   pack)
     mkdir -p "$2" target
     dirs=$(cd target && ls -d autotune cuda 2>/dev/null || true)
-    tar -C target -cf - $dirs | gzip -1 | split -b 15000000 - "$2/kcache.tgz."
+    # PTX is text: xz shrinks it ~10x where gzip -1 gave ~4x.
+    if command -v xz >/dev/null; then squeeze="xz -T0 -6"; else squeeze="gzip -9"; fi
+    tar -C target -cf - $dirs | $squeeze | split -b 15000000 - "$2/kcache.tgz."
     ls -l "$2"/kcache.tgz.* ;;
   *)
     echo "usage: $0 env | unpack DIR | pack OUT" >&2; exit 2 ;;
