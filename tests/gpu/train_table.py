@@ -1,0 +1,151 @@
+"""The issue-8 table in one call: our `bench train` and HF transformers + peft + bitsandbytes on
+the 4B reference workload, LoRA and MoE-LoRA, gradient checkpointing on and off, batch 1 x 8 and
+8 x 1 (per-sample loss), spread over the host's GPUs, merged into one table with ratios.
+
+Usage (repository root, on the GPU machine):
+  python3 tests/gpu/train_table.py BINARY [--gpus N] [--steps 3] [--warmup 1] [--deadline 560]
+                                   [--kernel-cache DIR] [--pack OUT] [--only ours|hf]
+Each GPU runs one chain of tests/gpu/bench_train.py jobs in its own copy of the repository
+(our jobs of one adapter share a copy, so after the first one the kernels are compiled);
+--kernel-cache unpacks tests/gpu/kernel_cache.sh pieces into every copy first, --pack writes the
+first MoE-LoRA copy's cache to OUT afterwards. Chains still running at --deadline seconds are
+stopped and the table shows what finished. Ratios: each of our jobs against HF's job with the
+same targets and checkpointing (LoRA vs `nf4`, MoE-LoRA vs `nf4-all`, peft's LoRA r16 on the same
+7 targets: peft has no MoE-LoRA).
+"""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+LORA, MOE = "experiments/qwen3-vl-4b-lora.toml", "experiments/qwen3-vl-4b-moelora.toml"
+NOCKPT = "train.gradient_checkpointing=false"
+BATCH8 = "train.batch_size=8,train.grad_accum=1,train.loss_average=samples"
+
+
+def ours(exp, *sets):
+    return f"ours:{exp}:" + ",".join(sets) if sets else f"ours:{exp}"
+
+
+# Chains in priority order; with fewer GPUs than chains, later chains join earlier GPUs' lists.
+CHAINS = [
+    [ours(MOE, BATCH8), ours(MOE)],
+    [ours(LORA, BATCH8), ours(LORA)],
+    ["hf:nf4", "hf:nf4-all", "hf:nf4-nockpt", "hf:nf4-all-nockpt"],
+    [ours(MOE, NOCKPT, BATCH8), ours(MOE, NOCKPT)],
+    [ours(LORA, NOCKPT, BATCH8), ours(LORA, NOCKPT)],
+]
+
+
+def option(args, name, default):
+    if name not in args:
+        return default
+    i = args.index(name)
+    value = args[i + 1]
+    del args[i:i + 2]
+    return value
+
+
+def describe(job):
+    """(adapter, checkpointing, batch) of a job name."""
+    if job.startswith("hf:"):
+        flags = job[3:].split("-")
+        return ("moelora" if "all" in flags else "lora", "nockpt" not in flags, "1 x 8")
+    adapter = "moelora" if "moelora" in job else "lora"
+    return (adapter, NOCKPT not in job, "8 x 1" if "batch_size=8" in job else "1 x 8")
+
+
+def main():
+    args = sys.argv[1:]
+    gpus = int(option(args, "--gpus", "0")) or len(
+        subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True).stdout.splitlines())
+    steps, warmup = option(args, "--steps", "3"), option(args, "--warmup", "1")
+    deadline = float(option(args, "--deadline", "560"))
+    cache, pack, only = option(args, "--kernel-cache", None), option(args, "--pack", None), \
+        option(args, "--only", None)
+    binary = os.path.abspath(args[0])
+    root = os.getcwd()
+    chains = [[j for j in c if only is None or j.startswith(only)] for c in CHAINS]
+    chains = [c for c in chains if c]
+    per_gpu = [[] for _ in range(min(gpus, len(chains)))]
+    for i, chain in enumerate(chains):
+        per_gpu[i % len(per_gpu)].append(chain)
+    print(subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
+                          "--format=csv,noheader", "-i", "0"],
+                         capture_output=True, text=True).stdout.strip(), flush=True)
+    start = time.time()
+    procs = []
+    for g, gpu_chains in enumerate(per_gpu):
+        jobs = [j for c in gpu_chains for j in c]
+        work = f"/tmp/train-table-{g}"
+        shutil.rmtree(work, ignore_errors=True)
+        os.makedirs(work)
+        # A Cargo.toml makes ./target CubeCL's cache root (else ~/.cache/cubecl, shared).
+        for item in ["Cargo.toml", "cubecl.toml", "experiments", "model", "tests"]:
+            src = os.path.join(root, item)
+            (shutil.copytree if os.path.isdir(src) else shutil.copy)(src, os.path.join(work, item))
+        if cache:
+            subprocess.run(["tests/gpu/kernel_cache.sh", "unpack", os.path.abspath(cache)],
+                           cwd=work, check=False)
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(g),
+                   CUDA_CACHE_PATH=os.path.join(work, "target", "nvcache"), TMPDIR=work)
+        log = open(os.path.join(work, "bench.log"), "w")
+        cmd = [sys.executable, "tests/gpu/bench_train.py", binary, *jobs, "--steps", steps,
+               "--warmup", warmup, "--timeout", str(int(deadline))]
+        procs.append((g, jobs, work, subprocess.Popen(cmd, cwd=work, env=env, stdout=log,
+                                                      stderr=subprocess.STDOUT,
+                                                      start_new_session=True)))
+        print(f"GPU {g}: {' '.join(jobs)}", flush=True)
+    for g, jobs, work, p in procs:
+        try:
+            p.wait(timeout=max(1.0, deadline - (time.time() - start)))
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)  # bench_train.py and the job it runs
+            p.wait()
+            print(f"GPU {g}: stopped at the deadline", flush=True)
+    print(f"all chains done after {time.time() - start:.0f} s", flush=True)
+
+    results = {}
+    for g, jobs, work, p in procs:
+        for line in open(os.path.join(work, "bench.log")):
+            job, _, rest = line.partition(" ")
+            if job in jobs and rest.startswith("{"):
+                results[job] = json.loads(rest)
+            elif line.startswith("---") or "panicked" in line:
+                print(f"GPU {g}: {line.rstrip()[:300]}")
+    if pack:
+        first_moe = next((w for g, jobs, w, p in procs if any("moelora" in j for j in jobs)), None)
+        if first_moe:
+            subprocess.run(["tests/gpu/kernel_cache.sh", "pack", os.path.abspath(pack)],
+                           cwd=first_moe, check=False)
+
+    hf = {describe(j)[:2]: r for j, r in results.items() if j.startswith("hf:")}
+    print("\n| who | adapter | ckpt | batch | samples/s | s/step | peak GiB (nvidia-smi) "
+          "| live / reserved GiB | vs HF (same targets, ckpt) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for job in [j for c in chains for j in c]:
+        r = results.get(job)
+        adapter, ckpt, batch = describe(job)
+        who = job if job.startswith("hf:") else "ours"
+        if r is None:
+            print(f"| {who} | {adapter} | {'on' if ckpt else 'off'} | {batch} | no result |||||")
+            continue
+        if "torch_peak_allocated_gib" in r:
+            mem = f"{r['torch_peak_allocated_gib']:.2f} / {r['torch_peak_reserved_gib']:.2f} (torch)"
+        elif r.get("in_use_mib") is not None:
+            mem = f"{r['in_use_mib'] / 1024:.2f} / {r['reserved_mib'] / 1024:.2f}"
+        else:
+            mem = ""
+        ref = hf.get((adapter, ckpt))
+        ratio = f"{r['samples_per_s'] / ref['samples_per_s']:.2f}x" \
+            if ref and not job.startswith("hf:") else ""
+        print(f"| {who} | {adapter} | {'on' if ckpt else 'off'} | {batch} "
+              f"| {r['samples_per_s']:.3f} | {r['step_s_median']:.3f} | {r['peak_gib']:.2f} "
+              f"| {mem} | {ratio} |")
+
+
+if __name__ == "__main__":
+    main()
