@@ -144,6 +144,22 @@ impl<B: Backend> Qwen3VlModel<B> {
 
     /// Full forward pass; `keep_hidden` also returns every layer's output.
     pub fn forward(&self, inputs: &ModelInputs<B>, keep_hidden: bool) -> Result<ModelOutput<B>> {
+        self.forward_inner(inputs, keep_hidden, None)
+    }
+
+    /// Forward pass whose logits are only those of `rows` of the flattened [B·T] positions, as
+    /// [1, rows, V] (training needs the caption targets' rows: the vocabulary projection of
+    /// every position is the largest activation, and mostly unused). At least one row.
+    pub fn forward_rows(&self, inputs: &ModelInputs<B>, rows: &[i64]) -> Result<ModelOutput<B>> {
+        self.forward_inner(inputs, false, Some(rows))
+    }
+
+    fn forward_inner(
+        &self,
+        inputs: &ModelInputs<B>,
+        keep_hidden: bool,
+        rows: Option<&[i64]>,
+    ) -> Result<ModelOutput<B>> {
         let e = self.embed(inputs)?;
         let (b, t) = (inputs.batch, inputs.len);
         let device = self.device();
@@ -158,7 +174,18 @@ impl<B: Backend> Qwen3VlModel<B> {
             None,
             &e.stats,
         );
-        let logits = self.lm_logits(out.hidden.clone());
+        let logits = match rows {
+            None => self.lm_logits(out.hidden.clone()),
+            Some(rows) => {
+                let [_, _, h] = out.hidden.dims();
+                let n = rows.len();
+                let rows =
+                    Tensor::<B, 1, Int>::from_data(TensorData::new(rows.to_vec(), [n]), &device);
+                // [B, T, H] -> [B·T, H] -> the chosen rows [n, H] -> [1, n, H]
+                let picked = out.hidden.clone().reshape([b * t, h]).select(0, rows);
+                self.lm_logits(picked.reshape([1, n, h]))
+            }
+        };
         Ok(ModelOutput {
             logits,
             position_ids: e.positions,

@@ -66,16 +66,17 @@ impl ItemLazy for StepOutput {
     }
 }
 
-/// Cross-entropy of the target tokens: `rows` index the flattened [B·T] positions that predict
-/// `ids` (the label one position later). The mean over all target tokens, or with `per_sample`
-/// the mean over the B samples of each sample's mean (a sample without targets adds 0).
+/// Cross-entropy of the target tokens: `logits` [n, V] are those of the positions `rows` (of the
+/// flattened [B·T] positions of a `[B, T]` batch) that predict `ids` (the label one position
+/// later). The mean over all target tokens, or with `per_sample` the mean over the B samples of
+/// each sample's mean (a sample without targets adds 0).
 pub fn caption_loss<B: Backend>(
-    logits: Tensor<B, 3>,
+    logits: Tensor<B, 2>,
     rows: &[i64],
     ids: &[i64],
+    [b, t]: [usize; 2],
     per_sample: bool,
 ) -> Tensor<B, 1> {
-    let [b, t, v] = logits.dims();
     let device = logits.device();
     if rows.is_empty() {
         return Tensor::zeros([1], (&device, DType::F32));
@@ -92,10 +93,8 @@ pub fn caption_loss<B: Backend>(
         vec![1.0 / n as f32; n]
     };
     let weights = Tensor::<B, 2>::from_data(TensorData::new(weights, [n, 1]), &device);
-    let rows = Tensor::<B, 1, Int>::from_data(TensorData::new(rows.to_vec(), [n]), &device);
     let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids.to_vec(), [n, 1]), &device);
-    let picked = logits.cast(DType::F32).reshape([b * t, v]).select(0, rows); // [n, V]
-    let logp = log_softmax(picked, 1).gather(1, ids); // [n, 1]
+    let logp = log_softmax(logits.cast(DType::F32), 1).gather(1, ids); // [n, 1]
     (logp * weights).sum().neg()
 }
 
@@ -122,6 +121,12 @@ impl<B: Backend> TrainModel<B> {
             .filter(|_| training && inputs.pixel_values.is_some());
         let cached =
             cache.and_then(|c| c.lookup(inputs, &batch.indexes, image_token, &self.device()));
+        // Logits of the target rows only (row 0 stands in when there are none; the loss is 0).
+        let rows = if batch.target_rows.is_empty() {
+            &[0][..]
+        } else {
+            &batch.target_rows[..]
+        };
         let out = match (cache, cached) {
             (Some(_), Some(features)) => {
                 let inputs = ModelInputs {
@@ -129,23 +134,25 @@ impl<B: Backend> TrainModel<B> {
                     image_features: Some(features),
                     ..inputs.clone()
                 };
-                self.model.forward(&inputs, false)?
+                self.model.forward_rows(&inputs, rows)?
             }
             (Some(c), None) => {
-                let out = self.model.forward(inputs, false)?;
+                let out = self.model.forward_rows(inputs, rows)?;
                 if let Some(v) = &out.vision {
                     let features = ImageFeatures::from(v);
                     c.store(inputs, &batch.indexes, image_token, &features);
                 }
                 out
             }
-            (None, _) => self.model.forward(inputs, false)?,
+            (None, _) => self.model.forward_rows(inputs, rows)?,
         };
         let per_sample = self.run.settings.loss_per_sample;
+        let [_, n, v] = out.logits.dims();
         let lm = caption_loss(
-            out.logits,
+            out.logits.reshape([n, v]),
             &batch.target_rows,
             &batch.target_ids,
+            [inputs.batch, inputs.len],
             per_sample,
         );
         Ok((lm, out.aux_loss, out.expert_tokens))
@@ -456,12 +463,23 @@ mod tests {
 
     type B = burn::backend::Flex;
 
+    /// The logits [n, V] of `rows` of the flattened [B·T] positions of `logits` [B, T, V].
+    fn rows_of(logits: Tensor<B, 3>, rows: &[i64]) -> Tensor<B, 2> {
+        let [b, t, v] = logits.dims();
+        let rows = Tensor::<B, 1, Int>::from_data(
+            TensorData::new(rows.to_vec(), [rows.len()]),
+            &logits.device(),
+        );
+        logits.reshape([b * t, v]).select(0, rows)
+    }
+
     #[test]
     fn caption_loss_is_the_mean_target_nll() {
         let dev = Default::default();
         // [1, 3, 2] logits; predict id 1 from position 0 and id 0 from position 1.
         let logits = Tensor::<B, 3>::from_floats([[[0.0, 1.0], [2.0, 0.0], [5.0, 5.0]]], &dev);
-        let l = caption_loss(logits, &[0, 1], &[1, 0], false).into_scalar();
+        let l = caption_loss(rows_of(logits, &[0, 1]), &[0, 1], &[1, 0], [1, 3], false);
+        let l = l.into_scalar();
         let nll = |a: f32, b: f32| -(a - (a.exp() + b.exp()).ln());
         let want = (nll(1.0, 0.0) + nll(2.0, 0.0)) / 2.0;
         assert!((l - want).abs() < 1e-6, "{l} vs {want}");
@@ -487,10 +505,11 @@ mod tests {
             nll(0.5, 0.0, 0),
             nll(3.0, 0.0, 1),
         ];
-        let tokens = caption_loss(logits.clone(), &rows, &ids, false).into_scalar();
+        let picked = rows_of(logits, &rows);
+        let tokens = caption_loss(picked.clone(), &rows, &ids, [2, 4], false).into_scalar();
         let want = each.iter().sum::<f32>() / 4.0;
         assert!((tokens - want).abs() < 1e-6, "{tokens} vs {want}");
-        let samples = caption_loss(logits, &rows, &ids, true).into_scalar();
+        let samples = caption_loss(picked, &rows, &ids, [2, 4], true).into_scalar();
         let want = ((each[0] + each[1] + each[2]) / 3.0 + each[3]) / 2.0;
         assert!((samples - want).abs() < 1e-6, "{samples} vs {want}");
     }

@@ -53,3 +53,24 @@ fn low_precision_stays_close() {
         assert_eq!(got["position_ids"], want.tensors["position_ids"]);
     }
 }
+
+/// Training projects only the caption targets' rows onto the vocabulary: those logits must be
+/// the full forward's logits at the same rows.
+#[test]
+fn selected_rows_have_the_full_forwards_logits() {
+    let dev = Default::default();
+    let (_, model) = load_model::<Cpu>(&tiny_model(), &dev, WeightDType::F32).unwrap();
+    let inputs = read_inputs::<Cpu>(&tiny_inputs(), &dev).unwrap();
+    let full = model.forward(&inputs, false).unwrap().logits;
+    let [b, t, v] = full.dims();
+    let rows = [1i64, (t + 2) as i64, (b * t - 1) as i64, 3];
+    let picked = model.forward_rows(&inputs, &rows).unwrap().logits;
+    assert_eq!(picked.dims(), [1, rows.len(), v]);
+    let full = full.reshape([b * t, v]);
+    for (i, &r) in rows.iter().enumerate() {
+        let want = full.clone().narrow(0, r as usize, 1);
+        let got = picked.clone().reshape([rows.len(), v]).narrow(0, i, 1);
+        let err = (got - want.clone()).abs().max().into_scalar() / want.abs().max().into_scalar();
+        assert!(err < 1e-5, "row {r}: relative error {err:.3e}");
+    }
+}
