@@ -91,7 +91,7 @@ impl<B: Backend> From<&VisionOutput<B>> for ImageFeatures<B> {
 /// What a forward pass returns.
 #[derive(Debug, Clone)]
 pub struct ModelOutput<B: Backend> {
-    /// [B, T, vocab], f32.
+    /// [B, T, vocab], f32 ([1, rows, vocab] from `forward_rows`).
     pub logits: Tensor<B, 3>,
     /// The M-RoPE positions used.
     pub position_ids: PositionIds,
