@@ -110,6 +110,14 @@ pub struct ModelOutput<B: Backend> {
     pub expert_tokens: Vec<usize>,
 }
 
+/// The positions `rows` of the flattened [B·T] positions of `x` [B, T, D], as [rows, D].
+pub fn flat_rows<B: Backend>(x: Tensor<B, 3>, rows: &[i64]) -> Tensor<B, 2> {
+    let [b, t, d] = x.dims();
+    let n = rows.len();
+    let rows = Tensor::<B, 1, Int>::from_data(TensorData::new(rows.to_vec(), [n]), &x.device());
+    x.reshape([b * t, d]).select(0, rows)
+}
+
 impl<B: Backend> Qwen3VlModel<B> {
     /// A lazily initialised model: nothing is allocated until a parameter is used or loaded.
     pub fn init(cfg: &Qwen3VlConfig, device: &B::Device) -> Self {
@@ -177,13 +185,8 @@ impl<B: Backend> Qwen3VlModel<B> {
         let logits = match rows {
             None => self.lm_logits(out.hidden.clone()),
             Some(rows) => {
-                let [_, _, h] = out.hidden.dims();
-                let n = rows.len();
-                let rows =
-                    Tensor::<B, 1, Int>::from_data(TensorData::new(rows.to_vec(), [n]), &device);
-                // [B, T, H] -> [B·T, H] -> the chosen rows [n, H] -> [1, n, H]
-                let picked = out.hidden.clone().reshape([b * t, h]).select(0, rows);
-                self.lm_logits(picked.reshape([1, n, h]))
+                let picked = flat_rows(out.hidden.clone(), rows); // [n, H]
+                self.lm_logits(picked.unsqueeze()) // [1, n, V]
             }
         };
         Ok(ModelOutput {

@@ -463,22 +463,14 @@ mod tests {
 
     type B = burn::backend::Flex;
 
-    /// The logits [n, V] of `rows` of the flattened [B·T] positions of `logits` [B, T, V].
-    fn rows_of(logits: Tensor<B, 3>, rows: &[i64]) -> Tensor<B, 2> {
-        let [b, t, v] = logits.dims();
-        let rows = Tensor::<B, 1, Int>::from_data(
-            TensorData::new(rows.to_vec(), [rows.len()]),
-            &logits.device(),
-        );
-        logits.reshape([b * t, v]).select(0, rows)
-    }
+    use crate::model::qwen3_vl::flat_rows;
 
     #[test]
     fn caption_loss_is_the_mean_target_nll() {
         let dev = Default::default();
         // [1, 3, 2] logits; predict id 1 from position 0 and id 0 from position 1.
         let logits = Tensor::<B, 3>::from_floats([[[0.0, 1.0], [2.0, 0.0], [5.0, 5.0]]], &dev);
-        let l = caption_loss(rows_of(logits, &[0, 1]), &[0, 1], &[1, 0], [1, 3], false);
+        let l = caption_loss(flat_rows(logits, &[0, 1]), &[0, 1], &[1, 0], [1, 3], false);
         let l = l.into_scalar();
         let nll = |a: f32, b: f32| -(a - (a.exp() + b.exp()).ln());
         let want = (nll(1.0, 0.0) + nll(2.0, 0.0)) / 2.0;
@@ -505,7 +497,7 @@ mod tests {
             nll(0.5, 0.0, 0),
             nll(3.0, 0.0, 1),
         ];
-        let picked = rows_of(logits, &rows);
+        let picked = flat_rows(logits, &rows);
         let tokens = caption_loss(picked.clone(), &rows, &ids, [2, 4], false).into_scalar();
         let want = each.iter().sum::<f32>() / 4.0;
         assert!((tokens - want).abs() < 1e-6, "{tokens} vs {want}");

@@ -75,18 +75,30 @@ def run(cmd, timeout):
     return result
 
 
+def option(args, name, default):
+    """Removes `name VALUE` from `args` and returns VALUE (`default` when absent)."""
+    if name not in args:
+        return default
+    i = args.index(name)
+    value = args[i + 1]
+    del args[i:i + 2]
+    return value
+
+
+def allocator_gib(r):
+    """The allocator's 'live / reserved' GiB of a job's result: torch's peak allocated /
+    reserved for HF, our probe's live tensors / pool reservation for ours; '' when unknown."""
+    if "torch_peak_allocated_gib" in r:
+        return f"{r['torch_peak_allocated_gib']:.2f} / {r['torch_peak_reserved_gib']:.2f}"
+    if r.get("in_use_mib") is not None:
+        return f"{r['in_use_mib'] / 1024:.2f} / {r['reserved_mib'] / 1024:.2f}"
+    return ""
+
+
 def main():
     args = sys.argv[1:]
-    def option(name, default):
-        if name not in args:
-            return default
-        i = args.index(name)
-        value = args[i + 1]
-        del args[i:i + 2]
-        return value
-
-    steps, warmup = option("--steps", "5"), option("--warmup", "2")
-    timeout, memcap = int(option("--timeout", "540")), option("--memcap", None)
+    steps, warmup = option(args, "--steps", "5"), option(args, "--warmup", "2")
+    timeout, memcap = int(option(args, "--timeout", "540")), option(args, "--memcap", None)
     binary, jobs = args[0], args[1:]
     print(subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
                           "--format=csv,noheader"], capture_output=True, text=True).stdout.strip())
@@ -112,15 +124,9 @@ def main():
     print("\n| job | samples/s | tokens/s | s/step (median) | peak GiB (nvidia-smi) | allocator live / reserved GiB | vs best HF |")
     print("|---|---|---|---|---|---|---|")
     for job, r in rows:
-        if "torch_peak_allocated_gib" in r:
-            torch_peak = f"{r['torch_peak_allocated_gib']:.2f} / {r['torch_peak_reserved_gib']:.2f}"
-        elif r.get("in_use_mib") is not None:
-            torch_peak = f"{r['in_use_mib'] / 1024:.2f} / {r['reserved_mib'] / 1024:.2f}"
-        else:
-            torch_peak = ""
         ratio = f"{r['samples_per_s'] / best_hf:.2f}x" if best_hf else ""
         print(f"| {job} | {r['samples_per_s']:.3f} | {r['tokens_per_s']:.0f} | {r['step_s_median']:.3f} "
-              f"| {r['peak_gib']:.2f} | {torch_peak} | {ratio} |")
+              f"| {r['peak_gib']:.2f} | {allocator_gib(r)} | {ratio} |")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ import subprocess
 import sys
 import time
 
+from bench_train import allocator_gib, option  # tests/gpu/ is this script's own folder
+
 LORA, MOE = "experiments/qwen3-vl-4b-lora.toml", "experiments/qwen3-vl-4b-moelora.toml"
 NOCKPT = "train.gradient_checkpointing=false"
 BATCH8 = "train.batch_size=8,train.grad_accum=1,train.loss_average=samples"
@@ -38,15 +40,6 @@ CHAINS = [
     [ours(MOE, NOCKPT, BATCH8), ours(MOE, NOCKPT)],
     [ours(LORA, NOCKPT, BATCH8), ours(LORA, NOCKPT)],
 ]
-
-
-def option(args, name, default):
-    if name not in args:
-        return default
-    i = args.index(name)
-    value = args[i + 1]
-    del args[i:i + 2]
-    return value
 
 
 def describe(job):
@@ -133,12 +126,7 @@ def main():
         if r is None:
             print(f"| {who} | {adapter} | {'on' if ckpt else 'off'} | {batch} | no result |||||")
             continue
-        if "torch_peak_allocated_gib" in r:
-            mem = f"{r['torch_peak_allocated_gib']:.2f} / {r['torch_peak_reserved_gib']:.2f} (torch)"
-        elif r.get("in_use_mib") is not None:
-            mem = f"{r['in_use_mib'] / 1024:.2f} / {r['reserved_mib'] / 1024:.2f}"
-        else:
-            mem = ""
+        mem = allocator_gib(r) + (" (torch)" if "torch_peak_allocated_gib" in r else "")
         ref = hf.get((adapter, ckpt))
         ratio = f"{r['samples_per_s'] / ref['samples_per_s']:.2f}x" \
             if ref and not job.startswith("hf:") else ""
