@@ -48,6 +48,19 @@ where
     }
 }
 
+/// Whether the fused RMSNorm kernel runs on CUDA without fusion: `QWEN3VL_NORM_KERNEL=0` keeps
+/// the tensor-op version (for comparisons). Under burn's fusion the tensor ops are fused anyway.
+pub fn norm_kernel_enabled() -> bool {
+    std::env::var("QWEN3VL_NORM_KERNEL").map_or(true, |v| v != "0")
+}
+
+/// Lets `RmsNorm` on burn-cuda without fusion use the fused kernel (see [`norm_kernel_enabled`]).
+fn use_norm_kernel() {
+    if norm_kernel_enabled() {
+        kernels::norm::register::<cubecl::cuda::CudaRuntime, f32, i32, u8>();
+    }
+}
+
 /// Whether burn's kernel fusion is on for CUDA: `QWEN3VL_FUSION=0` turns it off.
 pub fn fusion_enabled() -> bool {
     std::env::var("QWEN3VL_FUSION").map_or(true, |v| v != "0")
@@ -112,6 +125,9 @@ where
     B::InnerBackend: Nf4Backend,
 {
     use_nf4_kernels::<B>(fusion);
+    if !fusion {
+        use_norm_kernel();
+    }
     job.run::<B>(&B::train_devices(devices)?)
 }
 
@@ -165,6 +181,7 @@ pub fn on_infer_backend<J: InferJob>(device: &str, job: J) -> Result<()> {
         DeviceChoice::Cuda(i) => {
             eprintln!("device: cuda:{i} without fusion");
             use_nf4_kernels::<Autodiff<CudaUnfused>>(false);
+            use_norm_kernel();
             job.run::<CudaUnfused>(WeightDType::BF16, &CudaDevice::new(i))
         }
     }

@@ -12,6 +12,7 @@ use burn::backend::flex::FlexDevice;
 use burn::backend::Flex;
 use burn::prelude::Backend;
 use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::DType;
 use clap::Parser;
 use device::{choose_device, on_infer_backend, on_train_backend, DeviceChoice, InferJob, TrainJob};
 use qwen3_vl_moelora::cli::args::{
@@ -21,6 +22,7 @@ use qwen3_vl_moelora::cli::args::{
 use qwen3_vl_moelora::cli::caption::run_caption;
 use qwen3_vl_moelora::cli::chat::run_chat;
 use qwen3_vl_moelora::cli::eval::run_eval;
+use qwen3_vl_moelora::quant::kernels;
 
 use qwen3_vl_moelora::adapter::merge::{merge_lora, MergeDType};
 use qwen3_vl_moelora::adapter::peft::read_adapter_config;
@@ -195,7 +197,8 @@ fn run_bench_nf4(args: BenchNf4Args) -> Result<()> {
         fn run<B: AutodiffBackend>(self, devices: &TrainDevices<B>) -> Result<()> {
             let (o, check_only, device) = (self.0, self.1, devices.main());
             let checks = check_kernels::<B>(&CHECK_CASES, o.dtype, device)?;
-            let failed = print_checks(&checks, o.dtype);
+            let mut failed = print_checks(&checks, o.dtype);
+            failed += check_norm_kernel::<B::InnerBackend>(o.dtype, device);
             if !check_only {
                 let report = bench_nf4::<B::InnerBackend>(&o, checks, device)?;
                 println!("{}", serde_json::to_string(&report).expect("json"));
@@ -203,13 +206,28 @@ fn run_bench_nf4(args: BenchNf4Args) -> Result<()> {
             match failed {
                 0 => Ok(()),
                 n => Err(Error::Input(format!(
-                    "{n} NF4 kernel checks above the {:.0e} tolerance",
+                    "{n} kernel checks above the {:.0e} tolerance",
                     tolerance(o.dtype)
                 ))),
             }
         }
     }
     on_train_backend(&args.device, false, Job(opts, args.check_only))
+}
+
+/// Checks the fused RMSNorm kernel (when registered) against the tensor ops on `device`;
+/// prints one line per shape and returns how many are above the tolerance.
+fn check_norm_kernel<B: Backend>(dtype: DType, device: &B::Device) -> usize {
+    let Some(rows) = kernels::norm::check_against_reference::<B>(dtype, device) else {
+        println!("check rms_norm: no fused kernel on this backend");
+        return 0;
+    };
+    let limit = tolerance(dtype);
+    for &(n, d, err) in &rows {
+        let verdict = if err <= limit { "ok" } else { "FAILED" };
+        println!("check rms_norm    {n:>5} x {d:<5}: rel err {err:.2e} {verdict}");
+    }
+    rows.iter().filter(|r| r.2 > limit).count()
 }
 
 fn forward_on<B: Backend>(opts: &ForwardOptions, device: &B::Device, name: &str) -> Result<()> {
@@ -553,7 +571,19 @@ fn run_bench(images: PathBuf, resize: Option<String>, repeat: usize) -> Result<(
     Ok(())
 }
 
+/// The CUDA driver keeps the machine code it compiles from our kernels' PTX in a disk cache
+/// (`~/.nv/ComputeCache`) whose size `CUDA_CACHE_MAXSIZE` caps (256 MiB by default in NVIDIA's
+/// documentation); the 4B training step's kernels take ~400 MiB there (tests/NOTES.md), so under
+/// the default cap every run would recompile part of them (minutes). Raise the cap to the
+/// driver's maximum, 4 GiB, unless the user set one. Runs before any thread or CUDA starts.
+fn enlarge_cuda_jit_cache() {
+    if std::env::var_os("CUDA_CACHE_MAXSIZE").is_none() {
+        std::env::set_var("CUDA_CACHE_MAXSIZE", "4294967296");
+    }
+}
+
 fn main() -> ExitCode {
+    enlarge_cuda_jit_cache();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

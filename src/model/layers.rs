@@ -7,6 +7,8 @@ use burn::module::{Initializer, Module, Param};
 use burn::prelude::*;
 use burn::tensor::DType;
 
+use crate::quant::kernels::norm;
+
 /// Default std of the normal initialisation (HF's `initializer_range`).
 pub const INIT_STD: f64 = 0.02;
 
@@ -102,13 +104,31 @@ impl<B: Backend> RmsNorm<B> {
     }
 
     /// Normalises the last dimension; the weight multiplies after the cast back, as HF does.
+    /// One fused kernel where the backend registered one (burn-cuda), else [`rms_norm_ops`].
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let dtype = x.dtype();
-        let xf = x.cast(DType::F32);
-        let ms = xf.clone().square().mean_dim(D - 1);
-        let normed = (xf * (ms + self.eps).sqrt().recip()).cast(dtype);
-        normed * self.weight.val().cast(dtype).unsqueeze::<D>()
+        let Some(fused) = norm::registered::<B>() else {
+            return rms_norm_ops(x, self.weight.val(), self.eps);
+        };
+        let dims = x.dims();
+        let d = dims[D - 1];
+        let rows = dims[..D - 1].iter().product();
+        let w = self.weight.val().cast(x.dtype());
+        (fused.rms_norm)(x.reshape([rows, d]), w, self.eps).reshape(dims) // via [rows, d]
     }
+}
+
+/// RMSNorm with tensor ops: `weight · cast(x · 1/sqrt(mean(x²) + eps))` over the last
+/// dimension, the statistics in f32 and the weight product in x's dtype.
+pub fn rms_norm_ops<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    weight: Tensor<B, 1>,
+    eps: f64,
+) -> Tensor<B, D> {
+    let dtype = x.dtype();
+    let xf = x.cast(DType::F32);
+    let ms = xf.clone().square().mean_dim(D - 1);
+    let normed = (xf * (ms + eps).sqrt().recip()).cast(dtype);
+    normed * weight.cast(dtype).unsqueeze::<D>()
 }
 
 /// A lookup table `weight` [rows, d] (token embeddings, vision position table).

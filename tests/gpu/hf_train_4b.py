@@ -5,7 +5,7 @@ on the values), one 288x288 image (18x18 patches, 81 image tokens) and 120 token
 batch 1 x gradient accumulation 8, LoRA r=8 alpha=16 on q/k/v/o, AdamW; prints one JSON line.
 
 Usage: python3 hf_train_4b.py CONFIG_JSON VARIANT [STEPS]
-VARIANT: bf16 | bf16-ckpt | f16-ckpt | nf4 | nf4-nockpt | nf4-all | nf4-all-nockpt
+VARIANT: prepare (write the random checkpoint only) | bf16 | bf16-ckpt | f16-ckpt | nf4 | nf4-nockpt | nf4-all | nf4-all-nockpt
 (nf4: bitsandbytes NF4 + double quant, f16 autocast, gradient checkpointing -- the reference's
 setup; -nockpt: without checkpointing; -all: LoRA r16 on q,k,v,o,gate,up,down, the adapter
 FLOPs of our 2-expert r8 MoE-LoRA on the same targets without its router -- peft has no
@@ -35,11 +35,24 @@ if "all" in flags:
     rank = 16
 torch.manual_seed(0)
 
-if flags[0] == "nf4":
-    from transformers import BitsAndBytesConfig
+
+def random_checkpoint():
+    """A saved f16 checkpoint of the random model (for bitsandbytes to quantize while loading),
+    written once per TMPDIR; initialised on the GPU (minutes faster than on the CPU)."""
     folder = os.path.join(tempfile.gettempdir(), "qwen3-vl-random-f16")
     if not os.path.exists(os.path.join(folder, "config.json")):
-        Qwen3VLForConditionalGeneration(cfg).to(torch.float16).save_pretrained(folder)
+        with torch.device("cuda"):
+            Qwen3VLForConditionalGeneration(cfg).to(torch.float16).save_pretrained(folder)
+        torch.cuda.empty_cache()
+    return folder
+
+
+if variant == "prepare":  # bench_train.py runs this before timing (and sampling memory)
+    random_checkpoint()
+    sys.exit(0)
+if flags[0] == "nf4":
+    from transformers import BitsAndBytesConfig
+    folder = random_checkpoint()
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float16)
     model = Qwen3VLForConditionalGeneration.from_pretrained(

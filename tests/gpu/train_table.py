@@ -5,10 +5,13 @@ the 4B reference workload, LoRA and MoE-LoRA, gradient checkpointing on and off,
 Usage (repository root, on the GPU machine):
   python3 tests/gpu/train_table.py BINARY [--gpus N] [--steps 3] [--warmup 1] [--deadline 560]
                                    [--kernel-cache DIR] [--pack OUT] [--only ours|hf]
+                                   [--chains "JOB JOB;JOB ..."]
 Each GPU runs one chain of tests/gpu/bench_train.py jobs in its own copy of the repository
 (our jobs of one adapter share a copy, so after the first one the kernels are compiled);
---kernel-cache unpacks tests/gpu/kernel_cache.sh pieces into every copy first, --pack writes the
-first MoE-LoRA copy's cache to OUT afterwards. Chains still running at --deadline seconds are
+--kernel-cache unpacks tests/gpu/kernel_cache.sh pieces into every copy first (DIR/gN for GPU N
+when that folder exists, else DIR), --pack writes each GPU's cache to OUT/gN afterwards.
+--chains replaces the built-in chains (bench_train.py's JOB syntax, `ours@MIB:...` for a memory
+cap). Chains still running at --deadline seconds are
 stopped and the table shows what finished. Ratios: each of our jobs against HF's job with the
 same targets and checkpointing (LoRA vs `nf4`, MoE-LoRA vs `nf4-all`, peft's LoRA r16 on the same
 7 targets: peft has no MoE-LoRA).
@@ -59,9 +62,11 @@ def main():
     deadline = float(option(args, "--deadline", "560"))
     cache, pack, only = option(args, "--kernel-cache", None), option(args, "--pack", None), \
         option(args, "--only", None)
+    custom = option(args, "--chains", None)
     binary = os.path.abspath(args[0])
     root = os.getcwd()
-    chains = [[j for j in c if only is None or j.startswith(only)] for c in CHAINS]
+    chains = [c.split() for c in custom.split(";")] if custom else CHAINS
+    chains = [[j for j in c if only is None or j.startswith(only)] for c in chains]
     chains = [c for c in chains if c]
     per_gpu = [[] for _ in range(min(gpus, len(chains)))]
     for i, chain in enumerate(chains):
@@ -81,7 +86,9 @@ def main():
             src = os.path.join(root, item)
             (shutil.copytree if os.path.isdir(src) else shutil.copy)(src, os.path.join(work, item))
         if cache:
-            subprocess.run(["tests/gpu/kernel_cache.sh", "unpack", os.path.abspath(cache)],
+            own = os.path.join(cache, f"g{g}")
+            subprocess.run(["tests/gpu/kernel_cache.sh", "unpack",
+                            os.path.abspath(own if os.path.isdir(own) else cache)],
                            cwd=work, check=False)
         env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(g),
                    CUDA_CACHE_PATH=os.path.join(work, "target", "nvcache"), TMPDIR=work)
@@ -109,11 +116,10 @@ def main():
                 results[job] = json.loads(rest)
             elif line.startswith("---") or "panicked" in line:
                 print(f"GPU {g}: {line.rstrip()[:300]}")
-    if pack:
-        first_moe = next((w for g, jobs, w, p in procs if any("moelora" in j for j in jobs)), None)
-        if first_moe:
-            subprocess.run(["tests/gpu/kernel_cache.sh", "pack", os.path.abspath(pack)],
-                           cwd=first_moe, check=False)
+    for g, jobs, work, p in procs if pack else []:
+        if any(j.startswith("ours") for j in jobs):
+            subprocess.run(["tests/gpu/kernel_cache.sh", "pack", os.path.abspath(f"{pack}/g{g}")],
+                           cwd=work, check=False)
 
     hf = {describe(j)[:2]: r for j, r in results.items() if j.startswith("hf:")}
     print("\n| who | adapter | ckpt | batch | samples/s | s/step | peak GiB (nvidia-smi) "
@@ -122,7 +128,8 @@ def main():
     for job in [j for c in chains for j in c]:
         r = results.get(job)
         adapter, ckpt, batch = describe(job)
-        who = job if job.startswith("hf:") else "ours"
+        cap = job.split(":")[0].partition("@")[2]
+        who = job if job.startswith("hf:") else f"ours (cap {cap} MiB)" if cap else "ours"
         if r is None:
             print(f"| {who} | {adapter} | {'on' if ckpt else 'off'} | {batch} | no result |||||")
             continue
@@ -133,6 +140,9 @@ def main():
         print(f"| {who} | {adapter} | {'on' if ckpt else 'off'} | {batch} "
               f"| {r['samples_per_s']:.3f} | {r['step_s_median']:.3f} | {r['peak_gib']:.2f} "
               f"| {mem} | {ratio} |")
+    for job, r in results.items():
+        if r.get("memcap"):
+            print(f"{job}: {r['memcap']}")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@
 //! * [`fusion`]: the same kernels registered as custom operations of burn's fusion backend.
 //! * [`autodiff`]: a backward that keeps only the packed weight and dequantizes it again for
 //!   dX = dY·W (no dense weight is held between the forward and the backward pass).
+//! * [`norm`]: a fused RMSNorm kernel, found through the same registry.
 //!
 //! The model is generic over `B: Backend`, so it cannot name this trait in its bounds; instead
 //! the binary [`register`]s the backends it runs on, and [`Nf4Linear`] looks its backend up at
@@ -16,6 +17,7 @@
 pub mod autodiff;
 pub mod cube;
 pub mod fusion;
+pub mod norm;
 
 use std::any::{Any, TypeId};
 use std::collections::HashMap;
@@ -216,38 +218,53 @@ impl<B: Backend> Clone for Nf4Ops<B> {
 }
 impl<B: Backend> Copy for Nf4Ops<B> {}
 
+/// Registered kernel tables by their type (`Nf4Ops<B>`, `NormOps<B>`: one per backend).
 fn registry() -> &'static RwLock<HashMap<TypeId, Box<dyn Any + Send + Sync>>> {
     static REGISTRY: OnceLock<RwLock<HashMap<TypeId, Box<dyn Any + Send + Sync>>>> =
         OnceLock::new();
     REGISTRY.get_or_init(Default::default)
 }
 
+/// Registers the kernel table `ops` (replacing one of the same type).
+fn store<T: Any + Send + Sync>(ops: T) {
+    registry()
+        .write()
+        .expect("kernel registry poisoned")
+        .insert(TypeId::of::<T>(), Box::new(ops));
+}
+
+/// The registered kernel table of type `T`, if any.
+fn fetch<T: Any + Copy>() -> Option<T> {
+    let map = registry().read().expect("kernel registry poisoned");
+    map.get(&TypeId::of::<T>())
+        .and_then(|f| f.downcast_ref::<T>())
+        .copied()
+}
+
 /// Makes [`Nf4Linear`] on backend `B` use `B`'s [`Nf4Backend`] operations.
 pub fn register<B: Nf4Backend>() {
-    let ops = Nf4Ops::<B> {
+    store(Nf4Ops::<B> {
         matmul: B::nf4_matmul,
         dequantize: B::nf4_dequantize,
-    };
-    registry()
-        .write()
-        .expect("NF4 kernel registry poisoned")
-        .insert(TypeId::of::<B>(), Box::new(ops));
+    });
 }
 
-/// Forgets every registration (the reference path everywhere again).
-pub fn unregister_all() {
+/// Forgets the kernel table of type `T` (the reference path for its backend again).
+fn remove<T: Any>() {
     registry()
         .write()
-        .expect("NF4 kernel registry poisoned")
-        .clear();
+        .expect("kernel registry poisoned")
+        .remove(&TypeId::of::<T>());
 }
 
-/// The registered operations of backend `B`, if any.
+/// Forgets backend `B`'s NF4 operations (the reference path for it again).
+pub fn unregister<B: Backend>() {
+    remove::<Nf4Ops<B>>();
+}
+
+/// The registered NF4 operations of backend `B`, if any.
 pub fn registered<B: Backend>() -> Option<Nf4Ops<B>> {
-    let map = registry().read().expect("NF4 kernel registry poisoned");
-    map.get(&TypeId::of::<B>())
-        .and_then(|f| f.downcast_ref::<Nf4Ops<B>>())
-        .copied()
+    fetch::<Nf4Ops<B>>()
 }
 
 #[cfg(test)]
@@ -284,12 +301,14 @@ mod tests {
             (y, g)
         };
         for rows in [3, 20] {
-            unregister_all();
+            unregister::<A>();
+            unregister::<Flex>();
             let (y0, g0) = run(rows);
             register::<A>();
             register::<Flex>();
             let (y1, g1) = run(rows);
-            unregister_all();
+            unregister::<A>();
+            unregister::<Flex>();
             for (a, b) in y0.iter().zip(&y1).chain(g0.iter().zip(&g1)) {
                 assert!(
                     (a - b).abs() <= 1e-5 * (1.0 + a.abs()),
