@@ -4,8 +4,8 @@
 //! and the final one), which made norms about half of a decode step's kernel launches.
 //!
 //! Like the NF4 kernels, it is found at run time: the binary [`register`]s the CubeCL
-//! backends it runs on, and `RmsNorm` asks [`registered`] (the tensor ops, `rms_norm_ops`, when nothing
-//! is registered, on the CPU and under autodiff, where the reference ops give the backward).
+//! backends it runs on, and `RmsNorm` asks [`registered`]; where nothing is registered (the
+//! CPU, autodiff backends, whose backward the tensor ops give) it runs `rms_norm_ops`.
 
 use crate::model::layers::rms_norm_ops;
 use burn::prelude::*;
