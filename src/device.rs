@@ -48,16 +48,18 @@ where
     }
 }
 
-/// Whether the fused RMSNorm kernel runs on CUDA without fusion: `QWEN3VL_NORM_KERNEL=0` keeps
-/// the tensor-op version (for comparisons). Under burn's fusion the tensor ops are fused anyway.
-pub fn norm_kernel_enabled() -> bool {
-    std::env::var("QWEN3VL_NORM_KERNEL").map_or(true, |v| v != "0")
+/// Whether the fused layer kernels (RMSNorm, q/k norm + rotary, softmax, SwiGLU) run on CUDA
+/// without fusion: `QWEN3VL_LAYER_KERNELS=0` keeps the tensor ops (for comparisons). Under
+/// burn's fusion the tensor ops are fused anyway.
+pub fn layer_kernels_enabled() -> bool {
+    std::env::var("QWEN3VL_LAYER_KERNELS").map_or(true, |v| v != "0")
 }
 
-/// Lets `RmsNorm` on burn-cuda without fusion use the fused kernel (see [`norm_kernel_enabled`]).
-fn use_norm_kernel() {
-    if norm_kernel_enabled() {
-        kernels::norm::register::<cubecl::cuda::CudaRuntime, f32, i32, u8>();
+/// Lets the decoder on burn-cuda without fusion use the fused layer kernels (see
+/// [`layer_kernels_enabled`]).
+fn use_layer_kernels() {
+    if layer_kernels_enabled() {
+        kernels::layer_ops::register::<cubecl::cuda::CudaRuntime, f32, i32, u8>();
     }
 }
 
@@ -126,7 +128,7 @@ where
 {
     use_nf4_kernels::<B>(fusion);
     if !fusion {
-        use_norm_kernel();
+        use_layer_kernels();
     }
     job.run::<B>(&B::train_devices(devices)?)
 }
@@ -181,7 +183,7 @@ pub fn on_infer_backend<J: InferJob>(device: &str, job: J) -> Result<()> {
         DeviceChoice::Cuda(i) => {
             eprintln!("device: cuda:{i} without fusion");
             use_nf4_kernels::<Autodiff<CudaUnfused>>(false);
-            use_norm_kernel();
+            use_layer_kernels();
             job.run::<CudaUnfused>(WeightDType::BF16, &CudaDevice::new(i))
         }
     }

@@ -12,7 +12,6 @@ use burn::backend::flex::FlexDevice;
 use burn::backend::Flex;
 use burn::prelude::Backend;
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::DType;
 use clap::Parser;
 use device::{choose_device, on_infer_backend, on_train_backend, DeviceChoice, InferJob, TrainJob};
 use qwen3_vl_moelora::cli::args::{
@@ -22,7 +21,6 @@ use qwen3_vl_moelora::cli::args::{
 use qwen3_vl_moelora::cli::caption::run_caption;
 use qwen3_vl_moelora::cli::chat::run_chat;
 use qwen3_vl_moelora::cli::eval::run_eval;
-use qwen3_vl_moelora::quant::kernels;
 
 use qwen3_vl_moelora::adapter::merge::{merge_lora, MergeDType};
 use qwen3_vl_moelora::adapter::peft::read_adapter_config;
@@ -42,8 +40,8 @@ use qwen3_vl_moelora::infer::bench::{bench_generate, GenerateBenchOptions};
 use qwen3_vl_moelora::model::config::config_file;
 use qwen3_vl_moelora::model::Qwen3VlConfig;
 use qwen3_vl_moelora::quant::bench::{
-    bench_nf4, check_kernels, print_checks, tolerance, Nf4BenchOptions, CHECK_CASES,
-    QWEN3_VL_4B_SHAPES,
+    bench_nf4, check_kernels, check_layer_ops, print_checks, tolerance, Nf4BenchOptions,
+    CHECK_CASES, QWEN3_VL_4B_SHAPES,
 };
 use qwen3_vl_moelora::quant::convert::{quantize_checkpoint, QuantizeOptions};
 use qwen3_vl_moelora::train::bench::{bench_train, BenchOptions, BenchReport};
@@ -198,7 +196,10 @@ fn run_bench_nf4(args: BenchNf4Args) -> Result<()> {
             let (o, check_only, device) = (self.0, self.1, devices.main());
             let checks = check_kernels::<B>(&CHECK_CASES, o.dtype, device)?;
             let mut failed = print_checks(&checks, o.dtype);
-            failed += check_norm_kernel::<B::InnerBackend>(o.dtype, device);
+            match check_layer_ops::<B::InnerBackend>(o.dtype, device) {
+                Some(rows) => failed += print_checks(&rows, o.dtype),
+                None => println!("check layer kernels: none on this backend"),
+            }
             if !check_only {
                 let report = bench_nf4::<B::InnerBackend>(&o, checks, device)?;
                 println!("{}", serde_json::to_string(&report).expect("json"));
@@ -213,21 +214,6 @@ fn run_bench_nf4(args: BenchNf4Args) -> Result<()> {
         }
     }
     on_train_backend(&args.device, false, Job(opts, args.check_only))
-}
-
-/// Checks the fused RMSNorm kernel (when registered) against the tensor ops on `device`;
-/// prints one line per shape and returns how many are above the tolerance.
-fn check_norm_kernel<B: Backend>(dtype: DType, device: &B::Device) -> usize {
-    let Some(rows) = kernels::norm::check_against_reference::<B>(dtype, device) else {
-        println!("check rms_norm: no fused kernel on this backend");
-        return 0;
-    };
-    let limit = tolerance(dtype);
-    for &(n, d, err) in &rows {
-        let verdict = if err <= limit { "ok" } else { "FAILED" };
-        println!("check rms_norm    {n:>5} x {d:<5}: rel err {err:.2e} {verdict}");
-    }
-    rows.iter().filter(|r| r.2 > limit).count()
 }
 
 fn forward_on<B: Backend>(opts: &ForwardOptions, device: &B::Device, name: &str) -> Result<()> {

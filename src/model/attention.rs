@@ -4,6 +4,8 @@ use burn::prelude::*;
 use burn::tensor::activation::softmax;
 use burn::tensor::DType;
 
+use crate::quant::kernels::layer_ops;
+
 /// `softmax(q·kᵀ / √d + mask) · v` with `Hq / Hkv` query heads sharing each KV head.
 ///
 /// * `q`: [B, Hq, L, d]; `k`, `v`: [B, Hkv, S, d]
@@ -25,20 +27,31 @@ pub fn attention<B: Backend>(
     let dtype = q.dtype();
     // [B, Hq, L, d] -> [B, Hkv, rep·L, d]: the rep query heads of a group share K and V.
     let q = q.reshape([b, hkv, rep * l, d]);
-    let scores = q
-        .matmul(k.swap_dims(2, 3))
-        .cast(DType::F32)
-        .mul_scalar((d as f64).powf(-0.5));
-    let probs = match mask {
-        Some(mask) => {
+    let scale = (d as f64).powf(-0.5);
+    let scores = q.matmul(k.swap_dims(2, 3)); // [B, Hkv, rep·L, S]
+    let probs = match (mask, layer_ops::registered::<B>()) {
+        (Some(mask), _) => {
             // [B, Hkv, rep·L, S] -> [B, Hkv, rep, L, S] to broadcast the [B, 1, 1, L, S] mask.
-            let scores = scores.reshape([b, hkv, rep, l, s]);
+            let scores = scores
+                .cast(DType::F32)
+                .mul_scalar(scale)
+                .reshape([b, hkv, rep, l, s]);
             let mask = mask.unsqueeze_dim::<5>(2).expand([b, hkv, rep, l, s]);
-            softmax(scores.mask_fill(mask, f32::MIN), 4).reshape([b, hkv, rep * l, s])
+            let probs = softmax(scores.mask_fill(mask, f32::MIN), 4);
+            probs.reshape([b, hkv, rep * l, s]).cast(dtype)
         }
-        None => softmax(scores, 3),
+        // One fused kernel over the [B·Hkv·rep·L, S] rows where the backend registered one.
+        (None, Some(fused)) => {
+            (fused.softmax_scaled)(scores.reshape([b * hkv * rep * l, s]), scale).reshape([
+                b,
+                hkv,
+                rep * l,
+                s,
+            ])
+        }
+        (None, None) => layer_ops::softmax_scaled_ops(scores, scale),
     };
-    probs.cast(dtype).matmul(v).reshape([b, hq, l, d])
+    probs.matmul(v).reshape([b, hq, l, d])
 }
 
 /// Causal + padding mask [B, 1, T, T] (`true` = masked) for `attention_mask` [B, T] (1 = token).

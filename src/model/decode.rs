@@ -104,6 +104,16 @@ impl<B: Backend> Qwen3VlModel<B> {
     /// With left padding, every row's newest token is the last position. A prompt followed by
     /// one-token chunks gives the logits a full forward pass gives at those positions.
     pub fn extend(&self, inputs: &ModelInputs<B>, cache: &mut KvCache<B>) -> Result<Tensor<B, 2>> {
+        self.extend_chunk(inputs, cache, false)
+    }
+
+    /// [`Self::extend`]; `generated`: the chunk's tokens were sampled (all text for positions).
+    fn extend_chunk(
+        &self,
+        inputs: &ModelInputs<B>,
+        cache: &mut KvCache<B>,
+        generated: bool,
+    ) -> Result<Tensor<B, 2>> {
         let (b, t) = (inputs.batch, inputs.len);
         if b != cache.batch {
             return Err(Error::Input(format!(
@@ -118,7 +128,7 @@ impl<B: Backend> Qwen3VlModel<B> {
                 cache.layers.len()
             )));
         }
-        let mut e = self.embed(inputs)?;
+        let mut e = self.embed(inputs, generated)?;
         let chunk_attention = inputs
             .attention_mask
             .clone()
@@ -174,7 +184,8 @@ impl<B: Backend> Qwen3VlModel<B> {
         Ok(logits.reshape([b, vocab]))
     }
 
-    /// One generated token per row: the logits of the next position, [B, vocab] f32.
+    /// One generated token per row: the logits of the next position, [B, vocab] f32. A sampled
+    /// image or video placeholder id is an ordinary text position here.
     pub fn decode_step(&self, tokens: &[i64], cache: &mut KvCache<B>) -> Result<Tensor<B, 2>> {
         let inputs = ModelInputs {
             input_ids: tokens.to_vec(),
@@ -185,6 +196,6 @@ impl<B: Backend> Qwen3VlModel<B> {
             image_grid_thw: Vec::new(),
             image_features: None,
         };
-        self.extend(&inputs, cache)
+        self.extend_chunk(&inputs, cache, true)
     }
 }

@@ -7,7 +7,7 @@ use burn::module::{Initializer, Module, Param};
 use burn::prelude::*;
 use burn::tensor::DType;
 
-use crate::quant::kernels::norm;
+use crate::quant::kernels::layer_ops;
 
 /// Default std of the normal initialisation (HF's `initializer_range`).
 pub const INIT_STD: f64 = 0.02;
@@ -106,14 +106,14 @@ impl<B: Backend> RmsNorm<B> {
     /// Normalises the last dimension; the weight multiplies after the cast back, as HF does.
     /// One fused kernel where the backend registered one (burn-cuda), else [`rms_norm_ops`].
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let Some(fused) = norm::registered::<B>() else {
+        let Some(fused) = layer_ops::registered::<B>() else {
             return rms_norm_ops(x, self.weight.val(), self.eps);
         };
         let dims = x.dims();
         let d = dims[D - 1];
         let rows = dims[..D - 1].iter().product();
-        let w = self.weight.val().cast(x.dtype());
-        (fused.rms_norm)(x.reshape([rows, d]), w, self.eps).reshape(dims) // via [rows, d]
+        (fused.rms_norm)(x.reshape([rows, d]), self.weight.val(), self.eps).reshape(dims)
+        // via [rows, d]
     }
 }
 

@@ -168,7 +168,7 @@ impl<B: Backend> Qwen3VlModel<B> {
         keep_hidden: bool,
         rows: Option<&[i64]>,
     ) -> Result<ModelOutput<B>> {
-        let e = self.embed(inputs)?;
+        let e = self.embed(inputs, false)?;
         let (b, t) = (inputs.batch, inputs.len);
         let device = self.device();
         let (cos, sin) = self.rotary_tables(&e.positions, e.embeds.dtype());
@@ -231,11 +231,14 @@ impl<B: Backend> Qwen3VlModel<B> {
     }
 
     /// Token embeddings with the vision tower's features scattered into the image positions,
-    /// the M-RoPE positions and the DeepStack features of the batch.
-    pub(crate) fn embed(&self, inputs: &ModelInputs<B>) -> Result<Embedded<B>> {
+    /// the M-RoPE positions and the DeepStack features of the batch. `generated`: the tokens
+    /// were sampled by the model, so every one is text for the positions (a sampled image or
+    /// video placeholder id has no grid, as in HF's decode steps).
+    pub(crate) fn embed(&self, inputs: &ModelInputs<B>, generated: bool) -> Result<Embedded<B>> {
         let (b, t) = (inputs.batch, inputs.len);
         let meta = &self.meta;
         validate_ids(inputs, meta.vocab_size)?;
+        let visual_id = |id: i64| if generated { -1 } else { id }; // -1: no token matches
         let positions = rope_index(
             &inputs.input_ids,
             b,
@@ -244,8 +247,8 @@ impl<B: Backend> Qwen3VlModel<B> {
             &inputs.image_grid_thw,
             &[],
             VisualTokens {
-                image_token_id: meta.image_token_id,
-                video_token_id: meta.video_token_id,
+                image_token_id: visual_id(meta.image_token_id),
+                video_token_id: visual_id(meta.video_token_id),
                 spatial_merge_size: meta.spatial_merge_size,
             },
         )?;
@@ -262,7 +265,7 @@ impl<B: Backend> Qwen3VlModel<B> {
         let mut visual_index = vec![0i64; b * t];
         let mut n_visual = 0;
         for (p, &id) in inputs.input_ids.iter().enumerate() {
-            if id == meta.image_token_id {
+            if id == visual_id(meta.image_token_id) {
                 n_visual += 1;
                 visual_index[p] = n_visual;
             }

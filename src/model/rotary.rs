@@ -4,7 +4,9 @@
 use burn::prelude::*;
 use burn::tensor::DType;
 
+use super::layers::RmsNorm;
 use super::position_ids::PositionIds;
+use crate::quant::kernels::layer_ops;
 
 /// Which axis (0 = t, 1 = h, 2 = w) drives each of the head_dim / 2 frequency slots.
 ///
@@ -113,6 +115,20 @@ pub fn apply_rotary<B: Backend, const D: usize>(
     let second = x.clone().narrow(D - 1, d / 2, d / 2);
     let rotated = Tensor::cat(vec![second.neg(), first], D - 1);
     x * cos + rotated * sin
+}
+
+/// A head's q/k RMSNorm followed by the rotary rotation: x [B, H, T, d], cos/sin [B, 1, T, d].
+/// One fused kernel where the backend registered one (burn-cuda), else the tensor ops.
+pub fn norm_and_rotate<B: Backend>(
+    norm: &RmsNorm<B>,
+    x: Tensor<B, 4>,
+    cos: &Tensor<B, 4>,
+    sin: &Tensor<B, 4>,
+) -> Tensor<B, 4> {
+    match layer_ops::registered::<B>() {
+        Some(fused) => (fused.rms_norm_rotary)(x, norm.weight.val(), norm.eps, cos, sin),
+        None => apply_rotary(norm.forward(x), cos.clone(), sin.clone()),
+    }
 }
 
 #[cfg(test)]

@@ -3,14 +3,14 @@
 
 use burn::module::Module;
 use burn::prelude::*;
-use burn::tensor::activation::silu;
 
 use super::attention::attention;
 use super::config::TextConfig;
 use super::decode::{KvCache, LayerCache};
 use super::layers::{Embedding, RmsNorm};
-use super::rotary::apply_rotary;
+use super::rotary::norm_and_rotate;
 use crate::adapter::{AdapterStats, Projection};
+use crate::quant::kernels::layer_ops;
 
 /// Self-attention of a decoder layer.
 #[derive(Module, Debug)]
@@ -107,15 +107,11 @@ impl<B: Backend> TextAttention<B> {
         let (hq, hkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         // [B, T, heads·d] -> [B, heads, T, d], normed per head, then rotated.
         let heads = |y: Tensor<B, 3>, n: usize| y.reshape([b, t, n, d]).swap_dims(1, 2);
-        let q = self
-            .q_norm
-            .forward(heads(self.q_proj.forward(x.clone(), stats), hq));
-        let k = self
-            .k_norm
-            .forward(heads(self.k_proj.forward(x.clone(), stats), hkv));
+        let q = heads(self.q_proj.forward(x.clone(), stats), hq);
+        let q = norm_and_rotate(&self.q_norm, q, cos, sin);
+        let k = heads(self.k_proj.forward(x.clone(), stats), hkv);
+        let k = norm_and_rotate(&self.k_norm, k, cos, sin);
         let v = heads(self.v_proj.forward(x, stats), hkv);
-        let q = apply_rotary(q, cos.clone(), sin.clone());
-        let k = apply_rotary(k, cos.clone(), sin.clone());
         let (k, v) = match cache {
             Some(c) => c.extend(k, v),
             None => (k, v),
@@ -141,9 +137,22 @@ impl<B: Backend> DecoderLayer<B> {
         let h = x + self.self_attn.forward(normed, cos, sin, mask, cache, stats);
         let n = self.post_attention_layernorm.forward(h.clone());
         let mlp = &self.mlp;
-        let act = silu(mlp.gate_proj.forward(n.clone(), stats)) * mlp.up_proj.forward(n, stats);
+        let act = swiglu(
+            mlp.gate_proj.forward(n.clone(), stats),
+            mlp.up_proj.forward(n, stats),
+        );
         h + mlp.down_proj.forward(act, stats)
     }
+}
+
+/// `silu(gate) · up` [B, T, I]: one fused kernel where the backend registered one (burn-cuda),
+/// else the tensor ops.
+fn swiglu<B: Backend>(gate: Tensor<B, 3>, up: Tensor<B, 3>) -> Tensor<B, 3> {
+    let Some(fused) = layer_ops::registered::<B>() else {
+        return layer_ops::swiglu_ops(gate, up);
+    };
+    let [b, t, i] = gate.dims();
+    (fused.swiglu)(gate.reshape([b * t, i]), up.reshape([b * t, i])).reshape([b, t, i])
 }
 
 impl<B: Backend> TextModel<B> {

@@ -10,6 +10,7 @@ use burn::tensor::{DType, Distribution};
 use rayon::prelude::*;
 use serde::Serialize;
 
+use super::kernels::layer_ops::{self, LayerOps};
 use super::kernels::{registered, Nf4Ops, Nf4Parts};
 use super::{Nf4Linear, Nf4Tensor};
 use crate::cli::forward::median;
@@ -232,6 +233,86 @@ pub fn check_kernels<B: AutodiffBackend>(
         }
     }
     Ok(rows_out)
+}
+
+/// Checks backend `B`'s registered layer kernels against their tensor-op versions on the same
+/// device, for `dtype` inputs of the decoder's widths and odd sizes; `None` if nothing is
+/// registered. Each row's `d_in`/`d_out` is the row width.
+pub fn check_layer_ops<B: Backend>(dtype: DType, device: &B::Device) -> Option<Vec<CheckRow>> {
+    let fused = layer_ops::registered::<B>()?;
+    let reference = LayerOps::<B>::reference();
+    fn input<B: Backend, const D: usize>(
+        dims: [usize; D],
+        seed: u64,
+        scale: f32,
+        dtype: DType,
+        device: &B::Device,
+    ) -> Tensor<B, D> {
+        let n = dims.iter().product();
+        Tensor::<B, 1>::from_data(TensorData::new(values(n, seed, scale), [n]), device)
+            .cast(dtype)
+            .reshape(dims)
+    }
+    let row = |what: &str, rows: usize, d: usize, got: Result<Vec<f32>>, want: Result<Vec<f32>>| {
+        let rel_err = match (got, want) {
+            (Ok(g), Ok(w)) => rel_err(&g, &w.iter().map(|&v| v as f64).collect::<Vec<_>>()),
+            _ => f64::INFINITY,
+        };
+        CheckRow {
+            what: what.into(),
+            d_in: d,
+            d_out: d,
+            rows,
+            rel_err,
+        }
+    };
+    let mut out = Vec::new();
+    for (i, (rows, d)) in [(1, 2560), (7, 128), (33, 2560), (300, 1024), (5, 100)]
+        .into_iter()
+        .enumerate()
+    {
+        let x: Tensor<B, 2> = input([rows, d], 300 + i as u64, 3.0, dtype, device);
+        let w: Tensor<B, 1> = input([d], 400 + i as u64, 2.0, dtype, device);
+        let got = (fused.rms_norm)(x.clone(), w.clone(), 1e-6);
+        let want = (reference.rms_norm)(x, w, 1e-6);
+        out.push(row("rms_norm", rows, d, to_f32(got), to_f32(want)));
+    }
+    // [B, T, H, d] seen as [B, H, T, d], as the attention's heads are.
+    for (i, (b, h, t, d)) in [
+        (1, 32, 1, 128),
+        (2, 8, 7, 128),
+        (1, 32, 121, 128),
+        (3, 4, 5, 64),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let x: Tensor<B, 4> = input([b, t, h, d], 500 + i as u64, 3.0, dtype, device);
+        let x = x.swap_dims(1, 2);
+        let w: Tensor<B, 1> = input([d], 600 + i as u64, 2.0, dtype, device);
+        let cos: Tensor<B, 4> = input([b, 1, t, d], 700 + i as u64, 1.0, dtype, device);
+        let sin: Tensor<B, 4> = input([b, 1, t, d], 800 + i as u64, 1.0, dtype, device);
+        let got = (fused.rms_norm_rotary)(x.clone(), w.clone(), 1e-6, &cos, &sin);
+        let want = (reference.rms_norm_rotary)(x, w, 1e-6, &cos, &sin);
+        out.push(row("norm+rotary", b * h * t, d, to_f32(got), to_f32(want)));
+    }
+    for (i, (rows, s)) in [(32, 184), (7, 1), (64, 1000), (5, 33)]
+        .into_iter()
+        .enumerate()
+    {
+        let x: Tensor<B, 2> = input([rows, s], 900 + i as u64, 20.0, dtype, device);
+        let got = (fused.softmax_scaled)(x.clone(), 0.088);
+        let want = (reference.softmax_scaled)(x, 0.088);
+        out.push(row("softmax", rows, s, to_f32(got), to_f32(want)));
+    }
+    for (i, (rows, d)) in [(1, 9728), (7, 100), (121, 9728)].into_iter().enumerate() {
+        let g: Tensor<B, 2> = input([rows, d], 1000 + i as u64, 4.0, dtype, device);
+        let u: Tensor<B, 2> = input([rows, d], 1100 + i as u64, 2.0, dtype, device);
+        let got = (fused.swiglu)(g.clone(), u.clone());
+        let want = (reference.swiglu)(g, u);
+        out.push(row("swiglu", rows, d, to_f32(got), to_f32(want)));
+    }
+    Some(out)
 }
 
 /// Prints one line per check; returns how many are above the tolerance.

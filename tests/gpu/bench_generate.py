@@ -3,6 +3,8 @@ for NF4) on the 4B architecture with random weights; prints a table with the rat
 
 Usage: python3 bench_generate.py BINARY CONFIG_JSON [--batches 1,8] [--new-tokens 64]
        [--variants bf16,nf4] [--timeout 500]
+A variant ending in "-ops" runs ours only, with QWEN3VL_LAYER_KERNELS=0 (the decoder's tensor ops
+instead of the fused layer kernels), e.g. --variants bf16,bf16-ops.
 """
 import argparse
 import json
@@ -23,10 +25,10 @@ a = p.parse_args()
 here = os.path.dirname(os.path.abspath(__file__))
 
 
-def run(cmd, timeout):
+def run(cmd, timeout, env=None):
     t = time.time()
     try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired as e:
         print(f"TIMEOUT after {timeout} s: {' '.join(cmd)}", flush=True)
         print(((e.stderr or b"").decode() if isinstance(e.stderr, bytes) else (e.stderr or ""))[-2000:])
@@ -40,11 +42,13 @@ def run(cmd, timeout):
 
 rows = {}
 for v in a.variants.split(","):
+    base, ops = v.removesuffix("-ops"), v.endswith("-ops")
     cmd = [a.binary, "bench", "generate", "--model", a.config, "--batch", a.batches,
-           "--new-tokens", str(a.new_tokens), "--dtype", "bf16"] + (["--nf4"] if v == "nf4" else [])
-    for r in run(cmd, a.timeout):
+           "--new-tokens", str(a.new_tokens), "--dtype", "bf16"] + (["--nf4"] if base == "nf4" else [])
+    env = dict(os.environ, QWEN3VL_LAYER_KERNELS="0") if ops else None
+    for r in run(cmd, a.timeout, env):
         rows[("ours", v, r["batch"])] = r
-    if not a.skip_hf:
+    if not a.skip_hf and not ops:
         cmd = [sys.executable, os.path.join(here, "hf_generate_4b.py"), a.config, v, a.batches,
                str(a.new_tokens)]
         for r in run(cmd, a.timeout):
@@ -54,7 +58,7 @@ print(f"\n{'variant':8} {'batch':>5} | {'ours prefill ms':>15} {'ours tok/s':>10
       f"{'HF prefill ms':>13} {'HF tok/s':>9} | {'decode x':>8}")
 for v in a.variants.split(","):
     for b in [int(x) for x in a.batches.split(",")]:
-        o, h = rows.get(("ours", v, b)), rows.get(("hf", v, b))
+        o, h = rows.get(("ours", v, b)), rows.get(("hf", v.removesuffix("-ops"), b))
         f = lambda r, k, s=1: f"{r[k] * s:.1f}" if r else "-"
         ratio = f"{o['decode_tokens_per_s'] / h['decode_tokens_per_s']:.2f}" if o and h else "-"
         print(f"{v:8} {b:>5} | {f(o, 'prefill_s', 1e3):>15} {f(o, 'decode_tokens_per_s'):>10} | "

@@ -103,10 +103,8 @@ fn kv_cache_decoding_matches_a_full_recompute() {
     assert_eq!(cache.len(), inputs.len + 7);
 }
 
-/// Row 0 of the fixture alone (unpadded, its two images): decode steps run without a mask.
-#[test]
-fn unpadded_single_row_decoding_matches_a_full_recompute() {
-    let (model, inputs) = tiny();
+/// Row 0 of the fixture alone (unpadded, its two images).
+fn first_row_alone(inputs: &ModelInputs<Cpu>) -> ModelInputs<Cpu> {
     let t = inputs.len;
     let rows: usize = inputs.image_grid_thw[..2]
         .iter()
@@ -114,7 +112,7 @@ fn unpadded_single_row_decoding_matches_a_full_recompute() {
         .sum();
     let pv = inputs.pixel_values.clone().unwrap();
     let width = pv.dims()[1];
-    let one = ModelInputs {
+    ModelInputs {
         input_ids: inputs.input_ids[..t].to_vec(),
         batch: 1,
         len: t,
@@ -122,15 +120,125 @@ fn unpadded_single_row_decoding_matches_a_full_recompute() {
         pixel_values: Some(pv.slice([0..rows, 0..width])),
         image_grid_thw: inputs.image_grid_thw[..2].to_vec(),
         image_features: None,
-    };
+    }
+}
+
+/// Prefills `one` (a single row) and decodes `tokens`; the logits after each step.
+fn decode_logits(
+    model: &Qwen3VlModel<Cpu>,
+    one: &ModelInputs<Cpu>,
+    tokens: &[i64],
+) -> Vec<Vec<f32>> {
     let mut cache = KvCache::new(model.language_model.layers.len(), 1);
-    model.extend(&one, &mut cache).unwrap();
+    model.extend(one, &mut cache).unwrap();
+    tokens
+        .iter()
+        .map(|&tok| host(model.decode_step(&[tok], &mut cache).unwrap()))
+        .collect()
+}
+
+/// Row 0 of the fixture alone (unpadded, its two images): decode steps run without a mask.
+#[test]
+fn unpadded_single_row_decoding_matches_a_full_recompute() {
+    let (model, inputs) = tiny();
+    let one = first_row_alone(&inputs);
+    let tokens = [7i64, 8, 9, 10];
     let mut extra = vec![Vec::new()];
-    for tok in [7i64, 8, 9, 10] {
-        let got = host(model.decode_step(&[tok], &mut cache).unwrap());
-        extra[0].push(tok);
+    for (tok, got) in tokens.iter().zip(decode_logits(&model, &one, &tokens)) {
+        extra[0].push(*tok);
         let err = rel(&got, &full_last(&model, &appended(&one, &extra)));
         assert!(err <= 1e-5, "after {extra:?}: relative error {err:.3e}");
+    }
+}
+
+/// A sampled image or video placeholder id decodes as a text token (HF's decode steps never
+/// look for a grid): no error, finite logits, and the next position advances by one.
+#[test]
+fn sampled_placeholder_ids_decode_as_text() {
+    let (model, inputs) = tiny();
+    let one = first_row_alone(&inputs);
+    let mut cache = KvCache::new(model.language_model.layers.len(), 1);
+    model.extend(&one, &mut cache).unwrap();
+    for id in [model.meta.video_token_id, model.meta.image_token_id] {
+        let before = cache.next_positions()[0];
+        let logits = host(model.decode_step(&[id], &mut cache).unwrap());
+        assert!(logits.iter().all(|v| v.is_finite()));
+        assert_eq!(cache.next_positions()[0], before + 1);
+    }
+}
+
+mod counted {
+    //! The tensor-op layer kernels, counting their calls (what a registered backend runs,
+    //! numerically the reference).
+    use super::Cpu;
+    use burn::prelude::*;
+    use qwen3_vl_moelora::quant::kernels::layer_ops::LayerOps;
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+
+    pub static CALLS: [AtomicUsize; 4] = [const { AtomicUsize::new(0) }; 4];
+
+    fn reference() -> LayerOps<Cpu> {
+        LayerOps::reference()
+    }
+    fn rms_norm(x: Tensor<Cpu, 2>, w: Tensor<Cpu, 1>, eps: f64) -> Tensor<Cpu, 2> {
+        CALLS[0].fetch_add(1, SeqCst);
+        (reference().rms_norm)(x, w, eps)
+    }
+    fn rms_norm_rotary(
+        x: Tensor<Cpu, 4>,
+        w: Tensor<Cpu, 1>,
+        eps: f64,
+        cos: &Tensor<Cpu, 4>,
+        sin: &Tensor<Cpu, 4>,
+    ) -> Tensor<Cpu, 4> {
+        CALLS[1].fetch_add(1, SeqCst);
+        (reference().rms_norm_rotary)(x, w, eps, cos, sin)
+    }
+    fn softmax_scaled(x: Tensor<Cpu, 2>, scale: f64) -> Tensor<Cpu, 2> {
+        CALLS[2].fetch_add(1, SeqCst);
+        (reference().softmax_scaled)(x, scale)
+    }
+    fn swiglu(g: Tensor<Cpu, 2>, u: Tensor<Cpu, 2>) -> Tensor<Cpu, 2> {
+        CALLS[3].fetch_add(1, SeqCst);
+        (reference().swiglu)(g, u)
+    }
+
+    /// The table to register.
+    pub fn ops() -> LayerOps<Cpu> {
+        LayerOps {
+            rms_norm,
+            rms_norm_rotary,
+            softmax_scaled,
+            swiglu,
+        }
+    }
+}
+
+/// With layer kernels registered for a backend, decoding sends every norm, q/k norm + rotary,
+/// unmasked softmax and SwiGLU through them (in their [rows, d] / [B, H, T, d] layouts) and
+/// the logits are those of the tensor-op layers.
+#[test]
+fn decoding_uses_registered_layer_kernels_with_the_same_logits() {
+    use qwen3_vl_moelora::quant::kernels::layer_ops;
+    use std::sync::atomic::Ordering::SeqCst;
+    let (model, inputs) = tiny();
+    let one = first_row_alone(&inputs);
+    let tokens = [7i64, 8, 9];
+    let want = decode_logits(&model, &one, &tokens);
+    let before: Vec<usize> = counted::CALLS.iter().map(|c| c.load(SeqCst)).collect();
+    layer_ops::register_ops(counted::ops());
+    let got = decode_logits(&model, &one, &tokens);
+    layer_ops::unregister::<Cpu>();
+    for (i, name) in ["rms_norm", "rms_norm_rotary", "softmax_scaled", "swiglu"]
+        .iter()
+        .enumerate()
+    {
+        let calls = counted::CALLS[i].load(SeqCst) - before[i];
+        assert!(calls > 0, "the registered {name} was not called");
+    }
+    for (step, (g, w)) in got.iter().zip(&want).enumerate() {
+        let err = rel(g, w);
+        assert!(err <= 1e-6, "decode step {step}: relative error {err:.3e}");
     }
 }
 

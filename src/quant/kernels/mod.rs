@@ -8,7 +8,8 @@
 //! * [`fusion`]: the same kernels registered as custom operations of burn's fusion backend.
 //! * [`autodiff`]: a backward that keeps only the packed weight and dequantizes it again for
 //!   dX = dY·W (no dense weight is held between the forward and the backward pass).
-//! * [`norm`]: a fused RMSNorm kernel, found through the same registry.
+//! * [`layer_ops`]: fused RMSNorm, q/k norm + rotary, softmax and SwiGLU kernels for the
+//!   decoder, found through the same registry.
 //!
 //! The model is generic over `B: Backend`, so it cannot name this trait in its bounds; instead
 //! the binary [`register`]s the backends it runs on, and [`Nf4Linear`] looks its backend up at
@@ -17,7 +18,7 @@
 pub mod autodiff;
 pub mod cube;
 pub mod fusion;
-pub mod norm;
+pub mod layer_ops;
 
 use std::any::{Any, TypeId};
 use std::collections::HashMap;
@@ -218,7 +219,7 @@ impl<B: Backend> Clone for Nf4Ops<B> {
 }
 impl<B: Backend> Copy for Nf4Ops<B> {}
 
-/// Registered kernel tables by their type (`Nf4Ops<B>`, `NormOps<B>`: one per backend).
+/// Registered kernel tables by their type (`Nf4Ops<B>`, `LayerOps<B>`: one per backend).
 fn registry() -> &'static RwLock<HashMap<TypeId, Box<dyn Any + Send + Sync>>> {
     static REGISTRY: OnceLock<RwLock<HashMap<TypeId, Box<dyn Any + Send + Sync>>>> =
         OnceLock::new();
