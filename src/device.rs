@@ -63,6 +63,20 @@ fn use_layer_kernels() {
     }
 }
 
+/// Whether MoE-LoRA layers route in one autodiff step (`quant::kernels::routing`) when
+/// training: `QWEN3VL_ROUTING_STEP=0` records the routing's tensor ops instead (for comparisons).
+pub fn routing_step_enabled() -> bool {
+    std::env::var("QWEN3VL_ROUTING_STEP").map_or(true, |v| v != "0")
+}
+
+/// Lets MoE-LoRA layers on the autodiff backend `B` route in one step (see
+/// [`routing_step_enabled`]).
+fn use_routing_step<B: kernels::routing::OneStepRouting>() {
+    if routing_step_enabled() {
+        kernels::routing::register::<B>();
+    }
+}
+
 /// Whether burn's kernel fusion is on for CUDA: `QWEN3VL_FUSION=0` turns it off.
 pub fn fusion_enabled() -> bool {
     std::env::var("QWEN3VL_FUSION").map_or(true, |v| v != "0")
@@ -106,6 +120,7 @@ fn on_cpu<J: TrainJob>(checkpointing: bool, job: J) -> Result<J::Out> {
     if checkpointing {
         println!("note: gradient checkpointing is used on the GPU only");
     }
+    use_routing_step::<Autodiff<Flex>>();
     job.run::<Autodiff<Flex>>(&TrainDevices::single(FlexDevice))
 }
 
@@ -124,9 +139,11 @@ fn on_cpu<J: TrainJob>(_checkpointing: bool, _job: J) -> Result<J::Out> {
 fn run_cuda<B, J: TrainJob>(job: J, devices: Vec<CudaDevice>, fusion: bool) -> Result<J::Out>
 where
     B: AutodiffBackend<Device = CudaDevice> + Nf4Backend + MaybeDistributed,
+    B: kernels::routing::OneStepRouting,
     B::InnerBackend: Nf4Backend,
 {
     use_nf4_kernels::<B>(fusion);
+    use_routing_step::<B>();
     if !fusion {
         use_layer_kernels();
     }

@@ -11,6 +11,7 @@ pub mod lora;
 pub mod merge;
 pub mod moe_lora;
 pub mod peft;
+pub mod routing;
 
 use std::cell::RefCell;
 

@@ -12,10 +12,11 @@
 use burn::module::{Initializer, Module, Param};
 use burn::nn::{Dropout, DropoutConfig};
 use burn::prelude::*;
-use burn::tensor::activation::softmax;
 use burn::tensor::DType;
 
 use super::lora::lora_a_init;
+use super::routing::{route_ops, RouteOptions};
+use crate::quant::kernels::routing as routing_kernels;
 use super::{AdapterStats, FrozenLinear};
 
 /// Mixture-of-LoRA-experts on a frozen linear layer.
@@ -104,26 +105,25 @@ impl<B: Backend, W: FrozenLinear<B>> MoeLoraLinear<B, W> {
         let dtype = x.dtype();
         let xf = x.reshape([n, d_in]);
 
-        // Router in f32: [N, E] probabilities; each token keeps its top-k experts. The choice
-        // stays on the device as a 0/1 mask (constant: no gradient through the selection).
+        // Router in f32: [N, E] logits; each token keeps its top-k experts, chosen on the
+        // device (a constant mask). One autodiff step where the backend registered one.
         let logits = self
             .router_dropout
             .forward(xf.clone().cast(DType::F32))
             .matmul(self.router.val().transpose());
-        let probs = softmax(logits, 1);
-        // With k = E (the reference: 2 of 2) every token keeps every expert: no mask, the gate
-        // is the probabilities (renormalising them would divide by 1) and the counts are N.
-        let (gate, counts) = if k < e_count {
-            let mask = top_k_mask(probs.clone().detach(), k); // [N, E]
-            let mut gate = probs.clone() * mask.clone();
-            if self.renormalize {
-                gate = gate.clone() / gate.sum_dim(1);
-            }
-            (gate, mask.sum_dim(0).reshape([e_count]))
-        } else {
-            let counts = Tensor::full([e_count], n as f32, (&probs.device(), DType::F32));
-            (probs.clone(), counts)
-        }; // gate [N, E], counts [E] tokens per expert
+        let o = RouteOptions {
+            top_k: k,
+            renormalize: self.renormalize,
+            scaling: self.scaling,
+        };
+        let routing = match routing_kernels::registered::<B>() {
+            Some(ops) => (ops.route)(logits, o),
+            None => route_ops(logits, o),
+        };
+        let counts = match &routing.mask {
+            Some(mask) => mask.clone().sum_dim(0).reshape([e_count]),
+            None => Tensor::full([e_count], n as f32, (&xf.device(), DType::F32)),
+        }; // tokens per expert
 
         // All experts as one pair of matmuls: x·[A_1; …; A_E]ᵀ -> [N, E·r], each expert's r
         // columns scaled by the token's gate (0 for experts it did not choose), then
@@ -142,7 +142,7 @@ impl<B: Backend, W: FrozenLinear<B>> MoeLoraLinear<B, W> {
 
         // [N, E·r] viewed as [N, E, r] times the gate (with the LoRA scaling folded in)
         // broadcast over r (no expanded copy).
-        let gate = gate.mul_scalar(self.scaling).cast(dtype);
+        let gate = routing.gate.cast(dtype);
         let h = self
             .dropout
             .forward(xf)
@@ -154,7 +154,7 @@ impl<B: Backend, W: FrozenLinear<B>> MoeLoraLinear<B, W> {
 
         // Load-balancing loss inputs (the loss is formed once for all layers, see
         // AdapterStats): routing counts (constant) and mean probabilities (with gradient).
-        let p = probs.mean_dim(0).reshape([e_count]);
+        let p = routing.probs.mean_dim(0).reshape([e_count]);
         stats.record(counts, p, n * k);
 
         let mut out_dims = dims;
@@ -170,27 +170,10 @@ impl<B: Backend, W: FrozenLinear<B>> MoeLoraLinear<B, W> {
     }
 }
 
-/// 0/1 mask [N, E] of each row's `k` largest probabilities, chosen on the device by `k` rounds
-/// of argmax (burn's `topk` sorts on the host: one device read-back per call, per layer).
-fn top_k_mask<B: Backend>(probs: Tensor<B, 2>, k: usize) -> Tensor<B, 2> {
-    let [n, e] = probs.dims();
-    let columns = Tensor::<B, 1, Int>::arange(0..e as i64, &probs.device())
-        .reshape([1, e])
-        .expand([n, e]); // [N, E]: each entry's column index
-    let mut mask = probs.zeros_like();
-    let mut left = probs; // probabilities of the experts not chosen yet; chosen ones become -1
-    for _ in 0..k {
-        let best = left.clone().argmax(1).expand([n, e]); // [N, 1] -> [N, E]
-        let chosen = columns.clone().equal(best);
-        mask = mask.mask_fill(chosen.clone(), 1.0);
-        left = left.mask_fill(chosen, -1.0);
-    }
-    mask
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use burn::tensor::activation::softmax;
     use burn::backend::{Autodiff, Flex};
     use burn::module::{AutodiffModule, ParamId};
 
@@ -233,27 +216,6 @@ mod tests {
             .map(|_| (rng.below(2001) as f32 - 1000.0) / 1000.0)
             .collect();
         Tensor::from_data(TensorData::new(v, shape), &Default::default())
-    }
-
-    #[test]
-    fn top_k_mask_marks_each_rows_largest_probabilities() {
-        let probs = Tensor::<Flex, 2>::from_floats(
-            [
-                [0.1, 0.4, 0.2, 0.3],
-                [0.7, 0.1, 0.15, 0.05],
-                [0.2, 0.2001, 0.3, 0.2999],
-            ],
-            &Default::default(),
-        );
-        let top1 = top_k_mask(probs.clone(), 1)
-            .into_data()
-            .to_vec::<f32>()
-            .unwrap();
-        let top2 = top_k_mask(probs, 2).into_data().to_vec::<f32>().unwrap();
-        #[rustfmt::skip]
-        assert_eq!(top1, vec![0., 1., 0., 0.,  1., 0., 0., 0.,  0., 0., 1., 0.]);
-        #[rustfmt::skip]
-        assert_eq!(top2, vec![0., 1., 0., 1.,  1., 0., 1., 0.,  0., 0., 1., 1.]);
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //!   dX = dY·W (no dense weight is held between the forward and the backward pass).
 //! * [`layer_ops`]: fused RMSNorm, q/k norm + rotary, softmax and SwiGLU kernels for the
 //!   decoder, found through the same registry.
+//! * [`routing`]: MoE-LoRA routing as one autodiff step with a closed-form backward.
 //!
 //! The model is generic over `B: Backend`, so it cannot name this trait in its bounds; instead
 //! the binary [`register`]s the backends it runs on, and [`Nf4Linear`] looks its backend up at
@@ -19,6 +20,7 @@ pub mod autodiff;
 pub mod cube;
 pub mod fusion;
 pub mod layer_ops;
+pub mod routing;
 
 use std::any::{Any, TypeId};
 use std::collections::HashMap;
