@@ -77,6 +77,13 @@ fn use_routing_step<B: kernels::routing::OneStepRouting>() {
     }
 }
 
+/// Whether the routing step runs as CubeCL kernels on CUDA without fusion: opt-in with
+/// `QWEN3VL_ROUTING_KERNELS=1` until `bench nf4`'s check has passed on a GPU (tensor ops
+/// otherwise).
+pub fn routing_kernels_enabled() -> bool {
+    std::env::var("QWEN3VL_ROUTING_KERNELS").is_ok_and(|v| v == "1")
+}
+
 /// Whether burn's kernel fusion is on for CUDA: `QWEN3VL_FUSION=0` turns it off.
 pub fn fusion_enabled() -> bool {
     std::env::var("QWEN3VL_FUSION").map_or(true, |v| v != "0")
@@ -146,6 +153,9 @@ where
     use_routing_step::<B>();
     if !fusion {
         use_layer_kernels();
+        if routing_kernels_enabled() {
+            kernels::routing::register_kernels::<cubecl::cuda::CudaRuntime, f32, i32, u8>();
+        }
     }
     job.run::<B>(&B::train_devices(devices)?)
 }

@@ -40,8 +40,8 @@ use qwen3_vl_moelora::infer::bench::{bench_generate, GenerateBenchOptions};
 use qwen3_vl_moelora::model::config::config_file;
 use qwen3_vl_moelora::model::Qwen3VlConfig;
 use qwen3_vl_moelora::quant::bench::{
-    bench_nf4, check_kernels, check_layer_ops, print_checks, tolerance, Nf4BenchOptions,
-    CHECK_CASES, QWEN3_VL_4B_SHAPES,
+    bench_nf4, check_kernels, check_layer_ops, check_routing_kernels, print_checks, tolerance,
+    Nf4BenchOptions, CHECK_CASES, QWEN3_VL_4B_SHAPES,
 };
 use qwen3_vl_moelora::quant::convert::{quantize_checkpoint, QuantizeOptions};
 use qwen3_vl_moelora::train::bench::{bench_train, BenchOptions, BenchReport};
@@ -199,6 +199,10 @@ fn run_bench_nf4(args: BenchNf4Args) -> Result<()> {
             match check_layer_ops::<B::InnerBackend>(o.dtype, device) {
                 Some(rows) => failed += print_checks(&rows, o.dtype),
                 None => println!("check layer kernels: none on this backend"),
+            }
+            match check_routing_kernels::<B::InnerBackend>(device) {
+                Some(rows) => failed += print_checks(&rows, o.dtype),
+                None => println!("check routing kernels: none (QWEN3VL_ROUTING_KERNELS=1 on CUDA)"),
             }
             if !check_only {
                 let report = bench_nf4::<B::InnerBackend>(&o, checks, device)?;

@@ -16,8 +16,8 @@ use burn::tensor::DType;
 
 use super::lora::lora_a_init;
 use super::routing::{route_ops, RouteOptions};
-use crate::quant::kernels::routing as routing_kernels;
 use super::{AdapterStats, FrozenLinear};
+use crate::quant::kernels::routing as routing_kernels;
 
 /// Mixture-of-LoRA-experts on a frozen linear layer.
 #[derive(Module, Debug)]
@@ -173,9 +173,9 @@ impl<B: Backend, W: FrozenLinear<B>> MoeLoraLinear<B, W> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::tensor::activation::softmax;
     use burn::backend::{Autodiff, Flex};
     use burn::module::{AutodiffModule, ParamId};
+    use burn::tensor::activation::softmax;
 
     type Ad = Autodiff<Flex>;
 

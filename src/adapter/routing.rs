@@ -151,8 +151,8 @@ mod tests {
             let plain = route_ops(logits, o);
             let mask = plain.mask.unwrap_or_else(|| plain.probs.ones_like());
             let got = route_backward(plain.probs, mask, plain.gate, g, q, o);
-            let err = (got - want.clone()).abs().max().into_scalar()
-                / want.abs().max().into_scalar();
+            let err =
+                (got - want.clone()).abs().max().into_scalar() / want.abs().max().into_scalar();
             assert!(err < 1e-5, "case {i}: relative error {err:e}");
         }
     }

@@ -235,6 +235,27 @@ pub fn check_kernels<B: AutodiffBackend>(
     Ok(rows_out)
 }
 
+/// A kernel's result against the same computation by tensor ops on the same device, as a
+/// [`CheckRow`] for `(d_in, d_out, rows)` (an unreadable result counts as an infinite error).
+fn device_check<B: Backend, const D: usize>(
+    what: &str,
+    (d_in, d_out, rows): (usize, usize, usize),
+    got: Tensor<B, D>,
+    want: Tensor<B, D>,
+) -> CheckRow {
+    let rel_err = match (to_f32(got), to_f32(want)) {
+        (Ok(g), Ok(w)) => rel_err(&g, &w.iter().map(|&v| v as f64).collect::<Vec<_>>()),
+        _ => f64::INFINITY,
+    };
+    CheckRow {
+        what: what.into(),
+        d_in,
+        d_out,
+        rows,
+        rel_err,
+    }
+}
+
 /// Checks backend `B`'s registered layer kernels against their tensor-op versions on the same
 /// device, for `dtype` inputs of the decoder's widths and odd sizes; `None` if nothing is
 /// registered. Each row's `d_in`/`d_out` is the row width.
@@ -253,19 +274,6 @@ pub fn check_layer_ops<B: Backend>(dtype: DType, device: &B::Device) -> Option<V
             .cast(dtype)
             .reshape(dims)
     }
-    let row = |what: &str, rows: usize, d: usize, got: Result<Vec<f32>>, want: Result<Vec<f32>>| {
-        let rel_err = match (got, want) {
-            (Ok(g), Ok(w)) => rel_err(&g, &w.iter().map(|&v| v as f64).collect::<Vec<_>>()),
-            _ => f64::INFINITY,
-        };
-        CheckRow {
-            what: what.into(),
-            d_in: d,
-            d_out: d,
-            rows,
-            rel_err,
-        }
-    };
     let mut out = Vec::new();
     for (i, (rows, d)) in [(1, 2560), (7, 128), (33, 2560), (300, 1024), (5, 100)]
         .into_iter()
@@ -275,7 +283,7 @@ pub fn check_layer_ops<B: Backend>(dtype: DType, device: &B::Device) -> Option<V
         let w: Tensor<B, 1> = input([d], 400 + i as u64, 2.0, dtype, device);
         let got = (fused.rms_norm)(x.clone(), w.clone(), 1e-6);
         let want = (reference.rms_norm)(x, w, 1e-6);
-        out.push(row("rms_norm", rows, d, to_f32(got), to_f32(want)));
+        out.push(device_check("rms_norm", (d, d, rows), got, want));
     }
     // [B, T, H, d] seen as [B, H, T, d], as the attention's heads are.
     for (i, (b, h, t, d)) in [
@@ -294,7 +302,7 @@ pub fn check_layer_ops<B: Backend>(dtype: DType, device: &B::Device) -> Option<V
         let sin: Tensor<B, 4> = input([b, 1, t, d], 800 + i as u64, 1.0, dtype, device);
         let got = (fused.rms_norm_rotary)(x.clone(), w.clone(), 1e-6, &cos, &sin);
         let want = (reference.rms_norm_rotary)(x, w, 1e-6, &cos, &sin);
-        out.push(row("norm+rotary", b * h * t, d, to_f32(got), to_f32(want)));
+        out.push(device_check("norm+rotary", (d, d, b * h * t), got, want));
     }
     for (i, (rows, s)) in [(32, 184), (7, 1), (64, 1000), (5, 33)]
         .into_iter()
@@ -303,14 +311,55 @@ pub fn check_layer_ops<B: Backend>(dtype: DType, device: &B::Device) -> Option<V
         let x: Tensor<B, 2> = input([rows, s], 900 + i as u64, 20.0, dtype, device);
         let got = (fused.softmax_scaled)(x.clone(), 0.088);
         let want = (reference.softmax_scaled)(x, 0.088);
-        out.push(row("softmax", rows, s, to_f32(got), to_f32(want)));
+        out.push(device_check("softmax", (s, s, rows), got, want));
     }
     for (i, (rows, d)) in [(1, 9728), (7, 100), (121, 9728)].into_iter().enumerate() {
         let g: Tensor<B, 2> = input([rows, d], 1000 + i as u64, 4.0, dtype, device);
         let u: Tensor<B, 2> = input([rows, d], 1100 + i as u64, 2.0, dtype, device);
         let got = (fused.swiglu)(g.clone(), u.clone());
         let want = (reference.swiglu)(g, u);
-        out.push(row("swiglu", rows, d, to_f32(got), to_f32(want)));
+        out.push(device_check("swiglu", (d, d, rows), got, want));
+    }
+    Some(out)
+}
+
+/// Checks backend `B`'s registered routing kernels (f32) against the tensor-op versions on the
+/// same device: the packed [gate | probs], the mask and the logits gradient, for top-1 of 2
+/// (the reference), a renormalised top-2 of 4 and a dense 3 of 3; `None` if none registered.
+/// Each row's `d_in` is E, `d_out` top-k.
+pub fn check_routing_kernels<B: Backend>(device: &B::Device) -> Option<Vec<CheckRow>> {
+    use super::kernels::routing::{registered_kernels, RouteKernels};
+    use crate::adapter::routing::RouteOptions;
+    let fused = registered_kernels::<B>()?;
+    let reference = RouteKernels::<B>::reference();
+    let mut out = Vec::new();
+    for (i, (n, e, k, renormalize)) in [(960, 2, 1, false), (37, 4, 2, true), (5, 3, 3, false)]
+        .into_iter()
+        .enumerate()
+    {
+        let o = RouteOptions {
+            top_k: k,
+            renormalize,
+            scaling: 2.0,
+        };
+        let t = |cols: usize, seed: u64| {
+            Tensor::<B, 2>::from_data(
+                TensorData::new(values(n * cols, seed, 3.0), [n, cols]),
+                device,
+            )
+        };
+        let (logits, grad) = (t(e, 1300 + i as u64), t(2 * e, 1400 + i as u64));
+        let (packed, mask) = (fused.forward)(logits.clone(), o);
+        let (want_packed, want_mask) = (reference.forward)(logits, o);
+        let got_dl = (fused.backward)(packed.clone(), mask.clone(), grad.clone(), o);
+        let want_dl = (reference.backward)(want_packed.clone(), want_mask.clone(), grad, o);
+        for (what, got, want) in [
+            ("route fwd", packed, want_packed),
+            ("route mask", mask, want_mask),
+            ("route bwd", got_dl, want_dl),
+        ] {
+            out.push(device_check(what, (e, k, n), got, want));
+        }
     }
     Some(out)
 }

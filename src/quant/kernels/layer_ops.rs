@@ -180,7 +180,7 @@ mod kernels {
 
 /// An output of `shape` in `like`'s dtype on its device (CubeCL may pad its rows: kernels write
 /// through its strides).
-fn empty_like<R: CubeRuntime>(like: &CubeTensor<R>, shape: Vec<usize>) -> CubeTensor<R> {
+pub(super) fn empty_like<R: CubeRuntime>(like: &CubeTensor<R>, shape: Vec<usize>) -> CubeTensor<R> {
     empty_device_dtype(
         like.client.clone(),
         like.device.clone(),
@@ -203,14 +203,26 @@ fn supported(dtype: DType) -> bool {
 }
 
 /// The primitive of a float tensor on a CubeCL backend.
-fn prim<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement, const D: usize>(
+pub(super) fn prim<
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+    const D: usize,
+>(
     t: Tensor<CubeBackend<R, F, I, BT>, D>,
 ) -> CubeTensor<R> {
     t.into_primitive().tensor()
 }
 
 /// Wraps a kernel output as a tensor.
-fn wrap<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement, const D: usize>(
+pub(super) fn wrap<
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+    const D: usize,
+>(
     t: CubeTensor<R>,
 ) -> Tensor<CubeBackend<R, F, I, BT>, D> {
     Tensor::from_primitive(TensorPrimitive::Float(t))

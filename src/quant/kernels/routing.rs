@@ -3,6 +3,10 @@
 //! form of `adapter::routing::route_backward` — a handful of ops instead of the ops' recorded
 //! backward, and with gradient checkpointing the routing is kept, not recomputed.
 //!
+//! The inner forward and backward are a [`RouteKernels`] table: tensor ops by default, or two
+//! CubeCL kernels on burn-cuda (one thread per token row: softmax, top-k, gates; and the
+//! closed-form backward) when registered ([`register_kernels`]).
+//!
 //! Found at run time like the other kernels: the binary [`register`]s its autodiff backends and
 //! `MoeLoraLinear` asks [`registered`]; elsewhere `route_ops` runs (autodiff through the ops).
 
@@ -12,18 +16,338 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::Autodiff;
 use burn::prelude::*;
-use burn::tensor::TensorPrimitive;
+use burn::tensor::{DType, TensorPrimitive};
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
+use cubecl::{CubeCount, CubeDim};
 
 use super::autodiff::AutodiffInner;
+use super::layer_ops::{empty_like, prim, wrap};
 use crate::adapter::routing::{route_backward, route_ops, RouteOptions, Routing};
 
-/// The forward's tensors the backward needs: probabilities, mask (ones when dense), gate, each
-/// [N, E] on the inner backend.
+/// Token rows per cube of the routing kernels (one thread each).
+const ROWS_PER_CUBE: u32 = 128;
+
+mod kernels {
+    use cubecl::prelude::*;
+
+    /// One thread per token row of `logits` [N, E] (f32): `packed` [N, 2E] = [gate | probs],
+    /// `mask` [N, E] = the row's `top_k` largest probabilities (the first on ties, as argmax;
+    /// all when top_k >= E); gate = scaling · p · m, divided by Σ p·m when `renormalize` = 1
+    /// and top_k < E.
+    #[cube(launch)]
+    pub fn route_forward(
+        logits: &Tensor<f32>,
+        packed: &mut Tensor<f32>,
+        mask: &mut Tensor<f32>,
+        top_k: u32,
+        renormalize: u32,
+        scaling: f32,
+    ) {
+        let (n, e) = (logits.shape(0), logits.shape(1));
+        let row = ABSOLUTE_POS;
+        if row < n {
+            let (l, pk, mk) = (
+                row * logits.stride(0),
+                row * packed.stride(0),
+                row * mask.stride(0),
+            );
+            let mut top = f32::new(-3.0e38);
+            let mut j = 0;
+            while j < e {
+                let v = logits[l + j];
+                if v > top {
+                    top = v;
+                }
+                j += 1;
+            }
+            let mut sum = 0.0f32;
+            let mut j = 0;
+            while j < e {
+                sum += (logits[l + j] - top).exp();
+                j += 1;
+            }
+            let dense = top_k as usize >= e;
+            let mut j = 0;
+            while j < e {
+                packed[pk + e + j] = (logits[l + j] - top).exp() / sum;
+                mask[mk + j] = if dense { 1.0f32 } else { 0.0f32 };
+                j += 1;
+            }
+            if !dense {
+                let mut round = 0u32;
+                while round < top_k {
+                    let mut best = 0;
+                    let mut best_p = f32::new(-1.0);
+                    let mut j = 0;
+                    while j < e {
+                        let p = packed[pk + e + j];
+                        if mask[mk + j] == 0.0f32 && p > best_p {
+                            best_p = p;
+                            best = j;
+                        }
+                        j += 1;
+                    }
+                    mask[mk + best] = 1.0f32;
+                    round += 1;
+                }
+            }
+            let mut kept = 0.0f32;
+            let mut j = 0;
+            while j < e {
+                kept += packed[pk + e + j] * mask[mk + j];
+                j += 1;
+            }
+            let mut norm = scaling;
+            if renormalize == 1 && !dense {
+                norm = scaling / kept;
+            }
+            let mut j = 0;
+            while j < e {
+                packed[pk + j] = packed[pk + e + j] * mask[mk + j] * norm;
+                j += 1;
+            }
+        }
+    }
+
+    /// dp of one expert: da · m + q, with da = s·g, or (s·g − Σ g·gate) / Σ p·m when `renorm`
+    /// (g at `g_at`, q at `q_at` in `grad`, m at `m_at` in `mask`).
+    #[cube]
+    #[allow(clippy::too_many_arguments)]
+    fn probs_grad(
+        grad: &Tensor<f32>,
+        mask: &Tensor<f32>,
+        g_at: usize,
+        q_at: usize,
+        m_at: usize,
+        scaling: f32,
+        renorm: bool,
+        through_sum: f32,
+        kept: f32,
+    ) -> f32 {
+        let mut da = scaling * grad[g_at];
+        if renorm {
+            da = (da - through_sum) / kept;
+        }
+        da * mask[m_at] + grad[q_at]
+    }
+
+    /// One thread per token row: d logits [N, E] from the forward's `packed` [gate | probs],
+    /// `mask` and `grad` [N, 2E] (the gradients of gate and probs), the closed form of
+    /// `adapter::routing::route_backward`.
+    #[cube(launch)]
+    pub fn route_backward(
+        packed: &Tensor<f32>,
+        mask: &Tensor<f32>,
+        grad: &Tensor<f32>,
+        out: &mut Tensor<f32>,
+        top_k: u32,
+        renormalize: u32,
+        scaling: f32,
+    ) {
+        let (n, e) = (mask.shape(0), mask.shape(1));
+        let row = ABSOLUTE_POS;
+        if row < n {
+            let (pk, mk) = (row * packed.stride(0), row * mask.stride(0));
+            let (gk, ok) = (row * grad.stride(0), row * out.stride(0));
+            let mut through_sum = 0.0f32;
+            let mut kept = 0.0f32;
+            let mut j = 0;
+            while j < e {
+                through_sum += grad[gk + j] * packed[pk + j];
+                kept += packed[pk + e + j] * mask[mk + j];
+                j += 1;
+            }
+            let renorm = renormalize == 1 && (top_k as usize) < e;
+            // dp_j = da_j · m_j + q_j, da_j = s·g_j (renormalised: (s·g_j − Σ g·gate) / Σ p·m)
+            let mut p_dp = 0.0f32;
+            let mut j = 0;
+            while j < e {
+                let dp = probs_grad(
+                    grad,
+                    mask,
+                    gk + j,
+                    gk + e + j,
+                    mk + j,
+                    scaling,
+                    renorm,
+                    through_sum,
+                    kept,
+                );
+                p_dp += packed[pk + e + j] * dp;
+                j += 1;
+            }
+            let mut j = 0;
+            while j < e {
+                let dp = probs_grad(
+                    grad,
+                    mask,
+                    gk + j,
+                    gk + e + j,
+                    mk + j,
+                    scaling,
+                    renorm,
+                    through_sum,
+                    kept,
+                );
+                out[ok + j] = packed[pk + e + j] * (dp - p_dp);
+                j += 1;
+            }
+        }
+    }
+}
+
+/// [gate | probs] [N, 2E] and the mask [N, E] (ones when dense).
+pub type PackedAndMask<B> = (Tensor<B, 2>, Tensor<B, 2>);
+/// Routing forward on a (non-autodiff) backend: logits [N, E] (f32) -> [`PackedAndMask`].
+pub type RouteForwardFn<B> = fn(Tensor<B, 2>, RouteOptions) -> PackedAndMask<B>;
+/// Routing backward: (packed [N, 2E], mask [N, E], grad [N, 2E], options) -> d logits [N, E].
+pub type RouteBackwardFn<B> =
+    fn(Tensor<B, 2>, Tensor<B, 2>, Tensor<B, 2>, RouteOptions) -> Tensor<B, 2>;
+
+/// The routing step's forward and backward on a backend (what the kernel registry holds).
+pub struct RouteKernels<B: Backend> {
+    /// Forward.
+    pub forward: RouteForwardFn<B>,
+    /// Backward.
+    pub backward: RouteBackwardFn<B>,
+}
+
+impl<B: Backend> Clone for RouteKernels<B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<B: Backend> Copy for RouteKernels<B> {}
+
+impl<B: Backend> RouteKernels<B> {
+    /// The tensor-op versions.
+    pub fn reference() -> Self {
+        Self {
+            forward: forward_ops::<B>,
+            backward: backward_ops::<B>,
+        }
+    }
+}
+
+/// [`RouteForwardFn`] with tensor ops.
+fn forward_ops<B: Backend>(logits: Tensor<B, 2>, o: RouteOptions) -> PackedAndMask<B> {
+    let r = route_ops(logits, o);
+    let mask = r.mask.unwrap_or_else(|| r.probs.ones_like());
+    (Tensor::cat(vec![r.gate, r.probs], 1), mask)
+}
+
+/// [`RouteBackwardFn`] with tensor ops.
+fn backward_ops<B: Backend>(
+    packed: Tensor<B, 2>,
+    mask: Tensor<B, 2>,
+    grad: Tensor<B, 2>,
+    o: RouteOptions,
+) -> Tensor<B, 2> {
+    let e = mask.dims()[1];
+    let (gate, probs) = (packed.clone().narrow(1, 0, e), packed.narrow(1, e, e));
+    let (g, q) = (grad.clone().narrow(1, 0, e), grad.narrow(1, e, e));
+    route_backward(probs, mask, gate, g, q, o)
+}
+
+/// Cubes covering `rows` token rows, one thread each.
+fn row_cubes(rows: usize) -> (CubeCount, CubeDim) {
+    (
+        CubeCount::Static(rows.div_ceil(ROWS_PER_CUBE as usize).max(1) as u32, 1, 1),
+        CubeDim::new_1d(ROWS_PER_CUBE),
+    )
+}
+
+/// [`RouteForwardFn`] as one CubeCL kernel (f32 logits; other dtypes take the tensor ops).
+fn forward_cube<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
+    logits: Tensor<CubeBackend<R, F, I, BT>, 2>,
+    o: RouteOptions,
+) -> PackedAndMask<CubeBackend<R, F, I, BT>> {
+    if logits.dtype() != DType::F32 {
+        return forward_ops(logits, o);
+    }
+    let [n, e] = logits.dims();
+    let l = into_contiguous(prim(logits));
+    let packed = empty_like(&l, vec![n, 2 * e]);
+    let mask = empty_like(&l, vec![n, e]);
+    let (count, dim) = row_cubes(n);
+    kernels::route_forward::launch::<R>(
+        &l.client.clone(),
+        count,
+        dim,
+        l.into_tensor_arg(),
+        packed.clone().into_tensor_arg(),
+        mask.clone().into_tensor_arg(),
+        o.top_k as u32,
+        o.renormalize as u32,
+        o.scaling as f32,
+    );
+    (wrap(packed), wrap(mask))
+}
+
+/// [`RouteBackwardFn`] as one CubeCL kernel (f32; other dtypes take the tensor ops).
+fn backward_cube<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
+    packed: Tensor<CubeBackend<R, F, I, BT>, 2>,
+    mask: Tensor<CubeBackend<R, F, I, BT>, 2>,
+    grad: Tensor<CubeBackend<R, F, I, BT>, 2>,
+    o: RouteOptions,
+) -> Tensor<CubeBackend<R, F, I, BT>, 2> {
+    if [packed.dtype(), mask.dtype(), grad.dtype()] != [DType::F32; 3] {
+        return backward_ops(packed, mask, grad, o);
+    }
+    let [n, e] = mask.dims();
+    let (p, m, g) = (
+        into_contiguous(prim(packed)),
+        into_contiguous(prim(mask)),
+        into_contiguous(prim(grad)),
+    );
+    let out = empty_like(&m, vec![n, e]);
+    let (count, dim) = row_cubes(n);
+    kernels::route_backward::launch::<R>(
+        &m.client.clone(),
+        count,
+        dim,
+        p.into_tensor_arg(),
+        m.into_tensor_arg(),
+        g.into_tensor_arg(),
+        out.clone().into_tensor_arg(),
+        o.top_k as u32,
+        o.renormalize as u32,
+        o.scaling as f32,
+    );
+    wrap(out)
+}
+
+/// Makes the routing step on `Autodiff<CubeBackend<R, F, I, BT>>` run the CubeCL kernels.
+pub fn register_kernels<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>() {
+    register_kernel_ops(RouteKernels::<CubeBackend<R, F, I, BT>> {
+        forward: forward_cube::<R, F, I, BT>,
+        backward: backward_cube::<R, F, I, BT>,
+    });
+}
+
+/// Makes the routing step on `Autodiff<B>` use `kernels` (how tests route a CPU backend through
+/// the registry).
+pub fn register_kernel_ops<B: Backend>(kernels: RouteKernels<B>) {
+    super::store(kernels);
+}
+
+/// Forgets backend `B`'s routing kernels (tensor ops again).
+pub fn unregister_kernels<B: Backend>() {
+    super::remove::<RouteKernels<B>>();
+}
+
+/// The routing kernels registered for the (non-autodiff) backend `B`, if any.
+pub fn registered_kernels<B: Backend>() -> Option<RouteKernels<B>> {
+    super::fetch::<RouteKernels<B>>()
+}
+
+/// The forward's tensors the backward needs (inner backend): [gate | probs] [N, 2E] and the
+/// mask [N, E] (ones when dense).
 #[derive(Debug, Clone)]
 struct RouteState<B: Backend> {
-    probs: Tensor<B, 2>,
+    packed: Tensor<B, 2>,
     mask: Tensor<B, 2>,
-    gate: Tensor<B, 2>,
     options: RouteOptions,
 }
 
@@ -40,9 +364,8 @@ impl<B: Backend> Backward<B, 1> for RouteBackward {
         if let Some(node) = node_logits {
             let s = ops.state;
             let grad = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(grad));
-            let e = s.probs.dims()[1];
-            let (g, q) = (grad.clone().narrow(1, 0, e), grad.narrow(1, e, e));
-            let dl = route_backward(s.probs, s.mask, s.gate, g, q, s.options);
+            let kernels = registered_kernels::<B>().unwrap_or_else(RouteKernels::reference);
+            let dl = (kernels.backward)(s.packed, s.mask, grad, s.options);
             grads.register::<B>(node.id, dl.into_primitive().tensor());
         }
     }
@@ -53,10 +376,9 @@ fn route<B: AutodiffInner, C: CheckpointStrategy>(
     logits: Tensor<Autodiff<B, C>, 2>,
     o: RouteOptions,
 ) -> Routing<Autodiff<B, C>> {
-    let inner = route_ops::<B>(logits.clone().inner(), o);
-    let e = inner.probs.dims()[1];
-    // [N, 2E]: the two differentiable outputs side by side.
-    let packed = Tensor::cat(vec![inner.gate.clone(), inner.probs.clone()], 1);
+    let kernels = registered_kernels::<B>().unwrap_or_else(RouteKernels::reference);
+    let (packed, mask) = (kernels.forward)(logits.clone().inner(), o); // [N, 2E], [N, E]
+    let e = mask.dims()[1];
     let logits = logits.into_primitive().tensor();
     let out = match RouteBackward
         .prepare::<C>([logits.node.clone()])
@@ -65,9 +387,8 @@ fn route<B: AutodiffInner, C: CheckpointStrategy>(
     {
         OpsKind::Tracked(prep) => {
             let state = RouteState {
-                mask: inner.mask.clone().unwrap_or_else(|| inner.probs.ones_like()),
-                probs: inner.probs,
-                gate: inner.gate,
+                packed: packed.clone(),
+                mask: mask.clone(),
                 options: o,
             };
             prep.finish(state, packed.into_primitive().tensor())
@@ -78,7 +399,7 @@ fn route<B: AutodiffInner, C: CheckpointStrategy>(
     Routing {
         gate: out.clone().narrow(1, 0, e),
         probs: out.narrow(1, e, e),
-        mask: inner.mask.map(Tensor::from_inner),
+        mask: (o.top_k < e).then(|| Tensor::from_inner(mask)),
     }
 }
 
@@ -103,7 +424,9 @@ pub trait OneStepRouting: Backend {
 
 impl<B: AutodiffInner, C: CheckpointStrategy> OneStepRouting for Autodiff<B, C> {
     fn routing_ops() -> RoutingOps<Self> {
-        RoutingOps { route: route::<B, C> }
+        RoutingOps {
+            route: route::<B, C>,
+        }
     }
 }
 
@@ -127,6 +450,7 @@ mod tests {
     use super::*;
     use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
     use burn::backend::Flex;
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 
     type Ad = Autodiff<Flex>;
 
@@ -162,11 +486,20 @@ mod tests {
                 let loss = (r.gate.clone() * Tensor::from_inner(g.clone())).sum()
                     + (r.probs.clone() * Tensor::from_inner(q.clone())).sum();
                 let grad = l.grad(&loss.backward()).unwrap();
-                (r.gate.inner(), r.probs.inner(), r.mask.map(|m| m.inner()), grad)
+                (
+                    r.gate.inner(),
+                    r.probs.inner(),
+                    r.mask.map(|m| m.inner()),
+                    grad,
+                )
             };
             let (want, got) = (run(false), run(true));
-            got.0.into_data().assert_approx_eq::<f32>(&want.0.into_data(), Default::default());
-            got.1.into_data().assert_approx_eq::<f32>(&want.1.into_data(), Default::default());
+            got.0
+                .into_data()
+                .assert_approx_eq::<f32>(&want.0.into_data(), Default::default());
+            got.1
+                .into_data()
+                .assert_approx_eq::<f32>(&want.1.into_data(), Default::default());
             assert_eq!(got.2.is_some(), want.2.is_some(), "case {i}: mask presence");
             if let (Some(a), Some(b)) = (got.2, want.2) {
                 a.into_data().assert_eq(&b.into_data(), true);
@@ -175,5 +508,55 @@ mod tests {
                 / want.3.abs().max().into_scalar();
             assert!(err < 1e-5, "case {i}: gradient relative error {err:e}");
         }
+    }
+
+    static FORWARDS: AtomicUsize = AtomicUsize::new(0);
+    static BACKWARDS: AtomicUsize = AtomicUsize::new(0);
+
+    fn counted_forward(logits: Tensor<Flex, 2>, o: RouteOptions) -> PackedAndMask<Flex> {
+        FORWARDS.fetch_add(1, SeqCst);
+        (RouteKernels::<Flex>::reference().forward)(logits, o)
+    }
+
+    fn counted_backward(
+        packed: Tensor<Flex, 2>,
+        mask: Tensor<Flex, 2>,
+        grad: Tensor<Flex, 2>,
+        o: RouteOptions,
+    ) -> Tensor<Flex, 2> {
+        BACKWARDS.fetch_add(1, SeqCst);
+        (RouteKernels::<Flex>::reference().backward)(packed, mask, grad, o)
+    }
+
+    /// The routing step runs the inner backend's registered forward and backward.
+    #[test]
+    fn one_step_routing_uses_registered_kernels() {
+        let o = RouteOptions {
+            top_k: 1,
+            renormalize: false,
+            scaling: 2.0,
+        };
+        let logits = Tensor::<Flex, 2>::from_data(
+            TensorData::from([[0.5f32, -1.0], [2.0, 0.25], [-0.3, 0.1]]),
+            &Default::default(),
+        );
+        register_kernel_ops(RouteKernels::<Flex> {
+            forward: counted_forward,
+            backward: counted_backward,
+        });
+        let (f0, b0) = (FORWARDS.load(SeqCst), BACKWARDS.load(SeqCst));
+        let l = Tensor::<Ad, 2>::from_inner(logits).require_grad();
+        let r = route::<Flex, NoCheckpointing>(l.clone(), o);
+        let grad = l.grad(&(r.gate.sum() + r.probs.sum()).backward());
+        unregister_kernels::<Flex>();
+        assert!(grad.is_some());
+        assert!(
+            FORWARDS.load(SeqCst) > f0,
+            "the registered forward was not called"
+        );
+        assert!(
+            BACKWARDS.load(SeqCst) > b0,
+            "the registered backward was not called"
+        );
     }
 }
