@@ -110,28 +110,6 @@ mod kernels {
         }
     }
 
-    /// dp of one expert: da · m + q, with da = s·g, or (s·g − Σ g·gate) / Σ p·m when `renorm`
-    /// (g at `g_at`, q at `q_at` in `grad`, m at `m_at` in `mask`).
-    #[cube]
-    #[allow(clippy::too_many_arguments)]
-    fn probs_grad(
-        grad: &Tensor<f32>,
-        mask: &Tensor<f32>,
-        g_at: usize,
-        q_at: usize,
-        m_at: usize,
-        scaling: f32,
-        renorm: bool,
-        through_sum: f32,
-        kept: f32,
-    ) -> f32 {
-        let mut da = scaling * grad[g_at];
-        if renorm {
-            da = (da - through_sum) / kept;
-        }
-        da * mask[m_at] + grad[q_at]
-    }
-
     /// One thread per token row: d logits [N, E] from the forward's `packed` [gate | probs],
     /// `mask` and `grad` [N, 2E] (the gradients of gate and probs), the closed form of
     /// `adapter::routing::route_backward`.
@@ -160,37 +138,22 @@ mod kernels {
             }
             let renorm = renormalize == 1 && (top_k as usize) < e;
             // dp_j = da_j · m_j + q_j, da_j = s·g_j (renormalised: (s·g_j − Σ g·gate) / Σ p·m)
+            // dp goes to `out` first, then out = p · (dp − Σ p·dp).
             let mut p_dp = 0.0f32;
             let mut j = 0;
             while j < e {
-                let dp = probs_grad(
-                    grad,
-                    mask,
-                    gk + j,
-                    gk + e + j,
-                    mk + j,
-                    scaling,
-                    renorm,
-                    through_sum,
-                    kept,
-                );
+                let mut da = scaling * grad[gk + j];
+                if renorm {
+                    da = (da - through_sum) / kept;
+                }
+                let dp = da * mask[mk + j] + grad[gk + e + j];
+                out[ok + j] = dp;
                 p_dp += packed[pk + e + j] * dp;
                 j += 1;
             }
             let mut j = 0;
             while j < e {
-                let dp = probs_grad(
-                    grad,
-                    mask,
-                    gk + j,
-                    gk + e + j,
-                    mk + j,
-                    scaling,
-                    renorm,
-                    through_sum,
-                    kept,
-                );
-                out[ok + j] = packed[pk + e + j] * (dp - p_dp);
+                out[ok + j] = packed[pk + e + j] * (out[ok + j] - p_dp);
                 j += 1;
             }
         }
