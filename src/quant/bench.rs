@@ -85,6 +85,11 @@ pub struct TimingRow {
     pub reference_us: f64,
     /// Packed weight + scale bytes read per µs of the kernel path, GB/s.
     pub weight_gb_s: f64,
+    /// The kernel path's device time per call, µs: calls queued behind busy work so they run
+    /// back to back, without the host's per-call cost (see `queued_time_per_call`).
+    pub queued_us: f64,
+    /// Weight bytes per µs of `queued_us`, GB/s.
+    pub queued_weight_gb_s: f64,
     /// 2·rows·in·out / kernel time, TFLOP/s.
     pub kernel_tflops: f64,
     /// The same for the pre-dequantized matmul.
@@ -400,6 +405,37 @@ fn time_per_call<B: Backend, T>(
     Ok(median(&per_call).unwrap_or(f64::NAN))
 }
 
+/// Device-side seconds per call of `f`: `o.iters` calls queued behind `rounds` element-wise
+/// passes over `busy`, which keep the device working while the host enqueues the calls, so the
+/// calls run back to back without the host's per-call cost: (time of busy + calls − time of
+/// busy alone) / calls, the median of `o.repeats`. `rounds` must cover the host's enqueue time.
+fn queued_time_per_call<B: Backend, T>(
+    device: &B::Device,
+    o: &Nf4BenchOptions,
+    busy: &Tensor<B, 1>,
+    rounds: usize,
+    mut f: impl FnMut() -> T,
+) -> Result<f64> {
+    let sync = || B::sync(device).map_err(|e| Error::Input(format!("device error: {e:?}")));
+    let keep_busy = || (0..rounds).for_each(|_| drop(busy.clone().add_scalar(1.0)));
+    sync()?;
+    let mut per_call = Vec::new();
+    for _ in 0..o.repeats {
+        let start = Instant::now();
+        keep_busy();
+        sync()?;
+        let alone = start.elapsed().as_secs_f64();
+        let start = Instant::now();
+        keep_busy();
+        let outs: Vec<T> = (0..o.iters).map(|_| f()).collect();
+        sync()?;
+        let with_calls = start.elapsed().as_secs_f64();
+        drop(outs);
+        per_call.push((with_calls - alone) / o.iters as f64);
+    }
+    Ok(median(&per_call).unwrap_or(f64::NAN))
+}
+
 /// Times the kernels on `device` (a backend with registered NF4 kernels).
 pub fn bench_nf4<B: Backend>(
     o: &Nf4BenchOptions,
@@ -411,7 +447,6 @@ pub fn bench_nf4<B: Backend>(
     let big = Tensor::<B, 1>::random([1 << 28], Distribution::Default, device).cast(o.dtype);
     let copy_s = time_per_call::<B, _>(device, o, || big.clone().add_scalar(1.0))?;
     let copy_gb_s = 2.0 * (1u64 << 28) as f64 * o.dtype.size() as f64 / copy_s / 1e9;
-    drop(big);
     eprintln!("element-wise copy: {copy_gb_s:.0} GB/s");
     let mut report = Nf4BenchReport {
         checks,
@@ -432,6 +467,11 @@ pub fn bench_nf4<B: Backend>(
             let x =
                 Tensor::<B, 2>::random([rows, d_in], Distribution::Default, device).cast(o.dtype);
             let kernel = time_per_call::<B, _>(device, o, || (ops.matmul)(x.clone(), &parts))?;
+            // Busy passes covering twice the calls' wall time (their host cost bounds it).
+            let rounds = ((2.0 * o.iters as f64 * kernel / copy_s).ceil() as usize).clamp(1, 64);
+            let queued = queued_time_per_call::<B, _>(device, o, &big, rounds, || {
+                (ops.matmul)(x.clone(), &parts)
+            })?;
             let dense = time_per_call::<B, _>(device, o, || x.clone().matmul(dense_t.clone()))?;
             let reference = time_per_call::<B, _>(device, o, || {
                 x.clone().matmul(parts.dequantize_reference().transpose())
@@ -445,15 +485,20 @@ pub fn bench_nf4<B: Backend>(
                 dense_us: dense * 1e6,
                 reference_us: reference * 1e6,
                 weight_gb_s: weight_bytes / kernel / 1e9,
+                queued_us: queued * 1e6,
+                queued_weight_gb_s: weight_bytes / queued / 1e9,
                 kernel_tflops: flops / kernel / 1e12,
                 dense_tflops: flops / dense / 1e12,
             };
             eprintln!(
                 "{d_in:>5}->{d_out:<5} rows {rows:>4}: kernel {:>8.1} us ({:>6.0} GB/s, {:>6.1} \
-                 TFLOP/s) | dense {:>8.1} us ({:>6.1} TFLOP/s) | reference {:>8.1} us",
+                 TFLOP/s; queued {:>6.1} us, {:>6.0} GB/s) | dense {:>8.1} us ({:>6.1} TFLOP/s) | \
+                 reference {:>8.1} us",
                 row.kernel_us,
                 row.weight_gb_s,
                 row.kernel_tflops,
+                row.queued_us,
+                row.queued_weight_gb_s,
                 row.dense_us,
                 row.dense_tflops,
                 row.reference_us
@@ -461,5 +506,41 @@ pub fn bench_nf4<B: Backend>(
             report.timings.push(row);
         }
     }
+    drop(big);
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::Flex;
+
+    fn options() -> Nf4BenchOptions {
+        Nf4BenchOptions {
+            shapes: Vec::new(),
+            gemv_rows: Vec::new(),
+            gemm_rows: Vec::new(),
+            dtype: DType::F32,
+            iters: 4,
+            repeats: 3,
+        }
+    }
+
+    /// The queued timing runs the calls it is given (and the busy passes) and gives a finite
+    /// per-call time on any backend.
+    #[test]
+    fn queued_timing_runs_every_call_and_is_finite() {
+        let dev = Default::default();
+        let o = options();
+        let busy = Tensor::<Flex, 1>::ones([1 << 16], &dev);
+        let x = Tensor::<Flex, 2>::ones([64, 64], &dev);
+        let mut calls = 0;
+        let t = queued_time_per_call::<Flex, _>(&dev, &o, &busy, 3, || {
+            calls += 1;
+            x.clone().matmul(x.clone())
+        })
+        .unwrap();
+        assert_eq!(calls, o.iters * o.repeats);
+        assert!(t.is_finite(), "{t}");
+    }
 }
