@@ -42,12 +42,8 @@ pub fn attention<B: Backend>(
         }
         // One fused kernel over the [B·Hkv·rep·L, S] rows where the backend registered one.
         (None, Some(fused)) => {
-            (fused.softmax_scaled)(scores.reshape([b * hkv * rep * l, s]), scale).reshape([
-                b,
-                hkv,
-                rep * l,
-                s,
-            ])
+            let rows = scores.reshape([b * hkv * rep * l, s]);
+            (fused.softmax_scaled)(rows, scale).reshape([b, hkv, rep * l, s])
         }
         (None, None) => layer_ops::softmax_scaled_ops(scores, scale),
     };
