@@ -45,9 +45,16 @@ pub fn attention<B: Backend>(
             let rows = scores.reshape([b * hkv * rep * l, s]);
             (fused.softmax_scaled)(rows, scale).reshape([b, hkv, rep * l, s])
         }
-        (None, None) => layer_ops::softmax_scaled_ops(scores, scale),
+        (None, None) => softmax_scaled_ops(scores, scale),
     };
     probs.matmul(v).reshape([b, hq, l, d])
+}
+
+/// `cast(softmax(scale · f32(x)))` over the last axis with tensor ops (what the fused
+/// `softmax_scaled` kernel computes in one launch).
+pub fn softmax_scaled_ops<B: Backend, const D: usize>(x: Tensor<B, D>, scale: f64) -> Tensor<B, D> {
+    let dtype = x.dtype();
+    softmax(x.cast(DType::F32).mul_scalar(scale), D - 1).cast(dtype)
 }
 
 /// Causal + padding mask [B, 1, T, T] (`true` = masked) for `attention_mask` [B, T] (1 = token).

@@ -112,8 +112,8 @@ impl<B: Backend> RmsNorm<B> {
         let dims = x.dims();
         let d = dims[D - 1];
         let rows = dims[..D - 1].iter().product();
-        (fused.rms_norm)(x.reshape([rows, d]), self.weight.val(), self.eps).reshape(dims)
         // via [rows, d]
+        (fused.rms_norm)(x.reshape([rows, d]), self.weight.val(), self.eps).reshape(dims)
     }
 }
 

@@ -4,7 +4,7 @@
 use burn::prelude::*;
 use burn::tensor::DType;
 
-use super::layers::RmsNorm;
+use super::layers::{rms_norm_ops, RmsNorm};
 use super::position_ids::PositionIds;
 use crate::quant::kernels::layer_ops;
 
@@ -127,8 +127,19 @@ pub fn norm_and_rotate<B: Backend>(
 ) -> Tensor<B, 4> {
     match layer_ops::registered::<B>() {
         Some(fused) => (fused.rms_norm_rotary)(x, norm.weight.val(), norm.eps, cos, sin),
-        None => apply_rotary(norm.forward(x), cos.clone(), sin.clone()),
+        None => rms_norm_rotary_ops(x, norm.weight.val(), norm.eps, cos, sin),
     }
+}
+
+/// [`norm_and_rotate`] with tensor ops: [`rms_norm_ops`], then [`apply_rotary`].
+pub fn rms_norm_rotary_ops<B: Backend>(
+    x: Tensor<B, 4>,
+    weight: Tensor<B, 1>,
+    eps: f64,
+    cos: &Tensor<B, 4>,
+    sin: &Tensor<B, 4>,
+) -> Tensor<B, 4> {
+    apply_rotary(rms_norm_ops(x, weight, eps), cos.clone(), sin.clone())
 }
 
 #[cfg(test)]

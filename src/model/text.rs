@@ -149,10 +149,18 @@ impl<B: Backend> DecoderLayer<B> {
 /// else the tensor ops.
 fn swiglu<B: Backend>(gate: Tensor<B, 3>, up: Tensor<B, 3>) -> Tensor<B, 3> {
     let Some(fused) = layer_ops::registered::<B>() else {
-        return layer_ops::swiglu_ops(gate, up);
+        return swiglu_ops(gate, up);
     };
     let [b, t, i] = gate.dims();
     (fused.swiglu)(gate.reshape([b * t, i]), up.reshape([b * t, i])).reshape([b, t, i])
+}
+
+/// `silu(gate) · up` with tensor ops (what the fused `swiglu` kernel computes in one launch).
+pub fn swiglu_ops<B: Backend, const D: usize>(
+    gate: Tensor<B, D>,
+    up: Tensor<B, D>,
+) -> Tensor<B, D> {
+    burn::tensor::activation::silu(gate) * up
 }
 
 impl<B: Backend> TextModel<B> {

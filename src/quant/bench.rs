@@ -261,31 +261,33 @@ fn device_check<B: Backend, const D: usize>(
     }
 }
 
+/// [`values`] as a `dtype` tensor of shape `dims` on `device`.
+fn device_values<B: Backend, const D: usize>(
+    dims: [usize; D],
+    seed: u64,
+    scale: f32,
+    dtype: DType,
+    device: &B::Device,
+) -> Tensor<B, D> {
+    let n = dims.iter().product();
+    Tensor::<B, 1>::from_data(TensorData::new(values(n, seed, scale), [n]), device)
+        .cast(dtype)
+        .reshape(dims)
+}
+
 /// Checks backend `B`'s registered layer kernels against their tensor-op versions on the same
 /// device, for `dtype` inputs of the decoder's widths and odd sizes; `None` if nothing is
 /// registered. Each row's `d_in`/`d_out` is the row width.
 pub fn check_layer_ops<B: Backend>(dtype: DType, device: &B::Device) -> Option<Vec<CheckRow>> {
     let fused = layer_ops::registered::<B>()?;
     let reference = LayerOps::<B>::reference();
-    fn input<B: Backend, const D: usize>(
-        dims: [usize; D],
-        seed: u64,
-        scale: f32,
-        dtype: DType,
-        device: &B::Device,
-    ) -> Tensor<B, D> {
-        let n = dims.iter().product();
-        Tensor::<B, 1>::from_data(TensorData::new(values(n, seed, scale), [n]), device)
-            .cast(dtype)
-            .reshape(dims)
-    }
     let mut out = Vec::new();
     for (i, (rows, d)) in [(1, 2560), (7, 128), (33, 2560), (300, 1024), (5, 100)]
         .into_iter()
         .enumerate()
     {
-        let x: Tensor<B, 2> = input([rows, d], 300 + i as u64, 3.0, dtype, device);
-        let w: Tensor<B, 1> = input([d], 400 + i as u64, 2.0, dtype, device);
+        let x: Tensor<B, 2> = device_values([rows, d], 300 + i as u64, 3.0, dtype, device);
+        let w: Tensor<B, 1> = device_values([d], 400 + i as u64, 2.0, dtype, device);
         let got = (fused.rms_norm)(x.clone(), w.clone(), 1e-6);
         let want = (reference.rms_norm)(x, w, 1e-6);
         out.push(device_check("rms_norm", (d, d, rows), got, want));
@@ -300,11 +302,11 @@ pub fn check_layer_ops<B: Backend>(dtype: DType, device: &B::Device) -> Option<V
     .into_iter()
     .enumerate()
     {
-        let x: Tensor<B, 4> = input([b, t, h, d], 500 + i as u64, 3.0, dtype, device);
+        let x: Tensor<B, 4> = device_values([b, t, h, d], 500 + i as u64, 3.0, dtype, device);
         let x = x.swap_dims(1, 2);
-        let w: Tensor<B, 1> = input([d], 600 + i as u64, 2.0, dtype, device);
-        let cos: Tensor<B, 4> = input([b, 1, t, d], 700 + i as u64, 1.0, dtype, device);
-        let sin: Tensor<B, 4> = input([b, 1, t, d], 800 + i as u64, 1.0, dtype, device);
+        let w: Tensor<B, 1> = device_values([d], 600 + i as u64, 2.0, dtype, device);
+        let cos: Tensor<B, 4> = device_values([b, 1, t, d], 700 + i as u64, 1.0, dtype, device);
+        let sin: Tensor<B, 4> = device_values([b, 1, t, d], 800 + i as u64, 1.0, dtype, device);
         let got = (fused.rms_norm_rotary)(x.clone(), w.clone(), 1e-6, &cos, &sin);
         let want = (reference.rms_norm_rotary)(x, w, 1e-6, &cos, &sin);
         out.push(device_check("norm+rotary", (d, d, b * h * t), got, want));
@@ -313,14 +315,14 @@ pub fn check_layer_ops<B: Backend>(dtype: DType, device: &B::Device) -> Option<V
         .into_iter()
         .enumerate()
     {
-        let x: Tensor<B, 2> = input([rows, s], 900 + i as u64, 20.0, dtype, device);
+        let x: Tensor<B, 2> = device_values([rows, s], 900 + i as u64, 20.0, dtype, device);
         let got = (fused.softmax_scaled)(x.clone(), 0.088);
         let want = (reference.softmax_scaled)(x, 0.088);
         out.push(device_check("softmax", (s, s, rows), got, want));
     }
     for (i, (rows, d)) in [(1, 9728), (7, 100), (121, 9728)].into_iter().enumerate() {
-        let g: Tensor<B, 2> = input([rows, d], 1000 + i as u64, 4.0, dtype, device);
-        let u: Tensor<B, 2> = input([rows, d], 1100 + i as u64, 2.0, dtype, device);
+        let g: Tensor<B, 2> = device_values([rows, d], 1000 + i as u64, 4.0, dtype, device);
+        let u: Tensor<B, 2> = device_values([rows, d], 1100 + i as u64, 2.0, dtype, device);
         let got = (fused.swiglu)(g.clone(), u.clone());
         let want = (reference.swiglu)(g, u);
         out.push(device_check("swiglu", (d, d, rows), got, want));
@@ -347,13 +349,8 @@ pub fn check_routing_kernels<B: Backend>(device: &B::Device) -> Option<Vec<Check
             renormalize,
             scaling: 2.0,
         };
-        let t = |cols: usize, seed: u64| {
-            Tensor::<B, 2>::from_data(
-                TensorData::new(values(n * cols, seed, 3.0), [n, cols]),
-                device,
-            )
-        };
-        let (logits, grad) = (t(e, 1300 + i as u64), t(2 * e, 1400 + i as u64));
+        let logits = device_values([n, e], 1300 + i as u64, 3.0, DType::F32, device);
+        let grad = device_values([n, 2 * e], 1400 + i as u64, 3.0, DType::F32, device);
         let (packed, mask) = (fused.forward)(logits.clone(), o);
         let (want_packed, want_mask) = (reference.forward)(logits, o);
         let got_dl = (fused.backward)(packed.clone(), mask.clone(), grad.clone(), o);
@@ -382,6 +379,11 @@ pub fn print_checks(checks: &[CheckRow], dtype: DType) -> usize {
     checks.iter().filter(|c| c.rel_err > limit).count()
 }
 
+/// Waits for `device` to finish its queued work.
+fn sync<B: Backend>(device: &B::Device) -> Result<()> {
+    B::sync(device).map_err(|e| Error::Input(format!("device error: {e:?}")))
+}
+
 /// Median seconds per call of `f` (`iters` calls per repeat, results kept until the device
 /// has finished them).
 fn time_per_call<B: Backend, T>(
@@ -389,7 +391,7 @@ fn time_per_call<B: Backend, T>(
     o: &Nf4BenchOptions,
     mut f: impl FnMut() -> T,
 ) -> Result<f64> {
-    let sync = || B::sync(device).map_err(|e| Error::Input(format!("device error: {e:?}")));
+    let sync = || sync::<B>(device);
     for _ in 0..3 {
         drop(f());
     }
@@ -416,7 +418,7 @@ fn queued_time_per_call<B: Backend, T>(
     rounds: usize,
     mut f: impl FnMut() -> T,
 ) -> Result<f64> {
-    let sync = || B::sync(device).map_err(|e| Error::Input(format!("device error: {e:?}")));
+    let sync = || sync::<B>(device);
     let keep_busy = || (0..rounds).for_each(|_| drop(busy.clone().add_scalar(1.0)));
     sync()?;
     let mut per_call = Vec::new();

@@ -15,7 +15,10 @@
 //! products keep the input dtype's rounding where HF rounds (the normalised value before the
 //! weight, each rotary product, silu before the product with `up`).
 
+use crate::model::attention::softmax_scaled_ops;
 use crate::model::layers::rms_norm_ops;
+use crate::model::rotary::rms_norm_rotary_ops;
+use crate::model::text::swiglu_ops;
 use burn::prelude::*;
 use burn::tensor::{DType, TensorPrimitive};
 use burn_cubecl::kernel::into_contiguous;
@@ -269,7 +272,7 @@ fn rms_norm_rotary<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolEleme
     let dtype = x.dtype();
     let [b, h, t, d] = x.dims();
     if !supported(dtype) || d % 2 != 0 || cos.dtype() != dtype || sin.dtype() != dtype {
-        return ops_rms_norm_rotary(x, weight, eps, cos, sin);
+        return rms_norm_rotary_ops(x, weight, eps, cos, sin);
     }
     let x = prim(x);
     let w = into_contiguous(prim(weight.cast(dtype)));
@@ -342,32 +345,6 @@ fn swiglu<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
     wrap(out)
 }
 
-/// The tensor-op version of `rms_norm_rotary`: RMSNorm, then `apply_rotary`.
-pub fn ops_rms_norm_rotary<B: Backend>(
-    x: Tensor<B, 4>,
-    weight: Tensor<B, 1>,
-    eps: f64,
-    cos: &Tensor<B, 4>,
-    sin: &Tensor<B, 4>,
-) -> Tensor<B, 4> {
-    let normed = rms_norm_ops(x, weight, eps);
-    crate::model::rotary::apply_rotary(normed, cos.clone(), sin.clone())
-}
-
-/// The tensor-op version of `softmax_scaled`: cast to f32, scale, softmax, cast back.
-pub fn softmax_scaled_ops<B: Backend, const D: usize>(x: Tensor<B, D>, scale: f64) -> Tensor<B, D> {
-    let dtype = x.dtype();
-    burn::tensor::activation::softmax(x.cast(DType::F32).mul_scalar(scale), D - 1).cast(dtype)
-}
-
-/// The tensor-op version of `swiglu`: `silu(gate) · up`.
-pub fn swiglu_ops<B: Backend, const D: usize>(
-    gate: Tensor<B, D>,
-    up: Tensor<B, D>,
-) -> Tensor<B, D> {
-    burn::tensor::activation::silu(gate) * up
-}
-
 /// Per-head RMSNorm then rotary: (x, weight, eps, cos, sin) -> normed and rotated x.
 pub type NormRotaryFn<B> =
     fn(Tensor<B, 4>, Tensor<B, 1>, f64, &Tensor<B, 4>, &Tensor<B, 4>) -> Tensor<B, 4>;
@@ -396,7 +373,7 @@ impl<B: Backend> LayerOps<B> {
     pub fn reference() -> Self {
         Self {
             rms_norm: rms_norm_ops::<B, 2>,
-            rms_norm_rotary: ops_rms_norm_rotary::<B>,
+            rms_norm_rotary: rms_norm_rotary_ops::<B>,
             softmax_scaled: softmax_scaled_ops::<B, 2>,
             swiglu: swiglu_ops::<B, 2>,
         }
