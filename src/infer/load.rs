@@ -106,7 +106,15 @@ pub struct BaseOptions {
     pub nf4: bool,
 }
 
-/// Loads the base at `model_dir` and puts `trained` on it (or loads the trained model itself).
+/// Whether inference joins each decoder layer's plain dense q/k/v and gate/up projections
+/// (`TextModel::fuse_dense_projections`): `QWEN3VL_FUSE_PROJECTIONS=0` keeps them apart (for
+/// comparisons).
+pub fn projection_fusion_enabled() -> bool {
+    std::env::var("QWEN3VL_FUSE_PROJECTIONS").map_or(true, |v| v != "0")
+}
+
+/// Loads the base at `model_dir` and puts `trained` on it (or loads the trained model itself);
+/// plain dense projections are joined for decoding (`TextModel::fuse_dense_projections`).
 pub fn load_for_inference<B: Backend>(
     model_dir: &Path,
     trained: Option<&Trained>,
@@ -119,10 +127,14 @@ pub fn load_for_inference<B: Backend>(
     };
     let nf4 = opts.nf4.then(|| Nf4Options::standard(opts.dtype.dtype()));
     let (cfg, model) = load_base_model::<B>(base_dir, device, opts.dtype, nf4)?;
-    match trained {
-        Some(Trained::Adapter(dir)) => Ok((cfg, load_adapter(model, dir)?.0)),
-        _ => Ok((cfg, model)),
+    let mut model = match trained {
+        Some(Trained::Adapter(dir)) => load_adapter(model, dir)?.0,
+        _ => model,
+    };
+    if projection_fusion_enabled() {
+        model.language_model.fuse_dense_projections();
     }
+    Ok((cfg, model))
 }
 
 #[cfg(test)]

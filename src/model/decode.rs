@@ -11,21 +11,51 @@ use burn::prelude::*;
 use super::qwen3_vl::{ModelInputs, Qwen3VlModel};
 use crate::error::{Error, Result};
 
-/// One decoder layer's keys and values so far, each [B, Hkv, S, d].
+/// Positions a layer cache's buffers grow by (at least) when full.
+const CACHE_GROWTH: usize = 256;
+
+/// One decoder layer's keys and values so far: buffers [B, Hkv, capacity, d] of which the
+/// first `len` positions are filled. A decode step writes its one position in place (one
+/// launch for the keys, one for the values) instead of copying the whole cache; the buffers
+/// grow by at least [`CACHE_GROWTH`] positions, or double, when full.
 #[derive(Debug, Clone, Default)]
 pub struct LayerCache<B: Backend> {
     kv: Option<(Tensor<B, 4>, Tensor<B, 4>)>,
+    len: usize,
 }
 
 impl<B: Backend> LayerCache<B> {
-    /// Appends `k`, `v` [B, Hkv, T, d] and returns all keys and values [B, Hkv, S + T, d].
+    /// Appends `k`, `v` [B, Hkv, T, d] and returns all keys and values [B, Hkv, S + T, d]
+    /// (views of the buffers).
     pub fn extend(&mut self, k: Tensor<B, 4>, v: Tensor<B, 4>) -> (Tensor<B, 4>, Tensor<B, 4>) {
-        let (k, v) = match self.kv.take() {
-            Some((pk, pv)) => (Tensor::cat(vec![pk, k], 2), Tensor::cat(vec![pv, v], 2)),
-            None => (k, v),
+        let [b, h, t, d] = k.dims();
+        let end = self.len + t;
+        let (kb, vb) = match self.kv.take() {
+            Some((kb, vb)) if kb.dims()[2] >= end => (kb, vb),
+            held => {
+                let capacity = (end + CACHE_GROWTH).max(2 * self.len);
+                let fresh = |like: &Tensor<B, 4>| {
+                    Tensor::empty([b, h, capacity, d], (&like.device(), like.dtype()))
+                };
+                let (nk, nv) = (fresh(&k), fresh(&v));
+                match held {
+                    Some((ok, ov)) if self.len > 0 => {
+                        let old = [0..b, 0..h, 0..self.len, 0..d];
+                        (
+                            nk.slice_assign(old.clone(), ok.narrow(2, 0, self.len)),
+                            nv.slice_assign(old, ov.narrow(2, 0, self.len)),
+                        )
+                    }
+                    _ => (nk, nv),
+                }
+            }
         };
-        self.kv = Some((k.clone(), v.clone()));
-        (k, v)
+        let new = [0..b, 0..h, self.len..end, 0..d];
+        let kb = kb.slice_assign(new.clone(), k);
+        let vb = vb.slice_assign(new, v);
+        self.len = end;
+        self.kv = Some((kb.clone(), vb.clone()));
+        (kb.narrow(2, 0, end), vb.narrow(2, 0, end))
     }
 }
 
@@ -46,7 +76,7 @@ impl<B: Backend> KvCache<B> {
     /// An empty cache for `batch` rows of a model with `layers` decoder layers.
     pub fn new(layers: usize, batch: usize) -> Self {
         Self {
-            layers: vec![LayerCache { kv: None }; layers],
+            layers: vec![LayerCache { kv: None, len: 0 }; layers],
             batch,
             attention_mask: Vec::new(),
             next_position: vec![0; batch],
@@ -197,5 +227,40 @@ impl<B: Backend> Qwen3VlModel<B> {
             image_features: None,
         };
         self.extend_chunk(&inputs, cache, true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::Flex;
+
+    /// Appending chunks past the buffers' capacity (a prefill, then single positions and a
+    /// second chunk, 920 positions in all: two growths) gives the concatenation of all chunks.
+    #[test]
+    fn layer_cache_holds_every_appended_position_across_growths() {
+        let dev = Default::default();
+        let mut cache = LayerCache::<Flex>::default();
+        let chunk = |t: usize, seed: usize| {
+            let n = 2 * 3 * t * 4;
+            let v: Vec<f32> = (0..n).map(|i| ((i * 31 + seed * 7) % 97) as f32).collect();
+            Tensor::<Flex, 4>::from_data(TensorData::new(v, [2, 3, t, 4]), &dev)
+        };
+        let (mut want_k, mut want_v) = (Vec::new(), Vec::new());
+        let sizes: Vec<usize> = [120].into_iter().chain([1; 300]).chain([500]).collect();
+        for (i, t) in sizes.into_iter().enumerate() {
+            let (k, v) = (chunk(t, i), chunk(t, i + 1000));
+            want_k.push(k.clone());
+            want_v.push(v.clone());
+            let (got_k, got_v) = cache.extend(k, v);
+            if i % 50 == 0 || t > 1 {
+                let wk = Tensor::cat(want_k.clone(), 2);
+                let wv = Tensor::cat(want_v.clone(), 2);
+                assert_eq!(got_k.dims(), wk.dims());
+                assert_eq!(got_k.into_data(), wk.into_data(), "keys after chunk {i}");
+                assert_eq!(got_v.into_data(), wv.into_data(), "values after chunk {i}");
+            }
+        }
+        assert_eq!(cache.len, 920);
     }
 }

@@ -115,6 +115,44 @@ impl<B: Backend> RmsNorm<B> {
         // via [rows, d]
         (fused.rms_norm)(x.reshape([rows, d]), self.weight.val(), self.eps).reshape(dims)
     }
+
+    /// `(x + delta, norm(x + delta))` — the residual stream after an add and its norm, in one
+    /// fused kernel where the backend registered one; without `delta`, `(x, norm(x))`.
+    pub fn forward_added<const D: usize>(
+        &self,
+        x: Tensor<B, D>,
+        delta: Option<Tensor<B, D>>,
+    ) -> (Tensor<B, D>, Tensor<B, D>) {
+        let Some(delta) = delta else {
+            return (x.clone(), self.forward(x));
+        };
+        let Some(fused) = layer_ops::registered::<B>() else {
+            return add_rms_norm_ops(x, delta, self.weight.val(), self.eps);
+        };
+        let dims = x.dims();
+        let d = dims[D - 1];
+        let rows = dims[..D - 1].iter().product();
+        // via [rows, d]
+        let (sum, normed) = (fused.add_rms_norm)(
+            x.reshape([rows, d]),
+            delta.reshape([rows, d]),
+            self.weight.val(),
+            self.eps,
+        );
+        (sum.reshape(dims), normed.reshape(dims))
+    }
+}
+
+/// `(x + delta, rms_norm_ops(x + delta))` with tensor ops (what the fused `add_rms_norm`
+/// kernel computes in one launch).
+pub fn add_rms_norm_ops<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    delta: Tensor<B, D>,
+    weight: Tensor<B, 1>,
+    eps: f64,
+) -> (Tensor<B, D>, Tensor<B, D>) {
+    let sum = x + delta;
+    (sum.clone(), rms_norm_ops(sum, weight, eps))
 }
 
 /// RMSNorm with tensor ops: `weight · cast(x · 1/sqrt(mean(x²) + eps))` over the last

@@ -1,15 +1,15 @@
 //! The Qwen3 text decoder: GQA attention with per-head q/k RMSNorm before M-RoPE, SwiGLU MLP,
 //! and DeepStack injection of visual features after the first decoder layers.
 
-use burn::module::Module;
+use burn::module::{Module, Param};
 use burn::prelude::*;
 
 use super::attention::attention;
 use super::config::TextConfig;
 use super::decode::{KvCache, LayerCache};
-use super::layers::{Embedding, RmsNorm};
+use super::layers::{Embedding, Linear, RmsNorm};
 use super::rotary::norm_and_rotate;
-use crate::adapter::{AdapterStats, Projection};
+use crate::adapter::{AdapterStats, BaseLinear, Projection};
 use crate::quant::kernels::layer_ops;
 
 /// Self-attention of a decoder layer.
@@ -33,6 +33,9 @@ pub struct TextAttention<B: Backend> {
     pub num_kv_heads: usize,
     /// Per-head width.
     pub head_dim: usize,
+    /// For inference: q, k and v stacked in one dense layer [(Hq + 2·Hkv)·d, H] (one
+    /// matmul instead of three; see [`TextModel::fuse_dense_projections`]).
+    pub qkv: Option<Linear<B>>,
 }
 
 /// `down(silu(gate(x)) * up(x))`.
@@ -44,6 +47,8 @@ pub struct TextMlp<B: Backend> {
     pub up_proj: Projection<B>,
     /// [H, I]
     pub down_proj: Projection<B>,
+    /// For inference: gate and up stacked in one dense layer [2·I, H].
+    pub gate_up: Option<Linear<B>>,
 }
 
 /// Pre-norm decoder layer.
@@ -107,52 +112,123 @@ impl<B: Backend> TextAttention<B> {
         let (hq, hkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         // [B, T, heads·d] -> [B, heads, T, d], normed per head, then rotated.
         let heads = |y: Tensor<B, 3>, n: usize| y.reshape([b, t, n, d]).swap_dims(1, 2);
-        let q = heads(self.q_proj.forward(x.clone(), stats), hq);
-        let q = norm_and_rotate(&self.q_norm, q, cos, sin);
-        let k = heads(self.k_proj.forward(x.clone(), stats), hkv);
-        let k = norm_and_rotate(&self.k_norm, k, cos, sin);
-        let v = heads(self.v_proj.forward(x, stats), hkv);
+        let (q, k, v) = match &self.qkv {
+            Some(qkv) => {
+                // One matmul: [B, T, (Hq + 2·Hkv)·d], split into three column views.
+                let y = qkv.forward(x);
+                let (nq, nkv) = (hq * d, hkv * d);
+                (
+                    y.clone().narrow(2, 0, nq),
+                    y.clone().narrow(2, nq, nkv),
+                    y.narrow(2, nq + nkv, nkv),
+                )
+            }
+            None => (
+                self.q_proj.forward(x.clone(), stats),
+                self.k_proj.forward(x.clone(), stats),
+                self.v_proj.forward(x, stats),
+            ),
+        };
+        let q = norm_and_rotate(&self.q_norm, heads(q, hq), cos, sin);
+        let k = norm_and_rotate(&self.k_norm, heads(k, hkv), cos, sin);
+        let v = heads(v, hkv);
         let (k, v) = match cache {
             Some(c) => c.extend(k, v),
             None => (k, v),
         };
-        let o = attention(q, k, v, mask);
-        self.o_proj
-            .forward(o.swap_dims(1, 2).reshape([b, t, hq * d]), stats)
+        let o = attention(q, k, v, mask); // [B, Hq, T, d]
+                                          // -> [B, T, Hq·d]; with one position the order is already that (no copy).
+        let o = match t {
+            1 => o.reshape([b, 1, hq * d]),
+            _ => o.swap_dims(1, 2).reshape([b, t, hq * d]),
+        };
+        self.o_proj.forward(o, stats)
     }
 }
 
 impl<B: Backend> DecoderLayer<B> {
-    /// One residual attention + MLP step (`cache`: this layer's keys and values so far).
+    /// One residual attention + MLP step on the residual stream `x` + `pending` (the previous
+    /// layer's MLP output, still to be added: the add runs fused with this layer's input norm).
+    /// Returns the stream after attention and this layer's MLP output, whose sum is the layer's
+    /// output (`cache`: this layer's keys and values so far).
+    #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
         x: Tensor<B, 3>,
+        pending: Option<Tensor<B, 3>>,
         cos: &Tensor<B, 4>,
         sin: &Tensor<B, 4>,
         mask: Option<Tensor<B, 4, Bool>>,
         cache: Option<&mut LayerCache<B>>,
         stats: &AdapterStats<B>,
-    ) -> Tensor<B, 3> {
-        let normed = self.input_layernorm.forward(x.clone());
-        let h = x + self.self_attn.forward(normed, cos, sin, mask, cache, stats);
-        let n = self.post_attention_layernorm.forward(h.clone());
+    ) -> (Tensor<B, 3>, Tensor<B, 3>) {
+        let (x, normed) = self.input_layernorm.forward_added(x, pending);
+        let attn = self.self_attn.forward(normed, cos, sin, mask, cache, stats);
+        let (h, n) = self.post_attention_layernorm.forward_added(x, Some(attn));
         let mlp = &self.mlp;
-        let act = swiglu(
-            mlp.gate_proj.forward(n.clone(), stats),
-            mlp.up_proj.forward(n, stats),
-        );
-        h + mlp.down_proj.forward(act, stats)
+        let [b, t, _] = n.dims();
+        let i = mlp.gate_proj.base().d_out();
+        // silu(gate) · up on [B·T, I] rows
+        let act = match &mlp.gate_up {
+            Some(gate_up) => {
+                // One matmul: [B·T, 2·I], split into two column views.
+                let y = gate_up.forward(n).reshape([b * t, 2 * i]);
+                swiglu(y.clone().narrow(1, 0, i), y.narrow(1, i, i))
+            }
+            None => swiglu(
+                mlp.gate_proj.forward(n.clone(), stats).reshape([b * t, i]),
+                mlp.up_proj.forward(n, stats).reshape([b * t, i]),
+            ),
+        };
+        (h, mlp.down_proj.forward(act.reshape([b, t, i]), stats))
     }
 }
 
-/// `silu(gate) · up` [B, T, I]: one fused kernel where the backend registered one (burn-cuda),
-/// else the tensor ops.
-fn swiglu<B: Backend>(gate: Tensor<B, 3>, up: Tensor<B, 3>) -> Tensor<B, 3> {
-    let Some(fused) = layer_ops::registered::<B>() else {
-        return swiglu_ops(gate, up);
-    };
-    let [b, t, i] = gate.dims();
-    (fused.swiglu)(gate.reshape([b * t, i]), up.reshape([b * t, i])).reshape([b, t, i])
+/// `silu(gate) · up` [rows, I] (strided views are fine): one fused kernel where the backend
+/// registered one (burn-cuda), else the tensor ops.
+fn swiglu<B: Backend>(gate: Tensor<B, 2>, up: Tensor<B, 2>) -> Tensor<B, 2> {
+    match layer_ops::registered::<B>() {
+        Some(fused) => (fused.swiglu)(gate, up),
+        None => swiglu_ops(gate, up),
+    }
+}
+
+/// Joins dense layers that read the same input into one whose weight holds theirs stacked
+/// [Σ d_out, d_in]; each part's weight (and bias) becomes a view of its rows, so nothing is
+/// stored twice. None (nothing changed) unless every part is a plain dense layer and all or
+/// none have a bias.
+fn fuse_dense<B: Backend>(parts: Vec<&mut Projection<B>>) -> Option<Linear<B>> {
+    let mut dense = Vec::new();
+    for p in parts {
+        match p {
+            Projection::Plain(BaseLinear::Dense(l)) => dense.push(l),
+            _ => return None,
+        }
+    }
+    let with_bias = dense.iter().filter(|l| l.bias.is_some()).count();
+    if with_bias != 0 && with_bias != dense.len() {
+        return None;
+    }
+    let weight = Tensor::cat(dense.iter().map(|l| l.weight.val()).collect(), 0);
+    let bias = (with_bias > 0).then(|| {
+        let biases = dense
+            .iter()
+            .filter_map(|l| l.bias.as_ref().map(|b| b.val()));
+        Tensor::cat(biases.collect(), 0)
+    });
+    let mut start = 0;
+    for l in dense {
+        let n = l.weight.dims()[0];
+        l.weight = Param::from_tensor(weight.clone().narrow(0, start, n));
+        if let Some(b) = &bias {
+            l.bias = Some(Param::from_tensor(b.clone().narrow(0, start, n)));
+        }
+        start += n;
+    }
+    Some(Linear {
+        weight: Param::from_tensor(weight),
+        bias: bias.map(Param::from_tensor),
+    })
 }
 
 /// `silu(gate) · up` with tensor ops (what the fused `swiglu` kernel computes in one launch).
@@ -182,12 +258,14 @@ impl<B: Backend> TextModel<B> {
                 num_heads: hq,
                 num_kv_heads: hkv,
                 head_dim: d,
+                qkv: None,
             },
             post_attention_layernorm: RmsNorm::init(h, eps, device),
             mlp: TextMlp {
                 gate_proj: Projection::init(h, c.intermediate_size, false, device),
                 up_proj: Projection::init(h, c.intermediate_size, false, device),
                 down_proj: Projection::init(c.intermediate_size, h, false, device),
+                gate_up: None,
             },
         };
         Self {
@@ -195,6 +273,27 @@ impl<B: Backend> TextModel<B> {
             layers: (0..c.num_hidden_layers).map(|_| layer()).collect(),
             norm: RmsNorm::init(h, eps, device),
         }
+    }
+
+    /// For inference: joins each layer's q, k and v, and its gate and up, into one dense layer
+    /// each where they are plain dense layers (no adapter, not NF4), so a decode step runs two
+    /// matmuls instead of five; returns how many groups were joined. The parts keep views of
+    /// the joined weights (no extra memory); the logits are unchanged up to rounding.
+    pub fn fuse_dense_projections(&mut self) -> usize {
+        let mut joined = 0;
+        for layer in &mut self.layers {
+            let a = &mut layer.self_attn;
+            if a.qkv.is_none() {
+                a.qkv = fuse_dense(vec![&mut a.q_proj, &mut a.k_proj, &mut a.v_proj]);
+                joined += usize::from(a.qkv.is_some());
+            }
+            let m = &mut layer.mlp;
+            if m.gate_up.is_none() {
+                m.gate_up = fuse_dense(vec![&mut m.gate_proj, &mut m.up_proj]);
+                joined += usize::from(m.gate_up.is_some());
+            }
+        }
+        joined
     }
 
     /// Runs the decoder on `inputs_embeds` [B, T, H] with rotary tables `(cos, sin)`
@@ -211,28 +310,35 @@ impl<B: Backend> TextModel<B> {
         mut cache: Option<&mut KvCache<B>>,
         stats: &AdapterStats<B>,
     ) -> TextOutput<B> {
-        let [b, t, h] = inputs_embeds.dims();
+        let [b, t, h_dim] = inputs_embeds.dims();
         let mut x = inputs_embeds;
+        // The last layer's MLP output, added to `x` by the next norm's fused add.
+        let mut pending = None;
         let mut layer_outputs = Vec::new();
         let last = self.layers.len().saturating_sub(1);
         for (i, layer) in self.layers.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            x = layer.forward(x, cos, sin, mask.clone(), layer_cache, stats);
+            let (h, mlp) = layer.forward(x, pending, cos, sin, mask.clone(), layer_cache, stats);
+            let tap = deepstack.and_then(|ds| ds.features.get(i).map(|f| (f, &ds.index)));
+            if !(keep_layer_outputs && i < last) && tap.is_none() {
+                (x, pending) = (h, Some(mlp));
+                continue;
+            }
+            (x, pending) = (h + mlp, None);
             if keep_layer_outputs && i < last {
                 layer_outputs.push(x.clone());
             }
-            if let Some(ds) = deepstack {
-                if let Some(feat) = ds.features.get(i) {
-                    // Row 0 of the padded table is zero: text positions get nothing added.
-                    let zero = Tensor::zeros([1, h], (&feat.device(), feat.dtype()));
-                    let table = Tensor::cat(vec![zero, feat.clone().cast(x.dtype())], 0);
-                    let add = table.select(0, ds.index.clone()).reshape([b, t, h]);
-                    x = x + add;
-                }
+            if let Some((feat, index)) = tap {
+                // Row 0 of the padded table is zero: text positions get nothing added.
+                let zero = Tensor::zeros([1, h_dim], (&feat.device(), feat.dtype()));
+                let table = Tensor::cat(vec![zero, feat.clone().cast(x.dtype())], 0);
+                let add = table.select(0, index.clone()).reshape([b, t, h_dim]);
+                x = x + add;
             }
         }
+        let (_, hidden) = self.norm.forward_added(x, pending);
         TextOutput {
-            hidden: self.norm.forward(x),
+            hidden,
             layer_outputs,
         }
     }

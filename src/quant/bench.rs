@@ -292,6 +292,18 @@ pub fn check_layer_ops<B: Backend>(dtype: DType, device: &B::Device) -> Option<V
         let want = (reference.rms_norm)(x, w, 1e-6);
         out.push(device_check("rms_norm", (d, d, rows), got, want));
     }
+    for (i, (rows, d)) in [(1, 2560), (8, 2560), (121, 2560), (5, 100)]
+        .into_iter()
+        .enumerate()
+    {
+        let x: Tensor<B, 2> = device_values([rows, d], 1500 + i as u64, 3.0, dtype, device);
+        let delta: Tensor<B, 2> = device_values([rows, d], 1600 + i as u64, 1.0, dtype, device);
+        let w: Tensor<B, 1> = device_values([d], 1700 + i as u64, 2.0, dtype, device);
+        let (sum, normed) = (fused.add_rms_norm)(x.clone(), delta.clone(), w.clone(), 1e-6);
+        let (want_sum, want_normed) = (reference.add_rms_norm)(x, delta, w, 1e-6);
+        out.push(device_check("add (+norm)", (d, d, rows), sum, want_sum));
+        out.push(device_check("add+norm", (d, d, rows), normed, want_normed));
+    }
     // [B, T, H, d] seen as [B, H, T, d], as the attention's heads are.
     for (i, (b, h, t, d)) in [
         (1, 32, 1, 128),

@@ -4,7 +4,8 @@ for NF4) on the 4B architecture with random weights; prints a table with the rat
 Usage: python3 bench_generate.py BINARY CONFIG_JSON [--batches 1,8] [--new-tokens 64]
        [--variants bf16,nf4] [--timeout 500]
 A variant ending in "-ops" runs ours only, with QWEN3VL_LAYER_KERNELS=0 (the decoder's tensor ops
-instead of the fused layer kernels), e.g. --variants bf16,bf16-ops.
+instead of the fused layer kernels), e.g. --variants bf16,bf16-ops; one ending in "-apart" runs
+ours only with QWEN3VL_FUSE_PROJECTIONS=0 (q/k/v and gate/up as separate matmuls).
 """
 import argparse
 import json
@@ -42,10 +43,13 @@ def run(cmd, timeout, env=None):
 
 rows = {}
 for v in a.variants.split(","):
-    base, ops = v.removesuffix("-ops"), v.endswith("-ops")
+    switches = {"-ops": "QWEN3VL_LAYER_KERNELS", "-apart": "QWEN3VL_FUSE_PROJECTIONS"}
+    off = [var for suffix, var in switches.items() if v.endswith(suffix)]
+    base = v.removesuffix("-ops").removesuffix("-apart")
+    ops = bool(off)
     cmd = [a.binary, "bench", "generate", "--model", a.config, "--batch", a.batches,
            "--new-tokens", str(a.new_tokens), "--dtype", "bf16"] + (["--nf4"] if base == "nf4" else [])
-    env = dict(os.environ, QWEN3VL_LAYER_KERNELS="0") if ops else None
+    env = dict(os.environ, **{var: "0" for var in off}) if ops else None
     for r in run(cmd, a.timeout, env):
         rows[("ours", v, r["batch"])] = r
     if not a.skip_hf and not ops:
@@ -58,7 +62,7 @@ print(f"\n{'variant':8} {'batch':>5} | {'ours prefill ms':>15} {'ours tok/s':>10
       f"{'HF prefill ms':>13} {'HF tok/s':>9} | {'decode x':>8}")
 for v in a.variants.split(","):
     for b in [int(x) for x in a.batches.split(",")]:
-        o, h = rows.get(("ours", v, b)), rows.get(("hf", v.removesuffix("-ops"), b))
+        o, h = rows.get(("ours", v, b)), rows.get(("hf", v.removesuffix("-ops").removesuffix("-apart"), b))
         f = lambda r, k, s=1: f"{r[k] * s:.1f}" if r else "-"
         ratio = f"{o['decode_tokens_per_s'] / h['decode_tokens_per_s']:.2f}" if o and h else "-"
         print(f"{v:8} {b:>5} | {f(o, 'prefill_s', 1e3):>15} {f(o, 'decode_tokens_per_s'):>10} | "

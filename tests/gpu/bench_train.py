@@ -10,9 +10,10 @@ micro-batches) / the pools' reservation from `bench train`'s probe.
 Usage: python3 tests/gpu/bench_train.py BINARY JOB... [--steps N] [--warmup N] [--timeout S] [--memcap MIB]
 --warmup: our untimed steps (HF's script always does 2); --memcap: run ours as if the GPU had MIB
 of memory (tests/gpu/memcap.sh: pools sized for that card, allocations past it refused).
-JOB: ours[@MIB]:EXPERIMENT[:key=value,...]   e.g. ours:experiments/qwen3-vl-4b-lora.toml
+JOB: ours[@MIB][~VAR=VALUE...]:EXPERIMENT[:key=value,...]   e.g. ours:experiments/qwen3-vl-4b-lora.toml
      hf:VARIANT                        bf16 | bf16-ckpt | f16-ckpt | nf4 (hf_train_4b.py lists all)
-ours@MIB: this job alone under a MIB memory cap (as --memcap).
+ours@MIB: this job alone under a MIB memory cap (as --memcap); ~VAR=VALUE: an environment
+variable for this job alone (e.g. ours~QWEN3VL_ROUTING_KERNELS=1:...).
 The 4B config is model/configs/qwen3-vl-4b-instruct.json for both.
 """
 import json
@@ -33,7 +34,7 @@ def used_mib():
     return int(out.split()[0])
 
 
-def run(cmd, timeout):
+def run(cmd, timeout, env=None):
     base = used_mib()
     peak = [base]
     done = threading.Event()
@@ -47,7 +48,8 @@ def run(cmd, timeout):
     t.start()
     start = time.time()
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                           env=dict(os.environ, **(env or {})))
         out, rc = p.stdout + p.stderr, p.returncode
     except subprocess.TimeoutExpired as e:
         def text(b):
@@ -110,6 +112,8 @@ def main():
         print(f"random f16 checkpoint for bitsandbytes ready after {time.time() - t:.0f} s", flush=True)
     for job in jobs:
         kind, _, spec = job.partition(":")
+        kind, *env = kind.split("~")
+        env = dict(e.split("=", 1) for e in env)
         kind, _, job_cap = kind.partition("@")
         if kind == "ours":
             exp, _, sets = spec.partition(":")
@@ -121,7 +125,7 @@ def main():
                 cmd += ["--set", s]
         else:
             cmd = [sys.executable, "tests/gpu/hf_train_4b.py", CONFIG, spec, steps]
-        r = run(cmd, timeout)
+        r = run(cmd, timeout, env)
         print(job, json.dumps(r), flush=True)
         if r:
             rows.append((job, r))

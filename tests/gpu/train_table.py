@@ -5,13 +5,14 @@ the 4B reference workload, LoRA and MoE-LoRA, gradient checkpointing on and off,
 Usage (repository root, on the GPU machine):
   python3 tests/gpu/train_table.py BINARY [--gpus N] [--steps 3] [--warmup 1] [--deadline 560]
                                    [--kernel-cache DIR] [--pack OUT] [--only ours|hf]
-                                   [--chains "JOB JOB;JOB ..."]
+                                   [--chains "JOB JOB;JOB ..."] [--reuse]
 Each GPU runs one chain of tests/gpu/bench_train.py jobs in its own copy of the repository
 (our jobs of one adapter share a copy, so after the first one the kernels are compiled);
 --kernel-cache unpacks tests/gpu/kernel_cache.sh pieces into every copy first (DIR/gN for GPU N
 when that folder exists, else DIR), --pack writes each GPU's cache to OUT/gN afterwards.
 --chains replaces the built-in chains (bench_train.py's JOB syntax, `ours@MIB:...` for a memory
-cap). Chains still running at --deadline seconds are
+cap). --reuse keeps an earlier call's copies' target/ (the kernel caches of a machine still
+warm: its jobs start compiled) and HF's random checkpoint. Chains still running at --deadline seconds are
 stopped and the table shows what finished. Ratios: each of our jobs against HF's job with the
 same targets and checkpointing (LoRA vs `nf4`, MoE-LoRA vs `nf4-all`, peft's LoRA r16 on the same
 7 targets: peft has no MoE-LoRA).
@@ -63,6 +64,8 @@ def main():
     cache, pack, only = option(args, "--kernel-cache", None), option(args, "--pack", None), \
         option(args, "--only", None)
     custom = option(args, "--chains", None)
+    reuse = "--reuse" in args
+    args = [a for a in args if a != "--reuse"]
     binary = os.path.abspath(args[0])
     root = os.getcwd()
     chains = [c.split() for c in custom.split(";")] if custom else CHAINS
@@ -79,8 +82,15 @@ def main():
     for g, gpu_chains in enumerate(per_gpu):
         jobs = [j for c in gpu_chains for j in c]
         work = f"/tmp/train-table-{g}"
-        shutil.rmtree(work, ignore_errors=True)
-        os.makedirs(work)
+        kept = os.path.join(work, "target")
+        if reuse and os.path.isdir(kept):
+            for item in os.listdir(work):
+                if item not in ("target", "qwen3-vl-random-f16"):
+                    path = os.path.join(work, item)
+                    (shutil.rmtree if os.path.isdir(path) else os.remove)(path)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+            os.makedirs(work)
         # A Cargo.toml makes ./target CubeCL's cache root (else ~/.cache/cubecl, shared).
         for item in ["Cargo.toml", "cubecl.toml", "experiments", "model", "tests"]:
             src = os.path.join(root, item)
@@ -128,8 +138,10 @@ def main():
     for job in [j for c in chains for j in c]:
         r = results.get(job)
         adapter, ckpt, batch = describe(job)
-        cap = job.split(":")[0].partition("@")[2]
-        who = job if job.startswith("hf:") else f"ours (cap {cap} MiB)" if cap else "ours"
+        kind, *env = job.split(":")[0].split("~")
+        cap = kind.partition("@")[2]
+        who = job if job.startswith("hf:") else " ".join(
+            ["ours"] + ([f"(cap {cap} MiB)"] if cap else []) + env)
         if r is None:
             print(f"| {who} | {adapter} | {'on' if ckpt else 'off'} | {batch} | no result |||||")
             continue

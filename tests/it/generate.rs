@@ -175,7 +175,7 @@ mod counted {
     use qwen3_vl_moelora::quant::kernels::layer_ops::LayerOps;
     use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 
-    pub static CALLS: [AtomicUsize; 4] = [const { AtomicUsize::new(0) }; 4];
+    pub static CALLS: [AtomicUsize; 5] = [const { AtomicUsize::new(0) }; 5];
 
     fn reference() -> LayerOps<Cpu> {
         LayerOps::reference()
@@ -202,11 +202,21 @@ mod counted {
         CALLS[3].fetch_add(1, SeqCst);
         (reference().swiglu)(g, u)
     }
+    fn add_rms_norm(
+        x: Tensor<Cpu, 2>,
+        delta: Tensor<Cpu, 2>,
+        w: Tensor<Cpu, 1>,
+        eps: f64,
+    ) -> (Tensor<Cpu, 2>, Tensor<Cpu, 2>) {
+        CALLS[4].fetch_add(1, SeqCst);
+        (reference().add_rms_norm)(x, delta, w, eps)
+    }
 
     /// The table to register.
     pub fn ops() -> LayerOps<Cpu> {
         LayerOps {
             rms_norm,
+            add_rms_norm,
             rms_norm_rotary,
             softmax_scaled,
             swiglu,
@@ -214,8 +224,8 @@ mod counted {
     }
 }
 
-/// With layer kernels registered for a backend, decoding sends every norm, q/k norm + rotary,
-/// unmasked softmax and SwiGLU through them (in their [rows, d] / [B, H, T, d] layouts) and
+/// With layer kernels registered for a backend, decoding sends every norm (the first and the
+/// residual-add + norm ones), q/k norm + rotary, unmasked softmax and SwiGLU through them (in their [rows, d] / [B, H, T, d] layouts) and
 /// the logits are those of the tensor-op layers.
 #[test]
 fn decoding_uses_registered_layer_kernels_with_the_same_logits() {
@@ -229,16 +239,41 @@ fn decoding_uses_registered_layer_kernels_with_the_same_logits() {
     layer_ops::register_ops(counted::ops());
     let got = decode_logits(&model, &one, &tokens);
     layer_ops::unregister::<Cpu>();
-    for (i, name) in ["rms_norm", "rms_norm_rotary", "softmax_scaled", "swiglu"]
-        .iter()
-        .enumerate()
-    {
+    let names = [
+        "rms_norm",
+        "rms_norm_rotary",
+        "softmax_scaled",
+        "swiglu",
+        "add_rms_norm",
+    ];
+    for (i, name) in names.iter().enumerate() {
         let calls = counted::CALLS[i].load(SeqCst) - before[i];
         assert!(calls > 0, "the registered {name} was not called");
     }
     for (step, (g, w)) in got.iter().zip(&want).enumerate() {
         let err = rel(g, w);
         assert!(err <= 1e-6, "decode step {step}: relative error {err:.3e}");
+    }
+}
+
+/// Joining each layer's q, k, v and gate, up into one matmul (inference) leaves the prefill and
+/// decode logits unchanged up to rounding, and the parts' weights become views of the joined
+/// ones (a second call joins nothing new).
+#[test]
+fn joined_dense_projections_give_the_same_logits() {
+    let (model, inputs) = tiny();
+    let one = first_row_alone(&inputs);
+    let tokens = [7i64, 8, 9];
+    let want = decode_logits(&model, &one, &tokens);
+    let mut joined = model.clone();
+    let layers = joined.language_model.layers.len();
+    assert_eq!(joined.language_model.fuse_dense_projections(), 2 * layers);
+    assert_eq!(joined.language_model.fuse_dense_projections(), 0);
+    let got = decode_logits(&joined, &one, &tokens);
+    assert_eq!(got.len(), want.len());
+    for (step, (g, w)) in got.iter().zip(&want).enumerate() {
+        let err = rel(g, w);
+        assert!(err <= 1e-5, "step {step}: relative error {err:.3e}");
     }
 }
 

@@ -2,6 +2,8 @@
 //! the 5–10 element-wise and reduction launches of the tensor-op versions.
 //!
 //! * `rms_norm`: RMSNorm of each row (the input, post-attention and final norms).
+//! * `add_rms_norm`: a residual add and the RMSNorm of its sum, both written (the norms that
+//!   follow a residual add: post-attention, and the next layer's input norm).
 //! * `rms_norm_rotary`: a head's q/k RMSNorm followed by its M-RoPE rotation, read through the
 //!   strides of the [B, heads, T, d] view (no copy of the projection's output).
 //! * `softmax_scaled`: `softmax(scale · scores)` with f32 statistics, back in the input dtype
@@ -16,7 +18,7 @@
 //! weight, each rotary product, silu before the product with `up`).
 
 use crate::model::attention::softmax_scaled_ops;
-use crate::model::layers::rms_norm_ops;
+use crate::model::layers::{add_rms_norm_ops, rms_norm_ops};
 use crate::model::rotary::rms_norm_rotary_ops;
 use crate::model::text::swiglu_ops;
 use burn::prelude::*;
@@ -65,6 +67,45 @@ mod kernels {
             let mut k = UNIT_POS_X as usize;
             while k < d {
                 let normed = F::cast_from(f32::cast_from(x[x_row + k]) * inv);
+                out[out_row + k] = normed * weight[k];
+                k += CUBE_DIM_X as usize;
+            }
+        }
+    }
+
+    /// `sum[r, j] = x[r, j] + delta[r, j]` (rounded to F, as the residual add is) and
+    /// `out[r, :]` = the RMSNorm of that sum as [`rms_norm`]: one warp per row. Each lane reads
+    /// back only the sums it wrote itself.
+    #[cube(launch)]
+    pub fn add_rms_norm<F: Float>(
+        x: &Tensor<F>,
+        delta: &Tensor<F>,
+        weight: &Tensor<F>,
+        sum: &mut Tensor<F>,
+        out: &mut Tensor<F>,
+        d_f32: f32,
+        eps: f32,
+        #[define(F)] _dtype: StorageType,
+    ) {
+        let rows = x.shape(0);
+        let d = x.shape(1);
+        let row = CUBE_POS * (CUBE_DIM_Y as usize) + UNIT_POS_Y as usize;
+        if row < rows {
+            let (x_row, delta_row) = (row * x.stride(0), row * delta.stride(0));
+            let (sum_row, out_row) = (row * sum.stride(0), row * out.stride(0));
+            let mut squares = 0.0f32;
+            let mut j = UNIT_POS_X as usize;
+            while j < d {
+                let s = x[x_row + j] + delta[delta_row + j];
+                sum[sum_row + j] = s;
+                let v = f32::cast_from(s);
+                squares += v * v;
+                j += CUBE_DIM_X as usize;
+            }
+            let inv = 1.0f32 / (plane_sum(squares) / d_f32 + eps).sqrt();
+            let mut k = UNIT_POS_X as usize;
+            while k < d {
+                let normed = F::cast_from(f32::cast_from(sum[sum_row + k]) * inv);
                 out[out_row + k] = normed * weight[k];
                 k += CUBE_DIM_X as usize;
             }
@@ -260,6 +301,40 @@ fn rms_norm<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
     wrap(out)
 }
 
+/// Fused residual add + RMSNorm: x, delta [rows, d], weight [d] -> (x + delta, its norm).
+fn add_rms_norm<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
+    x: Tensor<CubeBackend<R, F, I, BT>, 2>,
+    delta: Tensor<CubeBackend<R, F, I, BT>, 2>,
+    weight: Tensor<CubeBackend<R, F, I, BT>, 1>,
+    eps: f64,
+) -> SumAndNorm<CubeBackend<R, F, I, BT>> {
+    let dtype = x.dtype();
+    if !supported(dtype) || delta.dtype() != dtype || delta.dims() != x.dims() {
+        return add_rms_norm_ops(x, delta, weight, eps);
+    }
+    let [rows, d] = x.dims();
+    let x = into_contiguous(prim(x));
+    let delta = into_contiguous(prim(delta));
+    let w = into_contiguous(prim(weight.cast(dtype)));
+    let sum = empty_like(&x, vec![rows, d]);
+    let out = empty_like(&x, vec![rows, d]);
+    let (count, dim) = row_cubes(rows);
+    kernels::add_rms_norm::launch::<R>(
+        &x.client.clone(),
+        count,
+        dim,
+        x.into_tensor_arg(),
+        delta.into_tensor_arg(),
+        w.into_tensor_arg(),
+        sum.clone().into_tensor_arg(),
+        out.clone().into_tensor_arg(),
+        d as f32,
+        eps as f32,
+        dtype.into(),
+    );
+    (wrap(sum), wrap(out))
+}
+
 /// Fused per-head RMSNorm + rotary: x [B, H, T, d] (a strided view is fine), weight [d],
 /// cos/sin [B, 1, T, d] -> [B, H, T, d].
 fn rms_norm_rotary<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
@@ -345,6 +420,12 @@ fn swiglu<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
     wrap(out)
 }
 
+/// A residual sum and its RMSNorm, both [rows, d].
+pub type SumAndNorm<B> = (Tensor<B, 2>, Tensor<B, 2>);
+
+/// Residual add then RMSNorm: (x, delta, weight, eps) -> (x + delta, its norm).
+pub type AddNormFn<B> = fn(Tensor<B, 2>, Tensor<B, 2>, Tensor<B, 1>, f64) -> SumAndNorm<B>;
+
 /// Per-head RMSNorm then rotary: (x, weight, eps, cos, sin) -> normed and rotated x.
 pub type NormRotaryFn<B> =
     fn(Tensor<B, 4>, Tensor<B, 1>, f64, &Tensor<B, 4>, &Tensor<B, 4>) -> Tensor<B, 4>;
@@ -353,6 +434,8 @@ pub type NormRotaryFn<B> =
 pub struct LayerOps<B: Backend> {
     /// RMSNorm: x [rows, d], weight [d], eps -> [rows, d].
     pub rms_norm: fn(Tensor<B, 2>, Tensor<B, 1>, f64) -> Tensor<B, 2>,
+    /// Residual add then RMSNorm: x, delta [rows, d], weight [d], eps -> (x + delta, norm).
+    pub add_rms_norm: AddNormFn<B>,
     /// Per-head RMSNorm then rotary: x [B, H, T, d], weight [d], eps, cos, sin [B, 1, T, d].
     pub rms_norm_rotary: NormRotaryFn<B>,
     /// `softmax(scale · x)` over the last axis of [rows, S], statistics in f32.
@@ -373,6 +456,7 @@ impl<B: Backend> LayerOps<B> {
     pub fn reference() -> Self {
         Self {
             rms_norm: rms_norm_ops::<B, 2>,
+            add_rms_norm: add_rms_norm_ops::<B, 2>,
             rms_norm_rotary: rms_norm_rotary_ops::<B>,
             softmax_scaled: softmax_scaled_ops::<B, 2>,
             swiglu: swiglu_ops::<B, 2>,
@@ -384,6 +468,7 @@ impl<B: Backend> LayerOps<B> {
 pub fn register<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>() {
     register_ops(LayerOps::<CubeBackend<R, F, I, BT>> {
         rms_norm: rms_norm::<R, F, I, BT>,
+        add_rms_norm: add_rms_norm::<R, F, I, BT>,
         rms_norm_rotary: rms_norm_rotary::<R, F, I, BT>,
         softmax_scaled: softmax_scaled::<R, F, I, BT>,
         swiglu: swiglu::<R, F, I, BT>,

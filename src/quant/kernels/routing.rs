@@ -32,9 +32,9 @@ mod kernels {
     use cubecl::prelude::*;
 
     /// One thread per token row of `logits` [N, E] (f32): `packed` [N, 2E] = [gate | probs],
-    /// `mask` [N, E] = the row's `top_k` largest probabilities (the first on ties, as argmax;
-    /// all when top_k >= E); gate = scaling · p · m, divided by Σ p·m when `renormalize` = 1
-    /// and top_k < E.
+    /// `mask` [N, E] = the row's `top_k` < E largest probabilities (the first on ties, as
+    /// argmax); gate = scaling · p · m, divided by Σ p·m when `renormalize` = 1. (Dense routing,
+    /// top_k >= E, takes the tensor ops: a dense branch here failed its GPU check.)
     #[cube(launch)]
     pub fn route_forward(
         logits: &Tensor<f32>,
@@ -67,30 +67,27 @@ mod kernels {
                 sum += (logits[l + j] - top).exp();
                 j += 1;
             }
-            let dense = top_k as usize >= e;
             let mut j = 0;
             while j < e {
                 packed[pk + e + j] = (logits[l + j] - top).exp() / sum;
-                mask[mk + j] = if dense { 1.0f32 } else { 0.0f32 };
+                mask[mk + j] = 0.0f32;
                 j += 1;
             }
-            if !dense {
-                let mut round = 0u32;
-                while round < top_k {
-                    let mut best = 0;
-                    let mut best_p = f32::new(-1.0);
-                    let mut j = 0;
-                    while j < e {
-                        let p = packed[pk + e + j];
-                        if mask[mk + j] == 0.0f32 && p > best_p {
-                            best_p = p;
-                            best = j;
-                        }
-                        j += 1;
+            let mut round = 0u32;
+            while round < top_k {
+                let mut best = 0;
+                let mut best_p = f32::new(-1.0);
+                let mut j = 0;
+                while j < e {
+                    let p = packed[pk + e + j];
+                    if mask[mk + j] == 0.0f32 && p > best_p {
+                        best_p = p;
+                        best = j;
                     }
-                    mask[mk + best] = 1.0f32;
-                    round += 1;
+                    j += 1;
                 }
+                mask[mk + best] = 1.0f32;
+                round += 1;
             }
             let mut kept = 0.0f32;
             let mut j = 0;
@@ -99,7 +96,7 @@ mod kernels {
                 j += 1;
             }
             let mut norm = scaling;
-            if renormalize == 1 && !dense {
+            if renormalize == 1 {
                 norm = scaling / kept;
             }
             let mut j = 0;
@@ -112,14 +109,13 @@ mod kernels {
 
     /// One thread per token row: d logits [N, E] from the forward's `packed` [gate | probs],
     /// `mask` and `grad` [N, 2E] (the gradients of gate and probs), the closed form of
-    /// `adapter::routing::route_backward`.
+    /// `adapter::routing::route_backward`, for top_k < E.
     #[cube(launch)]
     pub fn route_backward(
         packed: &Tensor<f32>,
         mask: &Tensor<f32>,
         grad: &Tensor<f32>,
         out: &mut Tensor<f32>,
-        top_k: u32,
         renormalize: u32,
         scaling: f32,
     ) {
@@ -136,7 +132,7 @@ mod kernels {
                 kept += packed[pk + e + j] * mask[mk + j];
                 j += 1;
             }
-            let renorm = renormalize == 1 && (top_k as usize) < e;
+            let renorm = renormalize == 1;
             // dp_j = da_j · m_j + q_j, da_j = s·g_j (renormalised: (s·g_j − Σ g·gate) / Σ p·m)
             // dp goes to `out` first, then out = p · (dp − Σ p·dp).
             let mut p_dp = 0.0f32;
@@ -221,15 +217,16 @@ fn row_cubes(rows: usize) -> (CubeCount, CubeDim) {
     )
 }
 
-/// [`RouteForwardFn`] as one CubeCL kernel (f32 logits; other dtypes take the tensor ops).
+/// [`RouteForwardFn`] as one CubeCL kernel (f32 logits and top_k < E; other dtypes and dense
+/// routing take the tensor ops).
 fn forward_cube<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
     logits: Tensor<CubeBackend<R, F, I, BT>, 2>,
     o: RouteOptions,
 ) -> PackedAndMask<CubeBackend<R, F, I, BT>> {
-    if logits.dtype() != DType::F32 {
+    let [n, e] = logits.dims();
+    if logits.dtype() != DType::F32 || o.top_k >= e {
         return forward_ops(logits, o);
     }
-    let [n, e] = logits.dims();
     let l = into_contiguous(prim(logits));
     let packed = empty_like(&l, vec![n, 2 * e]);
     let mask = empty_like(&l, vec![n, e]);
@@ -248,17 +245,17 @@ fn forward_cube<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>
     (wrap(packed), wrap(mask))
 }
 
-/// [`RouteBackwardFn`] as one CubeCL kernel (f32; other dtypes take the tensor ops).
+/// [`RouteBackwardFn`] as one CubeCL kernel (f32 and top_k < E; otherwise the tensor ops).
 fn backward_cube<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
     packed: Tensor<CubeBackend<R, F, I, BT>, 2>,
     mask: Tensor<CubeBackend<R, F, I, BT>, 2>,
     grad: Tensor<CubeBackend<R, F, I, BT>, 2>,
     o: RouteOptions,
 ) -> Tensor<CubeBackend<R, F, I, BT>, 2> {
-    if [packed.dtype(), mask.dtype(), grad.dtype()] != [DType::F32; 3] {
+    let [n, e] = mask.dims();
+    if [packed.dtype(), mask.dtype(), grad.dtype()] != [DType::F32; 3] || o.top_k >= e {
         return backward_ops(packed, mask, grad, o);
     }
-    let [n, e] = mask.dims();
     let (p, m, g) = (
         into_contiguous(prim(packed)),
         into_contiguous(prim(mask)),
@@ -274,7 +271,6 @@ fn backward_cube<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement
         m.into_tensor_arg(),
         g.into_tensor_arg(),
         out.clone().into_tensor_arg(),
-        o.top_k as u32,
         o.renormalize as u32,
         o.scaling as f32,
     );
