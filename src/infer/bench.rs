@@ -125,14 +125,12 @@ pub fn bench_generate<B: Backend>(
         });
     }
     let nf4 = o.nf4.then(|| Nf4Options::standard(o.dtype.dtype()));
-    let (mut model, n) = random_model_nf4::<B>(cfg, device, o.dtype, nf4.as_ref())?;
+    let (model, n) = random_model_nf4::<B>(cfg, device, o.dtype, nf4.as_ref())?;
     if o.nf4 {
         eprintln!("NF4 base: {n} linear layers");
     }
-    if super::load::projection_fusion_enabled() {
-        let joined = model.language_model.fuse_dense_projections();
-        eprintln!("joined projections: {joined} groups (q,k,v and gate,up)");
-    }
+    let (model, joined) = super::load::join_projections(model, device)?;
+    eprintln!("joined projections: {joined} groups (q,k,v and gate,up)");
     let inputs = synthetic_inputs::<B>(cfg, o, device)?;
     let opts = GenerateOptions {
         max_new_tokens: o.new_tokens,

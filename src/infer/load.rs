@@ -11,7 +11,7 @@ use crate::checkpoint::WeightDType;
 use crate::error::{Error, Result};
 use crate::experiment::Experiment;
 use crate::model::{Qwen3VlConfig, Qwen3VlModel};
-use crate::quant::load::{load_base_model, Nf4Options};
+use crate::quant::load::{load_base_model, weights_on_device, Nf4Options};
 use crate::train::checkpoint::latest_checkpoint;
 
 /// A trained result found on disk.
@@ -113,6 +113,28 @@ pub fn projection_fusion_enabled() -> bool {
     std::env::var("QWEN3VL_FUSE_PROJECTIONS").map_or(true, |v| v != "0")
 }
 
+/// Joins `model`'s plain dense projections for decoding (`TextModel::fuse_dense_projections`,
+/// unless [`projection_fusion_enabled`] says no), the joined weights in device allocations of
+/// their own like the rest of the weights; returns the model and how many groups were joined.
+pub fn join_projections<B: Backend>(
+    model: Qwen3VlModel<B>,
+    device: &B::Device,
+) -> Result<(Qwen3VlModel<B>, usize)> {
+    if !projection_fusion_enabled() {
+        return Ok((model, 0));
+    }
+    let cell = std::sync::Mutex::new(Some(model));
+    weights_on_device::<B, _>(device, || {
+        let mut model = cell
+            .lock()
+            .expect("model lock")
+            .take()
+            .expect("joined once");
+        let joined = model.language_model.fuse_dense_projections();
+        Ok((model, joined))
+    })
+}
+
 /// Loads the base at `model_dir` and puts `trained` on it (or loads the trained model itself);
 /// plain dense projections are joined for decoding (`TextModel::fuse_dense_projections`).
 pub fn load_for_inference<B: Backend>(
@@ -127,14 +149,11 @@ pub fn load_for_inference<B: Backend>(
     };
     let nf4 = opts.nf4.then(|| Nf4Options::standard(opts.dtype.dtype()));
     let (cfg, model) = load_base_model::<B>(base_dir, device, opts.dtype, nf4)?;
-    let mut model = match trained {
+    let model = match trained {
         Some(Trained::Adapter(dir)) => load_adapter(model, dir)?.0,
         _ => model,
     };
-    if projection_fusion_enabled() {
-        model.language_model.fuse_dense_projections();
-    }
-    Ok((cfg, model))
+    Ok((cfg, join_projections(model, device)?.0))
 }
 
 #[cfg(test)]
