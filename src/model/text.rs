@@ -136,8 +136,8 @@ impl<B: Backend> TextAttention<B> {
             Some(c) => c.extend(k, v),
             None => (k, v),
         };
-        let o = attention(q, k, v, mask); // [B, Hq, T, d]
-                                          // -> [B, T, Hq·d]; with one position the order is already that (no copy).
+        // [B, Hq, T, d] -> [B, T, Hq·d]; with one position the order is already that (no copy).
+        let o = attention(q, k, v, mask);
         let o = match t {
             1 => o.reshape([b, 1, hq * d]),
             _ => o.swap_dims(1, 2).reshape([b, t, hq * d]),
