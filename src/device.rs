@@ -78,8 +78,8 @@ fn use_routing_step<B: kernels::routing::OneStepRouting>() {
 }
 
 /// Whether the routing step runs as CubeCL kernels on CUDA without fusion: opt-in with
-/// `QWEN3VL_ROUTING_KERNELS=1` until `bench nf4`'s check has passed on a GPU (tensor ops
-/// otherwise).
+/// `QWEN3VL_ROUTING_KERNELS=1` (they pass `bench nf4`'s GPU check but have not been timed in
+/// training yet; tensor ops otherwise).
 pub fn routing_kernels_enabled() -> bool {
     std::env::var("QWEN3VL_ROUTING_KERNELS").is_ok_and(|v| v == "1")
 }
