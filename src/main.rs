@@ -44,6 +44,7 @@ use qwen3_vl_moelora::quant::bench::{
     Nf4BenchOptions, CHECK_CASES, QWEN3_VL_4B_SHAPES,
 };
 use qwen3_vl_moelora::quant::convert::{quantize_checkpoint, QuantizeOptions};
+use qwen3_vl_moelora::quant::kernels::GEMV_MAX_ROWS;
 use qwen3_vl_moelora::train::bench::{bench_train, BenchOptions, BenchReport};
 use qwen3_vl_moelora::train::sweep::run_sweep;
 use qwen3_vl_moelora::train::{train, TrainDevices, TrainOptions};
@@ -184,25 +185,52 @@ fn run_bench_nf4(args: BenchNf4Args) -> Result<()> {
     let opts = Nf4BenchOptions {
         shapes: QWEN3_VL_4B_SHAPES.to_vec(),
         gemv_rows: positive_list("--gemv-rows", &args.gemv_rows)?,
-        gemm_rows: positive_list("--gemm-rows", &args.gemm_rows)?,
+        gemm_rows: match args.gemm_rows.as_str() {
+            "none" => Vec::new(),
+            v => positive_list("--gemm-rows", v)?,
+        },
         dtype: WeightDType::parse(&args.dtype)?.dtype(),
         iters: args.iters,
         repeats: args.repeats,
     };
-    struct Job(Nf4BenchOptions, bool);
+    let checks = args.checks.as_str();
+    let (nf4_cases, other_checks): (Vec<_>, bool) = match checks {
+        "all" => (CHECK_CASES.to_vec(), true),
+        "nf4" => (CHECK_CASES.to_vec(), false),
+        "gemv" => (
+            CHECK_CASES
+                .iter()
+                .copied()
+                .filter(|c| c.2 <= GEMV_MAX_ROWS)
+                .collect(),
+            false,
+        ),
+        "none" => (Vec::new(), false),
+        v => {
+            return Err(Error::Argument {
+                arg: "--checks".into(),
+                message: format!("expected all, nf4, gemv or none, found `{v}`"),
+            })
+        }
+    };
+    struct Job(Nf4BenchOptions, bool, Vec<(usize, usize, usize)>, bool);
     impl TrainJob for Job {
         type Out = ();
         fn run<B: AutodiffBackend>(self, devices: &TrainDevices<B>) -> Result<()> {
             let (o, check_only, device) = (self.0, self.1, devices.main());
-            let checks = check_kernels::<B>(&CHECK_CASES, o.dtype, device)?;
+            let checks = check_kernels::<B>(&self.2, o.dtype, device)?;
             let mut failed = print_checks(&checks, o.dtype);
-            match check_layer_ops::<B::InnerBackend>(o.dtype, device) {
-                Some(rows) => failed += print_checks(&rows, o.dtype),
-                None => println!("check layer kernels: none on this backend"),
-            }
-            match check_routing_kernels::<B::InnerBackend>(device) {
-                Some(rows) => failed += print_checks(&rows, o.dtype),
-                None => println!("check routing kernels: none (QWEN3VL_ROUTING_KERNELS=1 on CUDA)"),
+            if self.3 {
+                match check_layer_ops::<B::InnerBackend>(o.dtype, device) {
+                    Some(rows) => failed += print_checks(&rows, o.dtype),
+                    None => println!("check layer kernels: none on this backend"),
+                }
+                match check_routing_kernels::<B::InnerBackend>(device) {
+                    Some(rows) => failed += print_checks(&rows, o.dtype),
+                    None => {
+                        println!("check routing kernels: none (QWEN3VL_ROUTING_KERNELS=1 on CUDA)")
+                    }
+                }
             }
             if !check_only {
                 let report = bench_nf4::<B::InnerBackend>(&o, checks, device)?;
@@ -217,7 +245,11 @@ fn run_bench_nf4(args: BenchNf4Args) -> Result<()> {
             }
         }
     }
-    on_train_backend(&args.device, false, Job(opts, args.check_only))
+    on_train_backend(
+        &args.device,
+        false,
+        Job(opts, args.check_only, nf4_cases, other_checks),
+    )
 }
 
 fn forward_on<B: Backend>(opts: &ForwardOptions, device: &B::Device, name: &str) -> Result<()> {

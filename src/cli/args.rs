@@ -330,7 +330,7 @@ pub struct BenchNf4Args {
     /// Rows for the GEMV timings (comma-separated).
     #[arg(long, default_value = "1,8")]
     pub gemv_rows: String,
-    /// Rows for the GEMM timings (comma-separated).
+    /// Rows for the GEMM timings (comma-separated, or `none`).
     #[arg(long, default_value = "128,512,2048")]
     pub gemm_rows: String,
     /// Calls per timed repeat.
@@ -342,6 +342,10 @@ pub struct BenchNf4Args {
     /// Only run the correctness checks.
     #[arg(long)]
     pub check_only: bool,
+    /// Which checks run first: all, nf4 (the NF4 layer, forward and dX), gemv (the NF4 cases
+    /// with at most 8 rows) or none.
+    #[arg(long, default_value = "all")]
+    pub checks: String,
     /// auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: String,

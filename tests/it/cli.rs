@@ -148,6 +148,10 @@ fn bad_inputs_fail_clearly() {
         &["bench", "nf4", "--device", "cpu", "--gemv-rows", "1,x"],
         "--gemv-rows",
     );
+    fails_with(
+        &["bench", "nf4", "--device", "cpu", "--checks", "some"],
+        "expected all, nf4, gemv or none",
+    );
 
     // Inputs whose image tokens do not match the grids.
     let f = TensorFile::read(&inputs).unwrap();

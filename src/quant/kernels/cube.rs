@@ -16,19 +16,47 @@ use super::{Nf4Backend, Nf4Meta, Nf4Parts};
 
 /// Warps per cube of the GEMV kernel (each warp computes one row of W against every x row).
 const GEMV_WARPS: u32 = 8;
+/// Weight vectors each GEMV lane loads before it uses any (loads in flight per lane).
+const GEMV_UNROLL: usize = 4;
 /// Threads per warp on NVIDIA GPUs.
 const WARP: u32 = 32;
 
 mod kernels {
     use cubecl::prelude::*;
 
+    /// Stages the 16 code values and (double quant) the 256-entry scale map in shared
+    /// memory: every lane reads them with dynamic indices.
+    #[cube]
+    fn stage_tables(
+        code: &Tensor<f32>,
+        scale_map: &Tensor<f32>,
+        lut: &mut SharedMemory<f32>,
+        smap: &mut SharedMemory<f32>,
+        #[comptime] nested: bool,
+    ) {
+        let threads = (CUBE_DIM_X * CUBE_DIM_Y) as usize;
+        let t = (UNIT_POS_Y * CUBE_DIM_X + UNIT_POS_X) as usize;
+        if t < 16 {
+            lut[t] = code[t];
+        }
+        if nested {
+            let mut s = t;
+            while s < 256 {
+                smap[s] = scale_map[s];
+                s += threads;
+            }
+        }
+        sync_cube();
+    }
+
     /// The f32 scale of absmax block `block`: stored directly, or expanded from its 8-bit
-    /// code as bitsandbytes does (`map[code] · nested_absmax[block / nested] + offset`).
+    /// code as bitsandbytes does (`map[code] · nested_absmax[block / nested] + offset`, the
+    /// map staged in shared memory).
     #[cube]
     fn block_scale(
         absmax: &Tensor<f32>,
         scale_words: &Tensor<i32>,
-        scale_map: &Tensor<f32>,
+        smap: &SharedMemory<f32>,
         offset: f32,
         block: usize,
         #[comptime] nested: bool,
@@ -37,7 +65,7 @@ mod kernels {
         if nested {
             let word = u32::cast_from(scale_words[block / 4]);
             let code = (word >> (((block % 4) * 8) as u32)) & 255u32;
-            scale_map[code as usize] * absmax[block / nested_blocksize] + offset
+            smap[code as usize] * absmax[block / nested_blocksize] + offset
         } else {
             absmax[block]
         }
@@ -67,19 +95,16 @@ mod kernels {
         #[comptime] nested_blocksize: usize,
         #[define(F)] _dtype: StorageType,
     ) {
-        // The 16 code values in shared memory (every lane reads them with dynamic indices).
         let mut lut = SharedMemory::<f32>::new(16usize);
-        if UNIT_POS < 16 {
-            lut[UNIT_POS as usize] = code[UNIT_POS as usize];
-        }
-        sync_cube();
+        let mut smap = SharedMemory::<f32>::new(256usize);
+        stage_tables(code, scale_map, &mut lut, &mut smap, nested);
         let g = ABSOLUTE_POS;
         if g < words.shape(0) {
             let word = u32::cast_from(words[g]);
             let scale = block_scale(
                 absmax,
                 scale_words,
-                scale_map,
+                &smap,
                 offset,
                 (g * 8) / blocksize,
                 nested,
@@ -99,13 +124,58 @@ mod kernels {
         }
     }
 
-    /// `out[m, n] = Σ_k x[m, k] · W[n, k]` for `rows` (1..8) rows of x: one warp per row n of
-    /// W; each lane dequantizes every 32nd packed word once, in registers, and uses it for
-    /// every row of x (f32 accumulation, one warp sum per output value).
-    #[cube(launch)]
-    pub fn nf4_gemv<F: Float, NX: Size>(
+    /// Adds one vector of `8 · nw` packed values (all in one absmax block, scale `scale`),
+    /// starting at value `8 · nw · j` of the row, times every row of x to `acc`.
+    #[cube]
+    fn gemv_accumulate<F: Float, NX: Size, NW: Size>(
         x: &Tensor<Vector<F, NX>>,
-        words: &Tensor<i32>,
+        w: Vector<i32, NW>,
+        scale: f32,
+        lut: &SharedMemory<f32>,
+        acc: &mut Array<f32>,
+        j: usize,
+        x_pitch: usize,
+        #[comptime] nw: usize,
+        #[comptime] vs: usize,
+        #[comptime] rows: usize,
+    ) {
+        // The vector's 8·nw weights, dequantized once in registers.
+        let mut wf = Array::<f32>::new(8 * nw);
+        #[unroll]
+        for q in 0..nw {
+            let word = u32::cast_from(w[q]);
+            #[unroll]
+            for i in 0..8u32 {
+                let c = (word >> nibble_shift(i)) & 15u32;
+                wf[q * 8 + i as usize] = lut[c as usize] * scale;
+            }
+        }
+        // x is read `8·nw / vs` vectors of `vs` values per row.
+        let per = 8 * nw / vs;
+        #[unroll]
+        for m in 0..rows {
+            let mut part = 0.0f32;
+            #[unroll]
+            for p in 0..per {
+                let xv = x[m * x_pitch + j * per + p];
+                #[unroll]
+                for i in 0..vs {
+                    part += wf[p * vs + i] * f32::cast_from(xv[i]);
+                }
+            }
+            acc[m] += part;
+        }
+    }
+
+    /// `out[m, n] = Σ_k x[m, k] · W[n, k]` for `rows` (1..8) rows of x: one warp per row n of
+    /// W. Each lane reads `unroll` vectors of `nw` packed words (128 bits when `nw` = 4) before
+    /// it uses any, so that several loads per lane are in flight; the code table and the
+    /// double-quant scale map sit in shared memory (a scale costs no dependent global load).
+    /// f32 accumulation, one warp sum per output value.
+    #[cube(launch)]
+    pub fn nf4_gemv<F: Float, NX: Size, NW: Size>(
+        x: &Tensor<Vector<F, NX>>,
+        words: &Tensor<Vector<i32, NW>>,
         absmax: &Tensor<f32>,
         scale_words: &Tensor<i32>,
         scale_map: &Tensor<f32>,
@@ -113,66 +183,62 @@ mod kernels {
         out: &mut Tensor<F>,
         offset: f32,
         #[comptime] vs: usize,
-        #[comptime] per: usize,
+        #[comptime] nw: usize,
+        #[comptime] unroll: usize,
         #[comptime] rows: usize,
         #[comptime] blocksize: usize,
         #[comptime] nested: bool,
         #[comptime] nested_blocksize: usize,
         #[define(F)] _dtype: StorageType,
     ) {
-        // The 16 code values in shared memory (every lane reads them with dynamic indices).
         let mut lut = SharedMemory::<f32>::new(16usize);
-        if UNIT_POS < 16 {
-            lut[UNIT_POS as usize] = code[UNIT_POS as usize];
-        }
-        sync_cube();
+        let mut smap = SharedMemory::<f32>::new(256usize);
+        stage_tables(code, scale_map, &mut lut, &mut smap, nested);
         let d_in = x.shape(1);
         let d_out = out.shape(1);
-        // Row pitches (the allocator may pad rows); x is read `per` vectors of `vs` values at
-        // a time.
+        // Row pitches in vectors / values (the allocator may pad rows).
         let x_pitch = x.stride(0) / vs;
         let out_pitch = out.stride(0);
         let n = CUBE_POS * (CUBE_DIM_Y as usize) + UNIT_POS_Y as usize;
         if n < d_out {
-            let words_per_row = d_in / 8;
+            let per_row = d_in / (8 * nw);
+            let first = n * per_row;
+            let lanes = CUBE_DIM_X as usize;
             let mut acc = Array::<f32>::new(rows);
             #[unroll]
             for m in 0..rows {
                 acc[m] = 0.0f32;
             }
             let mut j = UNIT_POS_X as usize;
-            while j < words_per_row {
-                let g = n * words_per_row + j;
-                let word = u32::cast_from(words[g]);
-                let scale = block_scale(
-                    absmax,
-                    scale_words,
-                    scale_map,
-                    offset,
-                    (g * 8) / blocksize,
-                    nested,
-                    nested_blocksize,
-                );
-                let mut w = Array::<f32>::new(8usize);
+            while j < per_row {
+                // Issue every weight load first (an index past the row reads its last vector
+                // again and is not used).
+                let mut w = Array::<Vector<i32, NW>>::new(unroll);
                 #[unroll]
-                for i in 0..8u32 {
-                    let c = (word >> nibble_shift(i)) & 15u32;
-                    w[i as usize] = lut[c as usize] * scale;
+                for u in 0..unroll {
+                    let ju = min(j + u * lanes, per_row - 1);
+                    w[u] = words[first + ju];
                 }
                 #[unroll]
-                for m in 0..rows {
-                    let mut part = 0.0f32;
-                    #[unroll]
-                    for p in 0..per {
-                        let xv = x[m * x_pitch + j * per + p];
-                        #[unroll]
-                        for i in 0..vs {
-                            part += w[p * vs + i] * f32::cast_from(xv[i]);
-                        }
+                for u in 0..unroll {
+                    let ju = j + u * lanes;
+                    if ju < per_row {
+                        let block = ((first + ju) * 8 * nw) / blocksize;
+                        let scale = block_scale(
+                            absmax,
+                            scale_words,
+                            &smap,
+                            offset,
+                            block,
+                            nested,
+                            nested_blocksize,
+                        );
+                        gemv_accumulate::<F, NX, NW>(
+                            x, w[u], scale, &lut, &mut acc, ju, x_pitch, nw, vs, rows,
+                        );
                     }
-                    acc[m] += part;
                 }
-                j += CUBE_DIM_X as usize;
+                j += unroll * lanes;
             }
             #[unroll]
             for m in 0..rows {
@@ -288,11 +354,18 @@ pub(super) fn gemv<R: CubeRuntime>(
         meta.compute,
     );
     let cubes = meta.d_out.div_ceil(GEMV_WARPS as usize) as u32;
+    // 128-bit weight loads when a row holds a whole number of them.
+    let nw = if (meta.d_in / 8).is_multiple_of(4) {
+        4
+    } else {
+        1
+    };
     kernels::nf4_gemv::launch::<R>(
         &client,
         CubeCount::Static(cubes, 1, 1),
         CubeDim::new_2d(WARP, GEMV_WARPS),
         vector_size(meta),
+        nw,
         x.into_tensor_arg(),
         into_contiguous(p.words).into_tensor_arg(),
         into_contiguous(p.absmax).into_tensor_arg(),
@@ -302,7 +375,8 @@ pub(super) fn gemv<R: CubeRuntime>(
         out.clone().into_tensor_arg(),
         meta.offset,
         vector_size(meta),
-        8 / vector_size(meta),
+        nw,
+        GEMV_UNROLL,
         rows,
         meta.blocksize,
         meta.nested,
