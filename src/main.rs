@@ -40,11 +40,10 @@ use qwen3_vl_moelora::infer::bench::{bench_generate, GenerateBenchOptions};
 use qwen3_vl_moelora::model::config::config_file;
 use qwen3_vl_moelora::model::Qwen3VlConfig;
 use qwen3_vl_moelora::quant::bench::{
-    bench_nf4, check_kernels, check_layer_ops, check_routing_kernels, print_checks, tolerance,
-    Nf4BenchOptions, CHECK_CASES, QWEN3_VL_4B_SHAPES,
+    bench_nf4, check_kernels, check_layer_ops, check_routing_kernels, check_selection,
+    print_checks, tolerance, CheckCase, Nf4BenchOptions, QWEN3_VL_4B_SHAPES,
 };
 use qwen3_vl_moelora::quant::convert::{quantize_checkpoint, QuantizeOptions};
-use qwen3_vl_moelora::quant::kernels::GEMV_MAX_ROWS;
 use qwen3_vl_moelora::train::bench::{bench_train, BenchOptions, BenchReport};
 use qwen3_vl_moelora::train::sweep::run_sweep;
 use qwen3_vl_moelora::train::{train, TrainDevices, TrainOptions};
@@ -193,27 +192,12 @@ fn run_bench_nf4(args: BenchNf4Args) -> Result<()> {
         iters: args.iters,
         repeats: args.repeats,
     };
-    let checks = args.checks.as_str();
-    let (nf4_cases, other_checks): (Vec<_>, bool) = match checks {
-        "all" => (CHECK_CASES.to_vec(), true),
-        "nf4" => (CHECK_CASES.to_vec(), false),
-        "gemv" => (
-            CHECK_CASES
-                .iter()
-                .copied()
-                .filter(|c| c.2 <= GEMV_MAX_ROWS)
-                .collect(),
-            false,
-        ),
-        "none" => (Vec::new(), false),
-        v => {
-            return Err(Error::Argument {
-                arg: "--checks".into(),
-                message: format!("expected all, nf4, gemv or none, found `{v}`"),
-            })
-        }
-    };
-    struct Job(Nf4BenchOptions, bool, Vec<(usize, usize, usize)>, bool);
+    let (nf4_cases, other_checks) =
+        check_selection(&args.checks).ok_or_else(|| Error::Argument {
+            arg: "--checks".into(),
+            message: format!("expected all, nf4, gemv or none, found `{}`", args.checks),
+        })?;
+    struct Job(Nf4BenchOptions, bool, Vec<CheckCase>, bool);
     impl TrainJob for Job {
         type Out = ();
         fn run<B: AutodiffBackend>(self, devices: &TrainDevices<B>) -> Result<()> {

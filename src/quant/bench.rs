@@ -11,7 +11,7 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use super::kernels::layer_ops::{self, LayerOps};
-use super::kernels::{registered, Nf4Ops, Nf4Parts};
+use super::kernels::{registered, Nf4Ops, Nf4Parts, GEMV_MAX_ROWS};
 use super::{Nf4Linear, Nf4Tensor};
 use crate::cli::forward::median;
 use crate::error::{Error, Result};
@@ -25,9 +25,12 @@ pub const QWEN3_VL_4B_SHAPES: [(usize, usize); 5] = [
     (9728, 2560),
 ];
 
+/// One kernel check's (in, out, rows).
+pub type CheckCase = (usize, usize, usize);
+
 /// The kernel checks' (in, out, rows): odd sizes, an input width that is not a multiple of 8
 /// (no GEMV), rows on both sides of the GEMV limit, and two real layers.
-pub const CHECK_CASES: [(usize, usize, usize); 6] = [
+pub const CHECK_CASES: [CheckCase; 6] = [
     (200, 72, 1),
     (192, 45, 5),
     (264, 40, 33),
@@ -35,6 +38,20 @@ pub const CHECK_CASES: [(usize, usize, usize); 6] = [
     (2560, 9728, 8),
     (9728, 2560, 100),
 ];
+
+/// The checks `bench nf4 --checks NAME` runs: the NF4 layer cases, and whether the fused
+/// decoder and routing kernels are checked too. `all`, `nf4` (every NF4 case), `gemv` (the NF4
+/// cases of at most [`GEMV_MAX_ROWS`] rows) or `none`; `None` for any other name.
+pub fn check_selection(name: &str) -> Option<(Vec<CheckCase>, bool)> {
+    let gemv = || CHECK_CASES.iter().copied().filter(|c| c.2 <= GEMV_MAX_ROWS);
+    match name {
+        "all" => Some((CHECK_CASES.to_vec(), true)),
+        "nf4" => Some((CHECK_CASES.to_vec(), false)),
+        "gemv" => Some((gemv().collect(), false)),
+        "none" => Some((Vec::new(), false)),
+        _ => None,
+    }
+}
 
 /// What `bench nf4` runs.
 #[derive(Debug, Clone)]
@@ -542,6 +559,17 @@ mod tests {
 
     /// The queued timing runs the calls it is given (and the busy passes) and gives a finite
     /// per-call time on any backend.
+    #[test]
+    fn check_selection_names_its_cases() {
+        let (all, others) = check_selection("all").unwrap();
+        assert_eq!((all.len(), others), (CHECK_CASES.len(), true));
+        let (gemv, others) = check_selection("gemv").unwrap();
+        assert!(!others && !gemv.is_empty() && gemv.len() < all.len());
+        assert!(gemv.iter().all(|c| c.2 <= GEMV_MAX_ROWS));
+        assert_eq!(check_selection("none"), Some((Vec::new(), false)));
+        assert_eq!(check_selection("some"), None);
+    }
+
     #[test]
     fn queued_timing_runs_every_call_and_is_finite() {
         let dev = Default::default();
