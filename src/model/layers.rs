@@ -110,10 +110,7 @@ impl<B: Backend> RmsNorm<B> {
             return rms_norm_ops(x, self.weight.val(), self.eps);
         };
         let dims = x.dims();
-        let d = dims[D - 1];
-        let rows = dims[..D - 1].iter().product();
-        // via [rows, d]
-        (fused.rms_norm)(x.reshape([rows, d]), self.weight.val(), self.eps).reshape(dims)
+        (fused.rms_norm)(as_rows(x), self.weight.val(), self.eps).reshape(dims)
     }
 
     /// `(x + delta, norm(x + delta))` — the residual stream after an add and its norm, in one
@@ -130,17 +127,18 @@ impl<B: Backend> RmsNorm<B> {
             return add_rms_norm_ops(x, delta, self.weight.val(), self.eps);
         };
         let dims = x.dims();
-        let d = dims[D - 1];
-        let rows = dims[..D - 1].iter().product();
-        // via [rows, d]
-        let (sum, normed) = (fused.add_rms_norm)(
-            x.reshape([rows, d]),
-            delta.reshape([rows, d]),
-            self.weight.val(),
-            self.eps,
-        );
+        let (sum, normed) =
+            (fused.add_rms_norm)(as_rows(x), as_rows(delta), self.weight.val(), self.eps);
         (sum.reshape(dims), normed.reshape(dims))
     }
+}
+
+/// x [..., d] viewed as [rows, d] (rows = the product of the leading dims), the layout of the
+/// fused norm kernels.
+fn as_rows<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, 2> {
+    let dims = x.dims();
+    let rows = dims[..D - 1].iter().product();
+    x.reshape([rows, dims[D - 1]])
 }
 
 /// `(x + delta, rms_norm_ops(x + delta))` with tensor ops (what the fused `add_rms_norm`

@@ -224,6 +224,14 @@ mod counted {
     }
 }
 
+/// Each decode step's logits in `got` within relative error `tol` of `want`'s.
+fn assert_steps_close(got: &[Vec<f32>], want: &[Vec<f32>], tol: f64) {
+    for (step, (g, w)) in got.iter().zip(want).enumerate() {
+        let err = rel(g, w);
+        assert!(err <= tol, "decode step {step}: relative error {err:.3e}");
+    }
+}
+
 /// With layer kernels registered for a backend, decoding sends every norm (the first and the
 /// residual-add + norm ones), q/k norm + rotary, unmasked softmax and SwiGLU through them (in their [rows, d] / [B, H, T, d] layouts) and
 /// the logits are those of the tensor-op layers.
@@ -250,10 +258,7 @@ fn decoding_uses_registered_layer_kernels_with_the_same_logits() {
         let calls = counted::CALLS[i].load(SeqCst) - before[i];
         assert!(calls > 0, "the registered {name} was not called");
     }
-    for (step, (g, w)) in got.iter().zip(&want).enumerate() {
-        let err = rel(g, w);
-        assert!(err <= 1e-6, "decode step {step}: relative error {err:.3e}");
-    }
+    assert_steps_close(&got, &want, 1e-6);
 }
 
 /// Joining each layer's q, k, v and gate, up into one matmul (inference) leaves the prefill and
@@ -271,10 +276,7 @@ fn joined_dense_projections_give_the_same_logits() {
     assert_eq!(joined.language_model.fuse_dense_projections(), 0);
     let got = decode_logits(&joined, &one, &tokens);
     assert_eq!(got.len(), want.len());
-    for (step, (g, w)) in got.iter().zip(&want).enumerate() {
-        let err = rel(g, w);
-        assert!(err <= 1e-5, "step {step}: relative error {err:.3e}");
-    }
+    assert_steps_close(&got, &want, 1e-5);
 }
 
 #[test]
