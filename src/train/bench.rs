@@ -14,6 +14,7 @@ use burn::train::TrainStep;
 use serde::Serialize;
 
 use super::data::{TrainBatch, TrainBatcher, TrainItem};
+use super::memory::{StepAllocations, StepMemory};
 use super::prepare::{image_options, load_base, random_base};
 use super::state::{RunSettings, RunState};
 use super::step::TrainModel;
@@ -249,6 +250,7 @@ pub fn bench_train<B: AutodiffBackend>(
         run,
         config_json: Arc::new(String::new()),
         vision_cache,
+        step_memory: Arc::new(StepMemory::new(StepAllocations::from_env()?)),
     };
     let mut optim = AdamWConfig::new()
         .with_weight_decay(exp.train.weight_decay as f32)
@@ -259,9 +261,14 @@ pub fn bench_train<B: AutodiffBackend>(
         opts.memory
             .and_then(|read| read(device as &dyn std::any::Any))
     };
-    let weights_mib = read_memory().map(|m| mib(m.in_use));
-    if let Some(w) = weights_mib {
-        eprintln!("device memory after building the model: {w:.0} MiB of live tensors");
+    let built = read_memory();
+    let weights_mib = built.map(|m| mib(m.in_use));
+    if let Some(m) = built {
+        eprintln!(
+            "device memory after building the model: {:.0} MiB of live tensors, {:.0} MiB reserved",
+            mib(m.in_use),
+            mib(m.reserved)
+        );
     }
     let mut seen: Option<PoolMemory> = None;
     let note_memory = |seen: &mut Option<PoolMemory>| {
@@ -292,6 +299,16 @@ pub fn bench_train<B: AutodiffBackend>(
                 burn::data::dataloader::batcher::Batcher::batch(&batcher, items, device);
             let out = model.step(batch);
             note_memory(&mut seen);
+            if step < opts.warmup {
+                if let Some(m) = read_memory() {
+                    eprintln!(
+                        "after micro-batch {}: {:.0} MiB live, {:.0} MiB reserved",
+                        micro + 1,
+                        mib(m.in_use),
+                        mib(m.reserved)
+                    );
+                }
+            }
             acc.accumulate(&model, out.grads);
             if step < opts.warmup {
                 // The first micro-batches compile and autotune every kernel: show where time goes.

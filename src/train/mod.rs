@@ -15,6 +15,7 @@ pub mod bench;
 pub mod checkpoint;
 pub mod data;
 pub mod devices;
+pub mod memory;
 pub mod metrics;
 pub mod plot;
 pub mod prepare;

@@ -17,6 +17,8 @@ use burn::train::{InferenceStep, TrainOutput, TrainStep};
 
 use super::checkpoint::{save_checkpoint, CheckpointState};
 use super::data::TrainBatch;
+use super::memory::StepMemory;
+
 use super::state::{append_row, RunState, StepClaim, StepRow, Window};
 use super::vision_cache::VisionCache;
 use crate::error::Error;
@@ -36,6 +38,9 @@ pub struct TrainModel<B: Backend> {
     /// Vision features of the training images (frozen, un-adapted vision tower only).
     #[module(skip)]
     pub vision_cache: Option<Arc<VisionCache>>,
+    /// How the step's device memory is allocated.
+    #[module(skip)]
+    pub step_memory: Arc<StepMemory>,
 }
 
 /// What one micro-batch reports to the metrics (already on the host).
@@ -192,11 +197,9 @@ fn scalar<B: Backend>(t: &Tensor<B, 1>) -> f64 {
     t.clone().cast(DType::F32).into_scalar().elem::<f64>()
 }
 
-impl<B: AutodiffBackend> TrainStep for TrainModel<B> {
-    type Input = TrainBatch<B>;
-    type Output = StepOutput;
-
-    fn step(&self, batch: TrainBatch<B>) -> TrainOutput<StepOutput> {
+impl<B: AutodiffBackend> TrainModel<B> {
+    /// One micro-batch: forward, losses into the step's window, backward of the scaled loss.
+    fn forward_backward(&self, batch: TrainBatch<B>) -> TrainOutput<StepOutput> {
         let s = &self.run.settings;
         B::seed(&self.device(), batch_seed(s.seed, batch.positions[0]));
         let what = || format!("training batch of {}", self.run.describe(&batch.indexes));
@@ -235,6 +238,20 @@ impl<B: AutodiffBackend> TrainStep for TrainModel<B> {
         };
         let scaled = total.mul_scalar(scale / s.grad_accum as f64);
         TrainOutput::new(self, scaled.backward(), output)
+    }
+}
+
+impl<B: AutodiffBackend> TrainStep for TrainModel<B> {
+    type Input = TrainBatch<B>;
+    type Output = StepOutput;
+
+    fn step(&self, batch: TrainBatch<B>) -> TrainOutput<StepOutput> {
+        let inputs = &batch.batch.inputs;
+        let patches = inputs.pixel_values.as_ref().map_or(0, |p| p.dims()[0]);
+        let shape = vec![inputs.batch, inputs.len, patches, batch.target_rows.len()];
+        self.step_memory
+            .clone()
+            .run::<B, _, _>(&self.device(), shape, batch, |b| self.forward_backward(b))
     }
 
     fn optimize<B2, O>(self, optim: &mut O, lr: f64, mut grads: GradientsParams) -> Self

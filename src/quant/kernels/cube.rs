@@ -147,7 +147,7 @@ mod kernels {
             #[unroll]
             for i in 0..8u32 {
                 let c = (word >> nibble_shift(i)) & 15u32;
-                wf[q * 8 + i as usize] = lut[c as usize] * scale;
+                wf[q * 8 + i as usize] = lut[c as usize];
             }
         }
         // x is read `8·nw / vs` vectors of `vs` values per row.
@@ -163,7 +163,7 @@ mod kernels {
                     part += wf[p * vs + i] * f32::cast_from(xv[i]);
                 }
             }
-            acc[m] += part;
+            acc[m] += part * scale;
         }
     }
 
@@ -172,7 +172,7 @@ mod kernels {
     /// it uses any, so that several loads per lane are in flight; the code table and the
     /// double-quant scale map sit in shared memory (a scale costs no dependent global load).
     /// f32 accumulation, one warp sum per output value.
-    #[cube(launch)]
+    #[cube(launch_unchecked)]
     pub fn nf4_gemv<F: Float, NX: Size, NW: Size>(
         x: &Tensor<Vector<F, NX>>,
         words: &Tensor<Vector<i32, NW>>,
@@ -270,6 +270,19 @@ pub(super) struct CubeParts<R: CubeRuntime> {
 }
 
 impl<R: CubeRuntime> CubeParts<R> {
+    /// The five tables as contiguous kernel arguments: words, absmax, scale words, scale map,
+    /// code.
+    fn into_args(self) -> [cubecl::prelude::TensorArg<R>; 5] {
+        [
+            self.words,
+            self.absmax,
+            self.scale_words,
+            self.scale_map,
+            self.code,
+        ]
+        .map(|t| into_contiguous(t).into_tensor_arg())
+    }
+
     /// Checks the dtypes the kernels are compiled for.
     fn check(&self) {
         assert_eq!(self.words.dtype, DType::I32, "NF4 words must be i32");
@@ -291,7 +304,7 @@ impl<R: CubeRuntime> CubeParts<R> {
 /// W [out, in] in `meta.compute`, one thread per packed word.
 pub(super) fn dequantize<R: CubeRuntime>(p: CubeParts<R>, meta: Nf4Meta) -> CubeTensor<R> {
     p.check();
-    let words = p.words.meta.shape()[0];
+    let n_words = p.words.meta.shape()[0];
     let client = p.words.client.clone();
     // Flat, so that no row padding can sit between the values; reshaped below.
     let out = empty_device_dtype(
@@ -301,17 +314,18 @@ pub(super) fn dequantize<R: CubeRuntime>(p: CubeParts<R>, meta: Nf4Meta) -> Cube
         meta.compute,
     );
     let cube_dim = CubeDim::new_1d(256);
-    let count = calculate_cube_count_elemwise(&client, words, cube_dim);
+    let count = calculate_cube_count_elemwise(&client, n_words, cube_dim);
+    let [words, absmax, scale_words, scale_map, code] = p.into_args();
     kernels::nf4_dequantize::launch::<R>(
         &client,
         count,
         cube_dim,
         vector_size(meta),
-        into_contiguous(p.words).into_tensor_arg(),
-        into_contiguous(p.absmax).into_tensor_arg(),
-        into_contiguous(p.scale_words).into_tensor_arg(),
-        into_contiguous(p.scale_map).into_tensor_arg(),
-        into_contiguous(p.code).into_tensor_arg(),
+        words,
+        absmax,
+        scale_words,
+        scale_map,
+        code,
         out.clone().into_tensor_arg(),
         meta.offset,
         vector_size(meta),
@@ -360,29 +374,35 @@ pub(super) fn gemv<R: CubeRuntime>(
     } else {
         1
     };
-    kernels::nf4_gemv::launch::<R>(
-        &client,
-        CubeCount::Static(cubes, 1, 1),
-        CubeDim::new_2d(WARP, GEMV_WARPS),
-        vector_size(meta),
-        nw,
-        x.into_tensor_arg(),
-        into_contiguous(p.words).into_tensor_arg(),
-        into_contiguous(p.absmax).into_tensor_arg(),
-        into_contiguous(p.scale_words).into_tensor_arg(),
-        into_contiguous(p.scale_map).into_tensor_arg(),
-        into_contiguous(p.code).into_tensor_arg(),
-        out.clone().into_tensor_arg(),
-        meta.offset,
-        vector_size(meta),
-        nw,
-        GEMV_UNROLL,
-        rows,
-        meta.blocksize,
-        meta.nested,
-        meta.nested_blocksize,
-        meta.compute.into(),
-    );
+    let [words, absmax, scale_words, scale_map, code] = p.into_args();
+    // SAFETY: every index the kernel reads is in range by construction (rows `n < d_out`,
+    // vector indices clamped to the row), so the launch skips the bounds checks.
+    unsafe {
+        kernels::nf4_gemv::launch_unchecked::<R>(
+            &client,
+            CubeCount::Static(cubes, 1, 1),
+            CubeDim::new_2d(WARP, GEMV_WARPS),
+            vector_size(meta),
+            nw,
+            x.into_tensor_arg(),
+            words,
+            absmax,
+            scale_words,
+            scale_map,
+            code,
+            out.clone().into_tensor_arg(),
+            meta.offset,
+            vector_size(meta),
+            nw,
+            GEMV_UNROLL,
+            rows,
+            meta.blocksize,
+            meta.nested,
+            meta.nested_blocksize,
+            meta.compute.into(),
+        );
+    }
+
     out
 }
 
