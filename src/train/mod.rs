@@ -10,6 +10,7 @@
 //! * [`metrics`]: dashboard metrics; [`plot`]: loss/lr PNGs; [`schedule`]: warmup + decay.
 //! * [`sweep`]: grids of runs; [`bench`]: timing of the training step.
 //! * [`vision_cache`]: the frozen vision tower's features, reused across epochs.
+//! * [`memory`]: how a training step's device memory is allocated (exact sizes or pools).
 
 pub mod bench;
 pub mod checkpoint;
