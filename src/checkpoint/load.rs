@@ -126,12 +126,21 @@ pub fn randomize<B: Backend>(
         fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
             let std = init_std(self.cfg, &self.path.hf_name());
             let dt = self.dtype;
+            // Each weight is allocated in a persistent-allocation scope of its own (see
+            // `own_allocation`); a lazy parameter is initialised first, in burn's own scope.
             if D < 2 || std == LAYER_INIT_STD {
-                return param.map(|t| t.cast(dt));
+                let _ = param.val();
+                return own_allocation::<B, _, _>(&self.device, param, move |p| {
+                    p.map(move |t| t.cast(dt))
+                });
             }
             let shape = param.lazy_shape();
-            let t = Tensor::<B, D>::random(shape, Distribution::Normal(0.0, std), &self.device);
-            Param::initialized(param.id, t.cast(dt).require_grad())
+            let device = self.device.clone();
+            let t = own_allocation::<B, _, _>(&self.device, (), move |()| {
+                Tensor::<B, D>::random(shape.clone(), Distribution::Normal(0.0, std), &device)
+                    .cast(dt)
+            });
+            Param::initialized(param.id, t.require_grad())
         }
     }
     model.map(&mut Init::<B> {
@@ -140,6 +149,20 @@ pub fn randomize<B: Backend>(
         path: ModulePath::default(),
         device: device.clone(),
     })
+}
+
+/// Runs `make` (one weight's device allocation) in a persistent-allocation scope of its own: on
+/// CUDA the weight gets an allocation of its size instead of a slice of a pool page sized from
+/// the card. A scope around the whole model build is not enough: burn's lazy parameter
+/// initialisation opens a scope of its own, and CubeCL's scope is not re-entrant (its end
+/// switches the allocator back to pools; an H200 then put the 778 MB embedding alone in a
+/// 9.4 GB page). No effect on the CPU.
+pub fn own_allocation<B: Backend, I: Send, O: Send>(
+    device: &B::Device,
+    input: I,
+    make: impl Fn(I) -> O + Send,
+) -> O {
+    B::memory_persistent_allocations(device, input, make)
 }
 
 /// Fills every parameter of `model` from the shards of `files`; errors name the tensor.
@@ -244,7 +267,12 @@ impl<B: Backend> ShardLoader<'_, B> {
             )));
         }
         let data = TensorData::new(values, expected.to_vec()).convert_dtype(self.dtype);
-        Ok(Some(Tensor::from_data(data, (&self.device, self.dtype))))
+        let dtype = self.dtype;
+        Ok(Some(own_allocation::<B, _, _>(
+            &self.device,
+            data,
+            |data| Tensor::from_data(data, (&self.device, dtype)),
+        )))
     }
 }
 

@@ -167,7 +167,9 @@ pub fn random_model_nf4<B: Backend>(
 }
 
 /// Runs `build` (loading or creating model weights) with the device allocator in persistent
-/// mode, then frees what building left unused. The weights then sit in allocations of their own
+/// mode, then frees what building left unused. The dense loaders also give each weight a scope
+/// of its own ([`own_allocation`](crate::checkpoint::load::own_allocation)), since a lazy
+/// parameter's initialisation ends this one early. The weights then sit in allocations of their own
 /// size instead of pages of the pools that activations reuse — on CUDA those pages are sized from
 /// the card's memory (an H200 puts every 69 MB–550 MB tensor in a 2.2 GB page), so a model
 /// built into them keeps gigabytes reserved for the whole run. No effect on the CPU.
