@@ -18,7 +18,6 @@ use burn::train::{InferenceStep, TrainOutput, TrainStep};
 use super::checkpoint::{save_checkpoint, CheckpointState};
 use super::data::TrainBatch;
 use super::memory::StepMemory;
-
 use super::state::{append_row, RunState, StepClaim, StepRow, Window};
 use super::vision_cache::VisionCache;
 use crate::error::Error;
@@ -249,8 +248,8 @@ impl<B: AutodiffBackend> TrainStep for TrainModel<B> {
         let inputs = &batch.batch.inputs;
         let patches = inputs.pixel_values.as_ref().map_or(0, |p| p.dims()[0]);
         let shape = vec![inputs.batch, inputs.len, patches, batch.target_rows.len()];
+        // Exact allocations are freed when this shape changes (see `StepMemory`).
         self.step_memory
-            .clone()
             .run::<B, _, _>(&self.device(), shape, batch, |b| self.forward_backward(b))
     }
 
