@@ -14,7 +14,7 @@ use burn::train::TrainStep;
 use serde::Serialize;
 
 use super::data::{TrainBatch, TrainBatcher, TrainItem};
-use super::memory::{StepAllocations, StepMemory};
+use super::memory::StepMemory;
 use super::prepare::{image_options, load_base, random_base};
 use super::state::{RunSettings, RunState};
 use super::step::TrainModel;
@@ -250,7 +250,7 @@ pub fn bench_train<B: AutodiffBackend>(
         run,
         config_json: Arc::new(String::new()),
         vision_cache,
-        step_memory: Arc::new(StepMemory::new(StepAllocations::from_env()?)),
+        step_memory: StepMemory::from_env()?,
     };
     let mut optim = AdamWConfig::new()
         .with_weight_decay(exp.train.weight_decay as f32)
@@ -271,12 +271,13 @@ pub fn bench_train<B: AutodiffBackend>(
         );
     }
     let mut seen: Option<PoolMemory> = None;
+    // Reads the device memory, folds it into the maxima `seen` and returns the reading.
     let note_memory = |seen: &mut Option<PoolMemory>| {
-        if let Some(m) = read_memory() {
-            let s = seen.get_or_insert(m);
-            s.in_use = s.in_use.max(m.in_use);
-            s.reserved = s.reserved.max(m.reserved);
-        }
+        let m = read_memory()?;
+        let s = seen.get_or_insert(m);
+        s.in_use = s.in_use.max(m.in_use);
+        s.reserved = s.reserved.max(m.reserved);
+        Some(m)
     };
 
     let mut times = Vec::new();
@@ -298,17 +299,7 @@ pub fn bench_train<B: AutodiffBackend>(
             let batch: TrainBatch<B> =
                 burn::data::dataloader::batcher::Batcher::batch(&batcher, items, device);
             let out = model.step(batch);
-            note_memory(&mut seen);
-            if step < opts.warmup {
-                if let Some(m) = read_memory() {
-                    eprintln!(
-                        "after micro-batch {}: {:.0} MiB live, {:.0} MiB reserved",
-                        micro + 1,
-                        mib(m.in_use),
-                        mib(m.reserved)
-                    );
-                }
-            }
+            let memory = note_memory(&mut seen);
             acc.accumulate(&model, out.grads);
             if step < opts.warmup {
                 // The first micro-batches compile and autotune every kernel: show where time goes.
@@ -317,12 +308,20 @@ pub fn bench_train<B: AutodiffBackend>(
                     micro + 1,
                     started.elapsed().as_secs_f64()
                 );
+                if let Some(m) = memory {
+                    eprintln!(
+                        "after micro-batch {}: {:.0} MiB live, {:.0} MiB reserved",
+                        micro + 1,
+                        mib(m.in_use),
+                        mib(m.reserved)
+                    );
+                }
             }
         }
         model = model.optimize(&mut optim, exp.train.lr, acc.grads());
         B::sync(device).map_err(|e| Error::Input(format!("device error: {e:?}")))?;
         let dt = t0.elapsed().as_secs_f64();
-        note_memory(&mut seen);
+        let _ = note_memory(&mut seen);
         if step < opts.warmup {
             warmup_s = started.elapsed().as_secs_f64();
             eprintln!("warm-up step {}/{}: {dt:.2} s", step + 1, opts.warmup);

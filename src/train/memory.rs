@@ -10,7 +10,7 @@
 //! the allocations left from the previous shape are freed first (sizes no longer repeat). No
 //! effect on the CPU backends.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use burn::prelude::*;
 
@@ -63,6 +63,11 @@ impl StepMemory {
             mode,
             last_shape: Mutex::new(None),
         }
+    }
+
+    /// The policy `QWEN3VL_STEP_MEMORY` names, shared by a run's step clones.
+    pub fn from_env() -> crate::Result<Arc<Self>> {
+        Ok(Arc::new(Self::new(StepAllocations::from_env()?)))
     }
 
     /// Runs `step(input)` for a batch of shape `shape` (any dims that size its tensors) on

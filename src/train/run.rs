@@ -19,7 +19,7 @@ use serde::Serialize;
 use super::checkpoint::{latest_checkpoint, load_optimizer, CheckpointState};
 use super::data::{RunOrder, TrainBatcher};
 use super::devices::{grad_accum_per_device, TrainDevices};
-use super::memory::{StepAllocations, StepMemory};
+use super::memory::StepMemory;
 use super::metrics::{Quantity, QuietRenderer, ScalarMetric};
 use super::plot::plot_run;
 use super::prepare::{
@@ -430,7 +430,7 @@ fn run_stage<B: AutodiffBackend>(
             run: run.clone(),
             config_json: Arc::new(config_json.clone()),
             vision_cache,
-            step_memory: Arc::new(StepMemory::new(StepAllocations::from_env()?)),
+            step_memory: StepMemory::from_env()?,
         },
         optim,
         schedule,
