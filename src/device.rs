@@ -8,6 +8,7 @@ use burn::backend::{Autodiff, Flex};
 use burn::prelude::Backend;
 use burn::tensor::backend::AutodiffBackend;
 use qwen3_vl_moelora::checkpoint::WeightDType;
+use qwen3_vl_moelora::experiment::Checkpointing;
 use qwen3_vl_moelora::quant::kernels::{self, Nf4Backend};
 use qwen3_vl_moelora::train::bench::PoolMemory;
 use qwen3_vl_moelora::train::TrainDevices;
@@ -92,10 +93,15 @@ pub fn fusion_enabled() -> bool {
 }
 
 /// Runs `job` on the device(s) `spec` names (see [`choose_devices`]): Flex on the CPU, CUDA
-/// with burn's balanced gradient checkpointing when `checkpointing` (element-wise activations
-/// are recomputed in the backward pass instead of kept). Several CUDA devices train
-/// data-parallel (builds with the `ddp` feature).
-pub fn on_train_backend<J: TrainJob>(spec: &str, checkpointing: bool, job: J) -> Result<J::Out> {
+/// on GPUs, with burn's balanced gradient checkpointing when `checkpointing` is `ops`
+/// (element-wise activations are recomputed in the backward pass instead of kept; layer
+/// recomputation needs no backend of its own). Several CUDA devices train data-parallel
+/// (builds with the `ddp` feature).
+pub fn on_train_backend<J: TrainJob>(
+    spec: &str,
+    checkpointing: Checkpointing,
+    job: J,
+) -> Result<J::Out> {
     let fusion = fusion_enabled();
     let cuda = match choose_devices(spec)? {
         TrainOn::Cpu => return on_cpu(checkpointing, job),
@@ -105,15 +111,15 @@ pub fn on_train_backend<J: TrainJob>(spec: &str, checkpointing: bool, job: J) ->
     println!(
         "device: {}{}{}",
         names.join(", "),
-        if checkpointing {
-            " (gradient checkpointing)"
-        } else {
-            ""
+        match checkpointing {
+            Checkpointing::Off => String::new(),
+            c => format!(" (gradient checkpointing: {})", c.name()),
         },
         if fusion { "" } else { " without fusion" }
     );
     let d: Vec<CudaDevice> = cuda.into_iter().map(CudaDevice::new).collect();
-    match (checkpointing, fusion) {
+    let ops = checkpointing == Checkpointing::Ops;
+    match (ops, fusion) {
         (true, true) => run_cuda::<Autodiff<Cuda, BalancedCheckpointing>, J>(job, d, true),
         (false, true) => run_cuda::<Autodiff<Cuda>, J>(job, d, true),
         (true, false) => run_cuda::<Autodiff<CudaUnfused, BalancedCheckpointing>, J>(job, d, false),
@@ -124,17 +130,21 @@ pub fn on_train_backend<J: TrainJob>(spec: &str, checkpointing: bool, job: J) ->
 /// Training on Flex. Builds with the `ddp` feature have none: burn 0.21's `distributed`
 /// feature requires every autodiff backend to be a distributed one, which Flex is not.
 #[cfg(not(feature = "ddp"))]
-fn on_cpu<J: TrainJob>(checkpointing: bool, job: J) -> Result<J::Out> {
+fn on_cpu<J: TrainJob>(checkpointing: Checkpointing, job: J) -> Result<J::Out> {
     println!("device: cpu (flex)");
-    if checkpointing {
-        println!("note: gradient checkpointing is used on the GPU only");
+    match checkpointing {
+        Checkpointing::Ops => {
+            println!("note: gradient checkpointing \"ops\" is used on the GPU only")
+        }
+        Checkpointing::Layers => println!("gradient checkpointing: layers"),
+        Checkpointing::Off => {}
     }
     use_routing_step::<Autodiff<Flex>>();
     job.run::<Autodiff<Flex>>(&TrainDevices::single(FlexDevice))
 }
 
 #[cfg(feature = "ddp")]
-fn on_cpu<J: TrainJob>(_checkpointing: bool, _job: J) -> Result<J::Out> {
+fn on_cpu<J: TrainJob>(_checkpointing: Checkpointing, _job: J) -> Result<J::Out> {
     Err(Error::Argument {
         arg: "--device".into(),
         message: "this build (feature `ddp`) trains on CUDA devices only: burn 0.21's \

@@ -138,10 +138,11 @@ pub struct TrainSection {
     /// Random seed.
     #[serde(default = "default_seed")]
     pub seed: u64,
-    /// Recompute element-wise activations in the backward pass (GPU; burn's balanced
-    /// checkpointing).
+    /// What the backward pass recomputes instead of keeping: `true`/`"layers"` (each decoder
+    /// layer, as HF does), `"ops"` (element-wise activations; burn's balanced checkpointing,
+    /// GPU only) or `false`/`"off"`.
     #[serde(default)]
-    pub gradient_checkpointing: bool,
+    pub gradient_checkpointing: Checkpointing,
     /// Keep each training image's vision-tower features (host memory) after its first pass
     /// and reuse them in later epochs; applies only when the vision tower is frozen and holds
     /// no adapter (it then gives the same features every time).
@@ -178,6 +179,59 @@ pub struct Experiment {
     /// `[pretrain]` (demo only)
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pretrain: Option<PretrainSection>,
+}
+
+/// `train.gradient_checkpointing`: what the backward pass recomputes instead of keeping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Checkpointing {
+    /// Every activation is kept.
+    #[default]
+    Off,
+    /// Element-wise activations are recomputed (burn's balanced checkpointing, GPU only).
+    Ops,
+    /// Each decoder layer runs again in the backward pass; only its input is kept.
+    Layers,
+}
+
+impl Checkpointing {
+    /// The name written in experiment files.
+    pub fn name(self) -> &'static str {
+        match self {
+            Checkpointing::Off => "off",
+            Checkpointing::Ops => "ops",
+            Checkpointing::Layers => "layers",
+        }
+    }
+}
+
+impl Serialize for Checkpointing {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
+impl<'de> Deserialize<'de> for Checkpointing {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Given {
+            Flag(bool),
+            Name(String),
+        }
+        match Given::deserialize(d)? {
+            Given::Flag(true) => Ok(Checkpointing::Layers),
+            Given::Flag(false) => Ok(Checkpointing::Off),
+            Given::Name(n) => match n.as_str() {
+                "layers" => Ok(Checkpointing::Layers),
+                "ops" => Ok(Checkpointing::Ops),
+                "off" => Ok(Checkpointing::Off),
+                _ => Err(serde::de::Error::custom(format!(
+                    "gradient_checkpointing must be true, false, \"layers\", \"ops\" or \"off\", \
+                     found \"{n}\""
+                ))),
+            },
+        }
+    }
 }
 
 fn default_dtype() -> String {

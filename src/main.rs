@@ -35,7 +35,7 @@ use qwen3_vl_moelora::cli::info::info_report;
 use qwen3_vl_moelora::cli::preprocess::{parse_size, preprocess_to_file};
 use qwen3_vl_moelora::data::sources::Source;
 use qwen3_vl_moelora::data::ImageOptions;
-use qwen3_vl_moelora::experiment::Experiment;
+use qwen3_vl_moelora::experiment::{Checkpointing, Experiment};
 use qwen3_vl_moelora::infer::bench::{bench_generate, GenerateBenchOptions};
 use qwen3_vl_moelora::model::config::config_file;
 use qwen3_vl_moelora::model::Qwen3VlConfig;
@@ -231,7 +231,7 @@ fn run_bench_nf4(args: BenchNf4Args) -> Result<()> {
     }
     on_train_backend(
         &args.device,
-        false,
+        Checkpointing::Off,
         Job(opts, args.check_only, nf4_cases, other_checks),
     )
 }

@@ -4,7 +4,7 @@ use burn::module::{Initializer, Module, Param};
 use burn::nn::{Dropout, DropoutConfig};
 use burn::prelude::*;
 
-use super::FrozenLinear;
+use super::{AdapterStats, FrozenLinear};
 
 /// LoRA on a frozen linear layer. A [r, in] starts Kaiming-uniform (bound 1/√in, as peft),
 /// B [out, r] starts at zero, so a fresh adapter leaves the layer unchanged. A and B are kept in
@@ -47,17 +47,21 @@ impl<B: Backend, W: FrozenLinear<B>> LoraLinear<B, W> {
     }
 
     /// The adapter's contribution for `x` [..., in] -> [..., out], in `x`'s dtype.
-    pub fn delta<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+    pub fn delta<const D: usize>(&self, x: Tensor<B, D>, stats: &AdapterStats<B>) -> Tensor<B, D> {
         let dtype = x.dtype();
         let a = self.lora_a.val().cast(dtype).transpose();
         let b = self.lora_b.val().cast(dtype).transpose();
-        let h = burn::tensor::module::linear(self.dropout.forward(x), a, None);
+        let h = burn::tensor::module::linear(stats.dropout(&self.dropout, x), a, None);
         burn::tensor::module::linear(h, b, None).mul_scalar(self.scaling)
     }
 
-    /// `base(x) + delta(x)`.
-    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        self.base.forward_frozen(x.clone()) + self.delta(x)
+    /// `base(x) + delta(x)` (`stats`: the pass, which says whether dropout applies).
+    pub fn forward<const D: usize>(
+        &self,
+        x: Tensor<B, D>,
+        stats: &AdapterStats<B>,
+    ) -> Tensor<B, D> {
+        self.base.forward_frozen(x.clone()) + self.delta(x, stats)
     }
 
     /// The dense update `scaling · B·A` [out, in] (for merging into the base weight).

@@ -16,8 +16,9 @@ pub mod routing;
 use std::cell::RefCell;
 
 use burn::module::Module;
+use burn::nn::Dropout;
 use burn::prelude::*;
-use burn::tensor::DType;
+use burn::tensor::{DType, Distribution};
 
 pub use config::{AdapterConfig, AdapterKind};
 pub use lora::LoraLinear;
@@ -80,10 +81,13 @@ impl<B: Backend> FrozenLinear<B> for Linear<B> {
 /// Router statistics gathered during one forward pass, per MoE layer: the tokens routed to
 /// each expert and the mean router probability of each expert. The load-balancing loss of all
 /// layers is formed from them once, at the end of the pass (a handful of kernels instead of
-/// several per layer).
+/// several per layer). Also says whether the pass applies adapter dropout.
 #[derive(Debug, Default)]
 pub struct AdapterStats<B: Backend> {
     layers: RefCell<Vec<LayerRouting<B>>>,
+    /// Apply dropout even without autodiff: the graph-free forward of layer recomputation,
+    /// whose dropout masks the backward pass's re-run must reproduce.
+    dropout_without_autodiff: bool,
 }
 
 /// One MoE layer's routing: tokens per expert [E] (constant), mean probability per expert [E]
@@ -91,11 +95,43 @@ pub struct AdapterStats<B: Backend> {
 type LayerRouting<B> = (Tensor<B, 1>, Tensor<B, 1>, usize);
 
 impl<B: Backend> AdapterStats<B> {
-    /// Empty statistics.
+    /// Empty statistics; dropout applies when autodiff is on (training).
     pub fn new() -> Self {
         Self {
             layers: RefCell::new(Vec::new()),
+            dropout_without_autodiff: false,
         }
+    }
+
+    /// Empty statistics of a training pass that runs without autodiff (dropout applies).
+    pub fn training_without_autodiff() -> Self {
+        Self {
+            dropout_without_autodiff: true,
+            ..Self::new()
+        }
+    }
+
+    /// Adapter dropout with `d`'s probability, where this pass trains: the inputs scaled by
+    /// 1/keep where a Bernoulli(keep) mask is 1, else 0 (burn's `Dropout`, which only
+    /// checks for autodiff).
+    pub fn dropout<const D: usize>(&self, d: &Dropout, x: Tensor<B, D>) -> Tensor<B, D> {
+        let training = self.dropout_without_autodiff || B::ad_enabled(&x.device());
+        if !training || d.prob == 0.0 {
+            return x;
+        }
+        let keep = 1.0 - d.prob;
+        let mask = x.random_like(Distribution::Bernoulli(keep));
+        (x * mask).mul_scalar(1.0 / keep)
+    }
+
+    /// MoE layers recorded so far.
+    pub fn len(&self) -> usize {
+        self.layers.borrow().len()
+    }
+
+    /// Whether no MoE layer was recorded.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// Records one MoE layer: tokens per expert `counts` [E] out of `slots` = N·k routed
@@ -108,13 +144,19 @@ impl<B: Backend> AdapterStats<B> {
     /// `E · Σ_i f_i · P_i` with `f_i` = counts / slots (constant) and `P_i` the mean
     /// probability (carries the gradient). Formed once from all layers' statistics.
     pub fn mean_aux_loss(&self) -> Option<Tensor<B, 1>> {
+        self.aux_loss_share(self.len())
+    }
+
+    /// This pass's layers' share of the mean load-balancing loss over `total` MoE layers
+    /// (which may include layers of other passes): `Σ_l E_l · Σ_i f_i · P_i / total`.
+    pub fn aux_loss_share(&self, total: usize) -> Option<Tensor<B, 1>> {
         let layers = self.layers.borrow();
         let e_max = layers.iter().map(|(c, _, _)| c.dims()[0]).max()?;
         let (l, device) = (layers.len(), layers[0].0.device());
-        // Each layer's weight E_l / (slots_l · L) turns its Σ counts·P into its share of the mean.
+        // Each layer's weight E_l / (slots_l · total) turns its Σ counts·P into its share.
         let weights: Vec<f32> = layers
             .iter()
-            .map(|(c, _, slots)| c.dims()[0] as f32 / (*slots as f32 * l as f32))
+            .map(|(c, _, slots)| c.dims()[0] as f32 / (*slots as f32 * total as f32))
             .collect();
         let weights = Tensor::<B, 1>::from_data(TensorData::new(weights, [l]), &device);
         // counts, probs: [L, E_max], layers with fewer experts padded with zeros.
@@ -253,7 +295,7 @@ impl<B: Backend> Projection<B> {
     ) -> Tensor<B, D> {
         match self {
             Projection::Plain(l) => l.forward_frozen(x),
-            Projection::Lora(l) => l.forward(x),
+            Projection::Lora(l) => l.forward(x, stats),
             Projection::MoeLora(l) => l.forward(x, stats),
         }
     }

@@ -107,9 +107,8 @@ impl<B: Backend, W: FrozenLinear<B>> MoeLoraLinear<B, W> {
 
         // Router in f32: [N, E] logits; each token keeps its top-k experts, chosen on the
         // device (a constant mask). One autodiff step where the backend registered one.
-        let logits = self
-            .router_dropout
-            .forward(xf.clone().cast(DType::F32))
+        let logits = stats
+            .dropout(&self.router_dropout, xf.clone().cast(DType::F32))
             .matmul(self.router.val().transpose());
         let o = RouteOptions {
             top_k: k,
@@ -143,9 +142,8 @@ impl<B: Backend, W: FrozenLinear<B>> MoeLoraLinear<B, W> {
         // [N, E·r] viewed as [N, E, r] times the gate (with the LoRA scaling folded in)
         // broadcast over r (no expanded copy).
         let gate = routing.gate.cast(dtype);
-        let h = self
-            .dropout
-            .forward(xf)
+        let h = stats
+            .dropout(&self.dropout, xf)
             .matmul(a.transpose())
             .reshape([n, e_count, r])
             * gate.unsqueeze_dim::<3>(2);

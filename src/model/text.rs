@@ -310,7 +310,6 @@ impl<B: Backend> TextModel<B> {
         mut cache: Option<&mut KvCache<B>>,
         stats: &AdapterStats<B>,
     ) -> TextOutput<B> {
-        let [b, t, h_dim] = inputs_embeds.dims();
         let mut x = inputs_embeds;
         // The last layer's MLP output, added to `x` by the next norm's fused add.
         let mut pending = None;
@@ -329,11 +328,7 @@ impl<B: Backend> TextModel<B> {
                 layer_outputs.push(x.clone());
             }
             if let Some((feat, index)) = tap {
-                // Row 0 of the padded table is zero: text positions get nothing added.
-                let zero = Tensor::zeros([1, h_dim], (&feat.device(), feat.dtype()));
-                let table = Tensor::cat(vec![zero, feat.clone().cast(x.dtype())], 0);
-                let add = table.select(0, index.clone()).reshape([b, t, h_dim]);
-                x = x + add;
+                x = add_deepstack(x, feat.clone(), index);
             }
         }
         let (_, hidden) = self.norm.forward_added(x, pending);
@@ -342,4 +337,40 @@ impl<B: Backend> TextModel<B> {
             layer_outputs,
         }
     }
+
+    /// The residual stream after layer `i`, from its input `x` [B, T, H]: the layer's
+    /// attention and MLP outputs added, then the DeepStack feature `tap` [N_vis, H] (with each
+    /// position's visual index) when layer `i` has one. Layer recomputation runs the decoder
+    /// this way, one layer at a time (the same sums as `forward`, without its fused adds).
+    pub fn layer_step(
+        &self,
+        i: usize,
+        x: Tensor<B, 3>,
+        (cos, sin): (&Tensor<B, 4>, &Tensor<B, 4>),
+        mask: Option<Tensor<B, 4, Bool>>,
+        tap: Option<(Tensor<B, 2>, &Tensor<B, 1, Int>)>,
+        stats: &AdapterStats<B>,
+    ) -> Tensor<B, 3> {
+        let (h, mlp) = self.layers[i].forward(x, None, cos, sin, mask, None, stats);
+        let x = h + mlp;
+        match tap {
+            Some((feat, index)) => add_deepstack(x, feat, index),
+            None => x,
+        }
+    }
+}
+
+/// `x` [B, T, H] plus the visual feature `feat` [N_vis, H] at each visual position (`index`
+/// [B·T]: 0 for text, 1 + k for the k-th visual token).
+fn add_deepstack<B: Backend>(
+    x: Tensor<B, 3>,
+    feat: Tensor<B, 2>,
+    index: &Tensor<B, 1, Int>,
+) -> Tensor<B, 3> {
+    let [b, t, h] = x.dims();
+    // Row 0 of the padded table is zero: text positions get nothing added.
+    let zero = Tensor::zeros([1, h], (&feat.device(), feat.dtype()));
+    let table = Tensor::cat(vec![zero, feat.cast(x.dtype())], 0);
+    let add = table.select(0, index.clone()).reshape([b, t, h]);
+    x + add
 }

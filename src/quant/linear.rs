@@ -312,7 +312,10 @@ mod tests {
         assert_eq!(crate::model::params::count_params(&lora.base), 0);
         assert_eq!(crate::model::params::count_params(&lora), 4 * 64 + 16 * 4);
         let x = Tensor::<A, 2>::ones([3, 64], &dev);
-        let grads = lora.forward(x).sum().backward();
+        let grads = lora
+            .forward(x, &crate::adapter::AdapterStats::new())
+            .sum()
+            .backward();
         // B starts at zero, so A's gradient is zero and B's is not.
         let ga: Vec<f32> = lora
             .lora_a

@@ -24,7 +24,7 @@ use crate::checkpoint::stable_param_ids;
 use crate::data::batch::{CaptionBatcher, PadSide, PreparedSample};
 use crate::data::template::IGNORE_INDEX;
 use crate::error::{Error, Result};
-use crate::experiment::Experiment;
+use crate::experiment::{Checkpointing, Experiment};
 use crate::model::config::Qwen3VlConfig;
 
 /// What `bench train` measures.
@@ -76,7 +76,8 @@ pub struct BenchReport {
     pub samples_per_s: f64,
     /// Tokens per second at the median step time.
     pub tokens_per_s: f64,
-    /// Model FLOPs per sample (forward + backward to the activations).
+    /// Model FLOPs per sample (forward + backward to the activations, + the forward again
+    /// with layer recomputation).
     pub flops_per_sample: f64,
     /// Achieved model FLOP/s over the card's peak.
     pub mfu: f64,
@@ -231,6 +232,7 @@ pub fn bench_train<B: AutodiffBackend>(
         base_model: exp.model.path.display().to_string(),
         max_consecutive_skips: usize::MAX,
         replicas: 1,
+        recompute_layers: exp.train.gradient_checkpointing == Checkpointing::Layers,
     };
     let run = Arc::new(RunState::new(
         settings,
@@ -349,8 +351,14 @@ pub fn bench_train<B: AutodiffBackend>(
     let samples_per_s = (bs * ga) as f64 / median;
     let (text, vision) = matmul_params(&cfg);
     let patches = grid.iter().product::<usize>();
-    // Text: forward 2·N·T plus the backward pass to the activations 2·N·T.
-    let flops_per_sample = 4.0 * text * seq_tokens as f64 + vision_factor * vision * patches as f64;
+    // Text: forward 2·N·T plus the backward pass to the activations 2·N·T, plus the forward
+    // again when each layer is recomputed.
+    let text_factor = match exp.train.gradient_checkpointing {
+        Checkpointing::Layers => 6.0,
+        _ => 4.0,
+    };
+    let flops_per_sample =
+        text_factor * text * seq_tokens as f64 + vision_factor * vision * patches as f64;
     Ok(BenchReport {
         seq_tokens,
         image_patches: patches,

@@ -11,6 +11,7 @@
 //! * [`sweep`]: grids of runs; [`bench`]: timing of the training step.
 //! * [`vision_cache`]: the frozen vision tower's features, reused across epochs.
 //! * [`memory`]: how a training step's device memory is allocated (exact sizes or pools).
+//! * [`recompute`]: layer recomputation (gradient checkpointing as HF does it).
 
 pub mod bench;
 pub mod checkpoint;
@@ -20,6 +21,7 @@ pub mod memory;
 pub mod metrics;
 pub mod plot;
 pub mod prepare;
+pub mod recompute;
 pub mod run;
 pub mod schedule;
 pub mod state;

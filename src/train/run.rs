@@ -41,7 +41,7 @@ use crate::data::template::ChatEncoder;
 use crate::data::tokenizer::SpecialIds;
 use crate::error::{Error, Result};
 use crate::eval::report::{score_and_report, ReportItem};
-use crate::experiment::Experiment;
+use crate::experiment::{Checkpointing, Experiment};
 use crate::infer::generate::greedy_captions;
 use crate::model::config::Qwen3VlConfig;
 use crate::model::params::{count_params, count_trainable};
@@ -345,6 +345,7 @@ fn run_stage<B: AutodiffBackend>(
         base_model: exp.model.path.display().to_string(),
         max_consecutive_skips: 25,
         replicas,
+        recompute_layers: exp.train.gradient_checkpointing == Checkpointing::Layers,
     };
     let run = Arc::new(RunState::new(settings, data.train_origins.clone()));
     let mut optim = AdamWConfig::new()

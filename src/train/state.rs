@@ -54,6 +54,9 @@ pub struct RunSettings {
     pub max_consecutive_skips: usize,
     /// Data-parallel replicas (devices) that each run `grad_accum` micro-batches per step.
     pub replicas: usize,
+    /// Re-run each decoder layer in the backward pass instead of keeping its activations
+    /// (`train.gradient_checkpointing = "layers"`, see `train::recompute`).
+    pub recompute_layers: bool,
 }
 
 impl RunSettings {
@@ -492,6 +495,7 @@ mod tests {
             base_model: String::new(),
             max_consecutive_skips: 3,
             replicas,
+            recompute_layers: false,
         }
     }
 

@@ -18,9 +18,11 @@ use burn::train::{InferenceStep, TrainOutput, TrainStep};
 use super::checkpoint::{save_checkpoint, CheckpointState};
 use super::data::TrainBatch;
 use super::memory::StepMemory;
+use super::recompute::RecomputedPass;
 use super::state::{append_row, RunState, StepClaim, StepRow, Window};
 use super::vision_cache::VisionCache;
 use crate::error::Error;
+use crate::model::vision::VisionOutput;
 use crate::model::{ImageFeatures, ModelInputs, Qwen3VlModel};
 
 /// The trained model plus the run's shared state.
@@ -113,52 +115,75 @@ fn batch_seed(seed: u64, position: usize) -> u64 {
 pub type Losses<B> = (Tensor<B, 1>, Option<Tensor<B, 1>>, Vec<usize>);
 
 impl<B: Backend> TrainModel<B> {
-    /// Forward pass and losses. `training`: the batch holds training-set samples, whose
-    /// vision features may come from (and go to) the cache; held-out batches never touch it
-    /// (their set indexes name other samples).
-    pub fn losses(&self, batch: &TrainBatch<B>, training: bool) -> crate::Result<Losses<B>> {
+    /// The model inputs of `batch`, with the vision tower's features from the cache where it
+    /// holds them; and the cache to fill from this pass's vision output (it runs the tower).
+    /// `training`: the batch holds training-set samples, whose vision features may come from
+    /// (and go to) the cache; held-out batches never touch it (their set indexes name other
+    /// samples).
+    fn cached_inputs(
+        &self,
+        batch: &TrainBatch<B>,
+        training: bool,
+    ) -> (ModelInputs<B>, Option<&VisionCache>) {
         let inputs = &batch.batch.inputs;
         let image_token = self.model.meta.image_token_id;
-        let cache = self
+        let Some(cache) = self
             .vision_cache
-            .as_ref()
-            .filter(|_| training && inputs.pixel_values.is_some());
-        let cached =
-            cache.and_then(|c| c.lookup(inputs, &batch.indexes, image_token, &self.device()));
-        // Logits of the target rows only (row 0 stands in when there are none; the loss is 0).
-        let rows = if batch.target_rows.is_empty() {
-            &[0][..]
-        } else {
-            &batch.target_rows[..]
+            .as_deref()
+            .filter(|_| training && inputs.pixel_values.is_some())
+        else {
+            return (inputs.clone(), None);
         };
-        let out = match (cache, cached) {
-            (Some(_), Some(features)) => {
-                let inputs = ModelInputs {
+        match cache.lookup(inputs, &batch.indexes, image_token, &self.device()) {
+            Some(features) => {
+                let cached = ModelInputs {
                     pixel_values: None,
                     image_features: Some(features),
                     ..inputs.clone()
                 };
-                self.model.forward_rows(&inputs, rows)?
+                (cached, None)
             }
-            (Some(c), None) => {
-                let out = self.model.forward_rows(inputs, rows)?;
-                if let Some(v) = &out.vision {
-                    let features = ImageFeatures::from(v);
-                    c.store(inputs, &batch.indexes, image_token, &features);
-                }
-                out
-            }
-            (None, _) => self.model.forward_rows(inputs, rows)?,
-        };
-        let per_sample = self.run.settings.loss_per_sample;
-        let [_, n, v] = out.logits.dims();
-        let lm = caption_loss(
-            out.logits.reshape([n, v]),
+            None => (inputs.clone(), Some(cache)),
+        }
+    }
+
+    /// Keeps this pass's vision features in `cache` (from [`Self::cached_inputs`]).
+    fn fill_cache(
+        &self,
+        batch: &TrainBatch<B>,
+        cache: Option<&VisionCache>,
+        vision: Option<&VisionOutput<B>>,
+    ) {
+        if let (Some(c), Some(v)) = (cache, vision) {
+            let image_token = self.model.meta.image_token_id;
+            c.store(
+                &batch.batch.inputs,
+                &batch.indexes,
+                image_token,
+                &ImageFeatures::from(v),
+            );
+        }
+    }
+
+    /// The caption loss of `batch` from the logits of its target rows [1, n, V].
+    fn lm_loss(&self, batch: &TrainBatch<B>, logits: Tensor<B, 3>) -> Tensor<B, 1> {
+        let inputs = &batch.batch.inputs;
+        let [_, n, v] = logits.dims();
+        caption_loss(
+            logits.reshape([n, v]),
             &batch.target_rows,
             &batch.target_ids,
             [inputs.batch, inputs.len],
-            per_sample,
-        );
+            self.run.settings.loss_per_sample,
+        )
+    }
+
+    /// Forward pass and losses (see [`Self::cached_inputs`] for `training`).
+    pub fn losses(&self, batch: &TrainBatch<B>, training: bool) -> crate::Result<Losses<B>> {
+        let (inputs, fill) = self.cached_inputs(batch, training);
+        let out = self.model.forward_rows(&inputs, logit_rows(batch))?;
+        self.fill_cache(batch, fill, out.vision.as_ref());
+        let lm = self.lm_loss(batch, out.logits);
         Ok((lm, out.aux_loss, out.expert_tokens))
     }
 
@@ -192,6 +217,15 @@ impl<B: Backend> TrainModel<B> {
     }
 }
 
+/// The rows whose logits the loss needs: the targets' (row 0 stands in when there are none;
+/// the loss is then 0).
+fn logit_rows<B: Backend>(batch: &TrainBatch<B>) -> &[i64] {
+    match batch.target_rows.is_empty() {
+        true => &[0],
+        false => &batch.target_rows,
+    }
+}
+
 fn scalar<B: Backend>(t: &Tensor<B, 1>) -> f64 {
     t.clone().cast(DType::F32).into_scalar().elem::<f64>()
 }
@@ -200,43 +234,90 @@ impl<B: AutodiffBackend> TrainModel<B> {
     /// One micro-batch: forward, losses into the step's window, backward of the scaled loss.
     fn forward_backward(&self, batch: TrainBatch<B>) -> TrainOutput<StepOutput> {
         let s = &self.run.settings;
-        B::seed(&self.device(), batch_seed(s.seed, batch.positions[0]));
+        let seed = batch_seed(s.seed, batch.positions[0]);
+        B::seed(&self.device(), seed);
+        if s.recompute_layers {
+            return self.forward_backward_recomputed(batch, seed);
+        }
         let what = || format!("training batch of {}", self.run.describe(&batch.indexes));
         let (lm, aux, mut output) = self.measured_losses(&batch, true, what);
-        let (lm_v, aux_v) = (output.lm_loss, output.aux_loss);
-        if !lm_v.is_finite() && !s.dynamic_loss_scale {
-            self.run.fail(Error::Input(format!(
-                "the loss is {lm_v} on the {} (f32 compute has no loss scaling to recover; \
-                 lower train.lr or check these samples)",
-                what()
-            )));
-        }
         let total = match aux {
             Some(a) => lm + a.cast(DType::F32),
             None => lm,
         };
-        let scale = {
-            let mut p = self.run.lock();
-            let w = p.windows.entry(s.step_of(batch.positions[0])).or_default();
-            w.lm += lm_v;
-            w.aux += aux_v;
-            w.micro += 1;
-            w.tokens += batch.batch.tokens;
-            w.samples += batch.positions.len();
-            w.indexes.extend(&batch.indexes);
-            let routed = &output.expert_tokens;
-            if w.expert_tokens.len() < routed.len() {
-                w.expert_tokens.resize(routed.len(), 0);
-            }
-            for (a, b) in w.expert_tokens.iter_mut().zip(routed) {
-                *a += b;
-            }
-            output.grad_norm = p.rows.last().map(|r| r.grad_norm).unwrap_or(0.0);
-            output.skipped = p.skipped;
-            p.scaler.scale
+        let factor = self.note_losses(&batch, &mut output);
+        TrainOutput::new(self, total.mul_scalar(factor).backward(), output)
+    }
+
+    /// [`Self::forward_backward`] with layer recomputation (see `train::recompute`).
+    fn forward_backward_recomputed(
+        &self,
+        batch: TrainBatch<B>,
+        seed: u64,
+    ) -> TrainOutput<StepOutput> {
+        let what = || format!("training batch of {}", self.run.describe(&batch.indexes));
+        let (inputs, fill) = self.cached_inputs(&batch, true);
+        let rows = logit_rows(&batch);
+        let pass = match RecomputedPass::forward(&self.model, &inputs, rows, seed) {
+            Ok(p) => p,
+            Err(e) => self.run.fail(Error::Input(format!("{}: {e}", what()))),
         };
-        let scaled = total.mul_scalar(scale / s.grad_accum as f64);
-        TrainOutput::new(self, scaled.backward(), output)
+        self.fill_cache(&batch, fill, pass.vision.as_ref());
+        let lm = self.lm_loss(&batch, pass.logits.clone());
+        let (lm_v, aux_v) = (
+            scalar(&lm),
+            pass.aux_loss.as_ref().map(scalar).unwrap_or(0.0),
+        );
+        let mut output = StepOutput {
+            loss: lm_v + aux_v,
+            lm_loss: lm_v,
+            aux_loss: aux_v,
+            tokens: batch.batch.tokens,
+            samples: batch.positions.len(),
+            expert_tokens: pass.expert_tokens.clone(),
+            ..Default::default()
+        };
+        let factor = self.note_losses(&batch, &mut output);
+        // With no target rows the loss is a constant, with nothing to back-propagate.
+        let lm = (!batch.target_rows.is_empty()).then(|| lm.mul_scalar(factor));
+        let grads = pass.backward(&self.model, lm, factor);
+        TrainOutput {
+            grads,
+            item: output,
+        }
+    }
+
+    /// Stops the run on a non-finite loss that no loss scaling can recover; adds the
+    /// micro-batch's losses to its step's window and fills in the step figures of `output`.
+    /// Returns the factor the loss is back-propagated with: loss scale / accumulation.
+    fn note_losses(&self, batch: &TrainBatch<B>, output: &mut StepOutput) -> f64 {
+        let s = &self.run.settings;
+        let (lm_v, aux_v) = (output.lm_loss, output.aux_loss);
+        if !lm_v.is_finite() && !s.dynamic_loss_scale {
+            self.run.fail(Error::Input(format!(
+                "the loss is {lm_v} on the training batch of {} (f32 compute has no loss \
+                 scaling to recover; lower train.lr or check these samples)",
+                self.run.describe(&batch.indexes)
+            )));
+        }
+        let mut p = self.run.lock();
+        let w = p.windows.entry(s.step_of(batch.positions[0])).or_default();
+        w.lm += lm_v;
+        w.aux += aux_v;
+        w.micro += 1;
+        w.tokens += batch.batch.tokens;
+        w.samples += batch.positions.len();
+        w.indexes.extend(&batch.indexes);
+        let routed = &output.expert_tokens;
+        if w.expert_tokens.len() < routed.len() {
+            w.expert_tokens.resize(routed.len(), 0);
+        }
+        for (a, b) in w.expert_tokens.iter_mut().zip(routed) {
+            *a += b;
+        }
+        output.grad_norm = p.rows.last().map(|r| r.grad_norm).unwrap_or(0.0);
+        output.skipped = p.skipped;
+        p.scaler.scale / s.grad_accum as f64
     }
 }
 
@@ -246,7 +327,17 @@ impl<B: AutodiffBackend> TrainStep for TrainModel<B> {
 
     fn step(&self, batch: TrainBatch<B>) -> TrainOutput<StepOutput> {
         let inputs = &batch.batch.inputs;
-        let patches = inputs.pixel_values.as_ref().map_or(0, |p| p.dims()[0]);
+        // Image patches the vision tower runs on: none when the cache holds the batch's
+        // features, so the tower's allocations are freed once the cache takes over.
+        let image_token = self.model.meta.image_token_id;
+        let cached = self
+            .vision_cache
+            .as_ref()
+            .is_some_and(|c| c.holds(inputs, &batch.indexes, image_token));
+        let patches = match (&inputs.pixel_values, cached) {
+            (Some(p), false) => p.dims()[0],
+            _ => 0,
+        };
         let shape = vec![inputs.batch, inputs.len, patches, batch.target_rows.len()];
         // Exact allocations are freed when this shape changes (see `StepMemory`).
         self.step_memory

@@ -28,6 +28,29 @@ fn image_tokens_per_row<B: Backend>(inputs: &ModelInputs<B>, image_token_id: i64
         .collect()
 }
 
+/// The cached features of each row of the batch that holds image tokens, in order; None when
+/// one is missing (or its token count no longer matches).
+fn held_parts<'a, B: Backend>(
+    samples: &'a HashMap<usize, SampleFeatures>,
+    inputs: &ModelInputs<B>,
+    indexes: &[usize],
+    image_token_id: i64,
+) -> Option<Vec<&'a SampleFeatures>> {
+    let counts = image_tokens_per_row(inputs, image_token_id);
+    let mut parts = Vec::new();
+    for (&index, &n) in indexes.iter().zip(&counts) {
+        if n == 0 {
+            continue;
+        }
+        let f = samples.get(&index)?;
+        if f[0].shape[0] != n {
+            return None;
+        }
+        parts.push(f);
+    }
+    Some(parts)
+}
+
 impl VisionCache {
     /// Samples held.
     pub fn len(&self) -> usize {
@@ -39,6 +62,17 @@ impl VisionCache {
         self.len() == 0
     }
 
+    /// Whether [`Self::lookup`] would find the batch's features (without building them).
+    pub fn holds<B: Backend>(
+        &self,
+        inputs: &ModelInputs<B>,
+        indexes: &[usize],
+        image_token_id: i64,
+    ) -> bool {
+        let samples = self.samples.lock().expect("vision cache poisoned");
+        held_parts(&samples, inputs, indexes, image_token_id).is_some_and(|p| !p.is_empty())
+    }
+
     /// The features of a batch whose rows are the samples `indexes`, if every row with image
     /// tokens is cached (and its token count still matches).
     pub fn lookup<B: Backend>(
@@ -48,19 +82,8 @@ impl VisionCache {
         image_token_id: i64,
         device: &B::Device,
     ) -> Option<ImageFeatures<B>> {
-        let counts = image_tokens_per_row(inputs, image_token_id);
         let samples = self.samples.lock().expect("vision cache poisoned");
-        let mut parts: Vec<&SampleFeatures> = Vec::new();
-        for (&index, &n) in indexes.iter().zip(&counts) {
-            if n == 0 {
-                continue;
-            }
-            let f = samples.get(&index)?;
-            if f[0].shape[0] != n {
-                return None;
-            }
-            parts.push(f);
-        }
+        let parts = held_parts(&samples, inputs, indexes, image_token_id)?;
         let taps = parts.first()?.len();
         let gather = |tap: usize| {
             let rows: Vec<Tensor<B, 2>> = parts
@@ -154,8 +177,11 @@ mod tests {
         {
             assert_eq!(g.to_data(), w.to_data());
         }
+        assert!(cache.holds(&again, &[3, 5], IMG));
         assert!(cache.lookup(&inputs(&[3, 2]), &[3, 8], IMG, &dev).is_none());
+        assert!(!cache.holds(&inputs(&[3, 2]), &[3, 8], IMG));
         // A cached sample whose token count changed is not reused.
         assert!(cache.lookup(&inputs(&[2]), &[3], IMG, &dev).is_none());
+        assert!(!cache.holds(&inputs(&[2]), &[3], IMG));
     }
 }

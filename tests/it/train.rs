@@ -32,6 +32,22 @@ fn train(exp: &Path, out: &Path) -> Command {
     c
 }
 
+/// Trains `exp` into `out` with the `--set` overrides `sets`; the run's metrics rows.
+fn trained_rows(
+    exp: &Path,
+    out: &Path,
+    sets: &[&str],
+) -> Vec<qwen3_vl_moelora::train::state::StepRow> {
+    let mut cmd = train(exp, out);
+    for s in sets {
+        cmd.args(["--set", s]);
+    }
+    let o = cmd.output().unwrap();
+    let log = String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{log}");
+    read_rows(out).unwrap()
+}
+
 #[test]
 fn killed_run_resumes_with_identical_losses() {
     let dir = tempfile::tempdir().unwrap();
@@ -173,24 +189,14 @@ fn per_sample_loss_makes_batching_match_accumulation() {
     let dir = tempfile::tempdir().unwrap();
     let exp = experiment(dir.path());
     let run = |name: &str, sets: &[&str]| {
-        let out = dir.path().join(name);
-        let mut cmd = train(&exp, &out);
-        for s in [
+        let common = [
             "adapter.type=lora",
             "adapter.dropout=0.0",
             "train.epochs=2",
             "train.save_every=0",
-        ]
-        .iter()
-        .chain(sets)
-        {
-            cmd.args(["--set", s]);
-        }
-        let o = cmd.output().unwrap();
-        let log =
-            String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
-        assert!(o.status.success(), "{log}");
-        read_rows(&out).unwrap()
+        ];
+        let all: Vec<&str> = common.iter().chain(sets).copied().collect();
+        trained_rows(&exp, &dir.path().join(name), &all)
     };
     let accumulated = run("accum", &["train.batch_size=1", "train.grad_accum=2"]);
     let batched = |average: &str| {
@@ -215,6 +221,43 @@ fn per_sample_loss_makes_batching_match_accumulation() {
         drift > 1e-3,
         "token-averaged batches should differ: {drift}"
     );
+}
+
+/// `train.gradient_checkpointing = "layers"` re-runs each decoder layer in the backward pass
+/// instead of keeping its activations: without dropout, every step's losses are those of a run
+/// that keeps them (the same gradients, up to rounding), MoE-LoRA's aux loss included.
+#[test]
+fn layer_recomputation_trains_like_keeping_activations() {
+    let dir = tempfile::tempdir().unwrap();
+    let exp = experiment(dir.path());
+    let run = |mode: &str| {
+        let checkpointing = format!("train.gradient_checkpointing={mode}");
+        let sets = [
+            "adapter.dropout=0.0",
+            "adapter.router_dropout=0.0",
+            "train.epochs=2",
+            "train.save_every=0",
+            &checkpointing,
+        ];
+        trained_rows(&exp, &dir.path().join(mode), &sets)
+    };
+    let (kept, recomputed) = (run("off"), run("layers"));
+    assert_eq!(kept.len(), 18, "2 epochs x 36 samples / 4 per step");
+    for (a, b) in kept.iter().zip(&recomputed) {
+        for (x, y, name) in [
+            (a.lm_loss, b.lm_loss, "lm_loss"),
+            (a.aux_loss, b.aux_loss, "aux_loss"),
+            (a.grad_norm, b.grad_norm, "grad_norm"),
+        ] {
+            assert!(
+                (x - y).abs() <= 1e-4 * x.abs().max(1e-3),
+                "step {} {name}: {x} kept vs {y} recomputed",
+                a.step
+            );
+        }
+    }
+    let (first, last) = (kept[0].lm_loss, kept[kept.len() - 1].lm_loss);
+    assert!(last < first, "the run learns: {first} -> {last}");
 }
 
 /// f16 compute (f32 adapter weights and AdamW state) with dynamic loss scaling.
