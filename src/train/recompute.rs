@@ -83,6 +83,12 @@ impl<B: AutodiffBackend> RecomputedPass<B> {
         let e = model.embed(inputs, false)?;
         let (b, t) = (inputs.batch, inputs.len);
         let device = model.device();
+        if e.vision.is_some() {
+            // The vision tower ran (a frozen tower keeps no graph): free its activations'
+            // exact-size allocations now, or they stay reserved next to the decoder's
+            // (`train::memory`); the decoder's are allocated again after this.
+            B::memory_cleanup(&device);
+        }
         let rope = model.rotary_tables(&e.positions, e.embeds.dtype());
         let mask = causal_padding_mask::<B>(inputs.attention_mask.as_deref(), b, t, &device);
         let vision_tracked = e.vision.is_some() && count_trainable(&model.visual) > 0;
