@@ -4,19 +4,22 @@
 //! from the last layer down, and back-propagates it at once. The step's activation memory is
 //! one layer's graph plus one [B, T, H] input per layer, instead of every layer's graph.
 //!
-//! Three graphs take part: the prefix (embeddings, and the vision tower when it runs), each
-//! layer's re-run, and the head (final norm, LM head, loss) from a leaf on the last layer's
-//! output. The gradient of each graph's output is the next one's seed: the head gives d(last),
-//! re-running layer i with `sum(y_i · dy_i)` gives dx_i = dy_{i-1}, and the prefix ends with
-//! `sum(embeds · dx_0)`. Each layer's share of the load-balancing loss is added to its re-run,
-//! since its router probabilities only exist there. Dropout masks are reproduced by seeding the
-//! backend before a layer's forward and again before its re-run.
+//! Several graphs take part: the prefix (embeddings, and the vision tower when it runs), each
+//! layer's re-run, the final norm of the target rows from a leaf on the last layer's output,
+//! and the LM head with the loss, in chunks of target rows (its f32 logits over the vocabulary
+//! are the step's largest tensors). The gradient of each graph's output is the next one's seed:
+//! the head chunks give d(rows), the norm gives d(last), re-running layer i with
+//! `sum(y_i · dy_i)` gives dx_i = dy_{i-1}, and the prefix ends with `sum(embeds · dx_0)`.
+//! Each layer's share of the load-balancing loss is added to its re-run, since its router
+//! probabilities only exist there. Dropout masks are reproduced by seeding the backend before
+//! a layer's forward and again before its re-run.
 
 use burn::module::{AutodiffModule, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::DType;
+use std::ops::Range;
 
 use crate::adapter::AdapterStats;
 use crate::error::Result;
@@ -28,10 +31,18 @@ use crate::model::{ModelInputs, Qwen3VlModel};
 
 type Inner<B> = <B as AutodiffBackend>::InnerBackend;
 
+/// Largest f32 logits block [rows, V] of one head chunk (32 MiB: 55 rows of Qwen3's
+/// 151,936-token vocabulary).
+pub const HEAD_CHUNK_BYTES: usize = 32 << 20;
+
 /// A forward pass of layer recomputation, ready for its backward pass.
 pub struct RecomputedPass<B: AutodiffBackend> {
-    /// Logits of the requested rows [1, rows, V] (f32), on the head's graph.
-    pub logits: Tensor<B, 3>,
+    /// The final-normed hidden state of the requested rows [rows, H], on a graph from `last`.
+    rows: Tensor<B, 2>,
+    /// The loss's gradient with respect to `rows`, once [`Self::head`] ran.
+    d_rows: Option<Tensor<Inner<B>, 2>>,
+    /// Gradients of the head's parameters (a trained LM head or tied embedding).
+    head_grads: GradientsParams,
     /// `aux_loss_coef` × the mean load-balancing loss (None without MoE-LoRA): a value only,
     /// its gradient is formed in the re-runs.
     pub aux_loss: Option<Tensor<Inner<B>, 1>>,
@@ -39,7 +50,7 @@ pub struct RecomputedPass<B: AutodiffBackend> {
     pub expert_tokens: Vec<usize>,
     /// Vision tower outputs, when it ran.
     pub vision: Option<VisionOutput<B>>,
-    /// Leaf of the head's graph: the last layer's output [B, T, H].
+    /// Leaf of the final norm's graph: the last layer's output [B, T, H].
     last: Tensor<B, 3>,
     /// Input of each decoder layer [B, T, H].
     layer_inputs: Vec<Tensor<Inner<B>, 3>>,
@@ -72,8 +83,8 @@ fn layer_seed(seed: u64, layer: usize) -> u64 {
 }
 
 impl<B: AutodiffBackend> RecomputedPass<B> {
-    /// Runs `model` on `inputs` and keeps what the backward pass needs; the logits are those of
-    /// `rows` of the flattened [B·T] positions (at least one). `seed`: the micro-batch's.
+    /// Runs `model` on `inputs` up to the final norm of `rows` of the flattened [B·T] positions
+    /// (at least one) and keeps what the backward pass needs. `seed`: the micro-batch's.
     pub fn forward(
         model: &Qwen3VlModel<B>,
         inputs: &ModelInputs<B>,
@@ -122,12 +133,13 @@ impl<B: AutodiffBackend> RecomputedPass<B> {
             .map(|a| a.mul_scalar(model.meta.aux_loss_coef));
         let expert_tokens = add_counts(e.stats.expert_tokens(), stats.expert_tokens());
 
-        // The head, from a leaf on the last layer's output.
+        // The final norm of the rows, from a leaf on the last layer's output.
         let last = Tensor::<B, 3>::from_inner(x).require_grad();
         let hidden = model.language_model.norm.forward(last.clone());
-        let logits = model.lm_logits(flat_rows(hidden, rows).unsqueeze());
         Ok(Self {
-            logits,
+            rows: flat_rows(hidden, rows),
+            d_rows: None,
+            head_grads: GradientsParams::new(),
             aux_loss,
             expert_tokens,
             vision: e.vision,
@@ -146,23 +158,58 @@ impl<B: AutodiffBackend> RecomputedPass<B> {
         })
     }
 
-    /// Back-propagates `loss` (formed from [`Self::logits`]; None when it is a constant, as
-    /// with no target rows) and `aux_scale` × [`Self::aux_loss`] through the whole model,
-    /// re-running each decoder layer; returns every parameter's gradient. `aux_scale` is the
-    /// factor `loss` was multiplied by (loss scale, averaging).
-    pub fn backward(
-        mut self,
+    /// The LM head and the loss, a chunk of rows at a time (at most `chunk_bytes` of f32
+    /// logits): `loss_of(logits [rows, V], rows)` gives a chunk's share of the loss, which is
+    /// back-propagated at once, times `factor` (loss scale, averaging). Returns the loss (the
+    /// chunks' sum, a value); without this call the loss is taken as a constant.
+    pub fn head(
+        &mut self,
         model: &Qwen3VlModel<B>,
-        loss: Option<Tensor<B, 1>>,
-        aux_scale: f64,
-    ) -> GradientsParams {
-        let mut acc = GradientsParams::new();
-        // Head: d(last).
+        factor: f64,
+        chunk_bytes: usize,
+        loss_of: impl Fn(Tensor<B, 2>, Range<usize>) -> Tensor<B, 1>,
+    ) -> Tensor<Inner<B>, 1> {
+        let [n, _] = self.rows.dims();
+        let per_chunk = (chunk_bytes / (4 * model.meta.vocab_size)).max(1);
+        let rows = self.rows.clone().inner();
+        let mut loss = None;
+        let mut d_rows = Vec::new();
+        for start in (0..n).step_by(per_chunk) {
+            let len = per_chunk.min(n - start);
+            let leaf =
+                Tensor::<B, 2>::from_inner(rows.clone().narrow(0, start, len)).require_grad();
+            let logits = model
+                .lm_logits(leaf.clone().unsqueeze())
+                .squeeze_dim::<2>(0); // [len, V]
+            let part = loss_of(logits, start..start + len);
+            loss = sum_some(loss, Some(part.clone().inner()));
+            let mut grads = part.mul_scalar(factor).backward();
+            d_rows.push(
+                leaf.grad_remove(&mut grads)
+                    .expect("the rows are a leaf of the loss"),
+            );
+            take_grads(&mut grads, &model.lm_head, &mut self.head_grads);
+            take_grads(
+                &mut grads,
+                &model.language_model.embed_tokens,
+                &mut self.head_grads,
+            );
+        }
+        self.d_rows = Some(Tensor::cat(d_rows, 0));
+        loss.expect("at least one row")
+    }
+
+    /// Back-propagates the loss of [`Self::head`] and `aux_scale` × [`Self::aux_loss`] through
+    /// the whole model, re-running each decoder layer; returns every parameter's gradient.
+    /// `aux_scale` is the factor the head's loss was multiplied by (loss scale, averaging).
+    pub fn backward(mut self, model: &Qwen3VlModel<B>, aux_scale: f64) -> GradientsParams {
+        let mut acc = std::mem::take(&mut self.head_grads);
+        // Final norm: d(last).
         let mut dy = None;
-        if let Some(loss) = loss {
-            let mut grads = loss.backward();
+        if let Some(d) = self.d_rows.take() {
+            let mut grads = dot(self.rows.clone(), Tensor::from_inner(d)).backward();
             dy = self.last.grad_remove(&mut grads);
-            take_grads(&mut grads, model, &mut acc);
+            take_grads(&mut grads, &model.language_model.norm, &mut acc);
         }
 
         let aux_coef = aux_scale * model.meta.aux_loss_coef;
@@ -343,9 +390,9 @@ mod tests {
         (model, inputs.unwrap())
     }
 
-    /// A loss over some rows' logits (any smooth function of them will do).
-    fn loss_of(logits: Tensor<Ad, 3>) -> Tensor<Ad, 1> {
-        logits.powi_scalar(2).mean().mul_scalar(0.01)
+    /// A loss over some rows' logits [rows, V] (any smooth function that sums over rows).
+    fn loss_of(logits: Tensor<Ad, 2>) -> Tensor<Ad, 1> {
+        logits.powi_scalar(2).sum().mul_scalar(1e-4)
     }
 
     /// Σ |a − b| / Σ |b| over every gradient of `want`, which must name the same parameters.
@@ -394,12 +441,28 @@ mod tests {
         c.diff / c.norm
     }
 
+    /// A copy of every gradient `grads` holds for `model`'s parameters.
+    fn copy_of(grads: &GradientsParams, model: &Qwen3VlModel<Ad>) -> GradientsParams {
+        struct Copy<'a>(&'a GradientsParams, GradientsParams);
+        impl ModuleVisitor<Ad> for Copy<'_> {
+            fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<Ad, D>>) {
+                if let Some(g) = self.0.get::<Flex, D>(p.id) {
+                    self.1.register(p.id, g);
+                }
+            }
+        }
+        let mut c = Copy(grads, GradientsParams::new());
+        model.visit(&mut c);
+        c.1
+    }
+
     /// The gradients of `factor` × (`loss_of` the logits of `rows` + the aux loss) for the
-    /// micro-batch seeded with `seed`: by layer recomputation, or with the whole forward pass
-    /// kept as one graph, each decoder layer seeded as the recomputed pass seeds it (what
-    /// recomputation must reproduce, dropout included).
+    /// micro-batch seeded with `seed`: by layer recomputation with head chunks of
+    /// `recompute` bytes, or (None) with the whole forward pass kept as one graph, each decoder
+    /// layer seeded as the recomputed pass seeds it (what recomputation must reproduce,
+    /// dropout included).
     fn gradients(
-        recompute: bool,
+        recompute: Option<usize>,
         model: &Qwen3VlModel<Ad>,
         inputs: &ModelInputs<Ad>,
         rows: &[i64],
@@ -408,11 +471,11 @@ mod tests {
         let factor = 3.0;
         let dev = model.device();
         Ad::seed(&dev, seed); // as the training step does
-        if recompute {
-            let pass = RecomputedPass::forward(model, inputs, rows, seed).unwrap();
+        if let Some(chunk_bytes) = recompute {
+            let mut pass = RecomputedPass::forward(model, inputs, rows, seed).unwrap();
             assert_eq!(pass.aux_loss.is_some(), model.meta.aux_loss_coef > 0.0);
-            let loss = loss_of(pass.logits.clone()).mul_scalar(factor);
-            return pass.backward(model, Some(loss), factor);
+            pass.head(model, factor, chunk_bytes, |logits, _| loss_of(logits));
+            return pass.backward(model, factor);
         }
         let e = model.embed(inputs, false).unwrap();
         let (b, t) = (inputs.batch, inputs.len);
@@ -430,6 +493,7 @@ mod tests {
         }
         let hidden = model.language_model.norm.forward(x);
         let logits = model.lm_logits(flat_rows(hidden, rows).unsqueeze());
+        let logits = logits.squeeze_dim::<2>(0);
         let aux = e.stats.mean_aux_loss().unwrap();
         let loss = (loss_of(logits) + aux.mul_scalar(model.meta.aux_loss_coef)).mul_scalar(factor);
         GradientsParams::from_grads(loss.backward(), model)
@@ -462,33 +526,40 @@ mod tests {
     fn dropout_check_run_alone() {
         let (model, inputs) = adapted(AdapterKind::Moelora, 0.3);
         let rows = [1, 5, 9];
-        let mut want = gradients(false, &model, &inputs, &rows, 7);
-        let mut got = gradients(true, &model, &inputs, &rows, 7);
+        let mut want = gradients(None, &model, &inputs, &rows, 7);
+        let mut got = gradients(Some(HEAD_CHUNK_BYTES), &model, &inputs, &rows, 7);
         let err = compare(&mut got, &mut want, &model);
         assert!(err < 1e-5, "relative error {err}");
         // Another seed gives other dropout masks, hence other gradients: the check can fail.
-        let mut other = gradients(true, &model, &inputs, &rows, 8);
-        let mut want = gradients(false, &model, &inputs, &rows, 7);
+        let mut other = gradients(Some(HEAD_CHUNK_BYTES), &model, &inputs, &rows, 8);
+        let mut want = gradients(None, &model, &inputs, &rows, 7);
         let err = compare(&mut other, &mut want, &model);
         assert!(err > 1e-3, "relative error {err}");
     }
 
-    /// Without dropout the recomputed pass gives the model's own `forward_rows` gradients.
+    /// Without dropout the recomputed pass gives the model's own `forward_rows` gradients, with
+    /// the head in one chunk or a row at a time.
     #[test]
     fn recomputed_gradients_match_the_model_forward() {
         for kind in [AdapterKind::Lora, AdapterKind::Moelora] {
             let (model, inputs) = adapted(kind, 0.0);
             let rows = [0, 4, 7, 11];
             let out = model.forward_rows(&inputs, &rows).unwrap();
-            let mut loss = loss_of(out.logits);
+            let mut loss = loss_of(out.logits.squeeze_dim::<2>(0));
             if let Some(aux) = out.aux_loss {
                 loss = loss + aux;
             }
             let grads = loss.mul_scalar(3.0).backward(); // the factor `gradients` uses
-            let mut want = GradientsParams::from_grads(grads, &model);
-            let mut got = gradients(true, &model, &inputs, &rows, 1);
-            let err = compare(&mut got, &mut want, &model);
-            assert!(err < 1e-5, "{kind:?}: relative error {err}");
+            let want = GradientsParams::from_grads(grads, &model);
+            for chunk_bytes in [HEAD_CHUNK_BYTES, 1] {
+                let mut want = copy_of(&want, &model);
+                let mut got = gradients(Some(chunk_bytes), &model, &inputs, &rows, 1);
+                let err = compare(&mut got, &mut want, &model);
+                assert!(
+                    err < 1e-5,
+                    "{kind:?}, chunks of {chunk_bytes} B: relative error {err}"
+                );
+            }
         }
     }
 }

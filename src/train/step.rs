@@ -18,7 +18,7 @@ use burn::train::{InferenceStep, TrainOutput, TrainStep};
 use super::checkpoint::{save_checkpoint, CheckpointState};
 use super::data::TrainBatch;
 use super::memory::StepMemory;
-use super::recompute::RecomputedPass;
+use super::recompute::{RecomputedPass, HEAD_CHUNK_BYTES};
 use super::state::{append_row, RunState, StepClaim, StepRow, Window};
 use super::vision_cache::VisionCache;
 use crate::error::Error;
@@ -83,22 +83,34 @@ pub fn caption_loss<B: Backend>(
     [b, t]: [usize; 2],
     per_sample: bool,
 ) -> Tensor<B, 1> {
-    let device = logits.device();
     if rows.is_empty() {
-        return Tensor::zeros([1], (&device, DType::F32));
+        return Tensor::zeros([1], (&logits.device(), DType::F32));
     }
-    let n = rows.len();
-    let weights = if per_sample {
-        // Row r belongs to sample r / T; each of its targets weighs 1 / (its count · B).
-        let mut count = vec![0usize; b];
-        rows.iter().for_each(|&r| count[r as usize / t] += 1);
-        rows.iter()
-            .map(|&r| 1.0 / (count[r as usize / t] * b) as f32)
-            .collect()
-    } else {
-        vec![1.0 / n as f32; n]
-    };
-    let weights = Tensor::<B, 2>::from_data(TensorData::new(weights, [n, 1]), &device);
+    weighted_nll(logits, ids, &caption_weights(rows, [b, t], per_sample))
+}
+
+/// The weight of each target row in [`caption_loss`]: 1/n each, or with `per_sample`
+/// 1 / (its sample's target count · B).
+pub fn caption_weights(rows: &[i64], [b, t]: [usize; 2], per_sample: bool) -> Vec<f32> {
+    if !per_sample {
+        return vec![1.0 / rows.len().max(1) as f32; rows.len()];
+    }
+    // Row r belongs to sample r / T.
+    let mut count = vec![0usize; b];
+    rows.iter().for_each(|&r| count[r as usize / t] += 1);
+    rows.iter()
+        .map(|&r| 1.0 / (count[r as usize / t] * b) as f32)
+        .collect()
+}
+
+/// `Σ_r w_r · −log softmax(logits_r)[ids_r]` over the rows of `logits` [n, V] (f32 math).
+pub fn weighted_nll<B: Backend>(
+    logits: Tensor<B, 2>,
+    ids: &[i64],
+    weights: &[f32],
+) -> Tensor<B, 1> {
+    let (device, n) = (logits.device(), ids.len());
+    let weights = Tensor::<B, 2>::from_data(TensorData::new(weights.to_vec(), [n, 1]), &device);
     let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids.to_vec(), [n, 1]), &device);
     let logp = log_softmax(logits.cast(DType::F32), 1).gather(1, ids); // [n, 1]
     (logp * weights).sum().neg()
@@ -245,7 +257,8 @@ impl<B: AutodiffBackend> TrainModel<B> {
             Some(a) => lm + a.cast(DType::F32),
             None => lm,
         };
-        let factor = self.note_losses(&batch, &mut output);
+        self.note_losses(&batch, &mut output);
+        let factor = self.loss_factor();
         TrainOutput::new(self, total.mul_scalar(factor).backward(), output)
     }
 
@@ -258,12 +271,25 @@ impl<B: AutodiffBackend> TrainModel<B> {
         let what = || format!("training batch of {}", self.run.describe(&batch.indexes));
         let (inputs, fill) = self.cached_inputs(&batch, true);
         let rows = logit_rows(&batch);
-        let pass = match RecomputedPass::forward(&self.model, &inputs, rows, seed) {
+        let mut pass = match RecomputedPass::forward(&self.model, &inputs, rows, seed) {
             Ok(p) => p,
             Err(e) => self.run.fail(Error::Input(format!("{}: {e}", what()))),
         };
-        self.fill_cache(&batch, fill, pass.vision.as_ref());
-        let lm = self.lm_loss(&batch, pass.logits.clone());
+        self.fill_cache(&batch, fill, pass.vision.take().as_ref());
+        let factor = self.loss_factor();
+        let inputs = &batch.batch.inputs;
+        let weights = caption_weights(
+            &batch.target_rows,
+            [inputs.batch, inputs.len],
+            self.run.settings.loss_per_sample,
+        );
+        // The head's loss in chunks of target rows, each back-propagated at once.
+        let lm = match batch.target_rows.is_empty() {
+            true => Tensor::zeros([1], (&self.device(), DType::F32)),
+            false => pass.head(&self.model, factor, HEAD_CHUNK_BYTES, |logits, r| {
+                weighted_nll(logits, &batch.target_ids[r.clone()], &weights[r])
+            }),
+        };
         let (lm_v, aux_v) = (
             scalar(&lm),
             pass.aux_loss.as_ref().map(scalar).unwrap_or(0.0),
@@ -277,20 +303,21 @@ impl<B: AutodiffBackend> TrainModel<B> {
             expert_tokens: pass.expert_tokens.clone(),
             ..Default::default()
         };
-        let factor = self.note_losses(&batch, &mut output);
-        // With no target rows the loss is a constant, with nothing to back-propagate.
-        let lm = (!batch.target_rows.is_empty()).then(|| lm.mul_scalar(factor));
-        let grads = pass.backward(&self.model, lm, factor);
+        self.note_losses(&batch, &mut output);
         TrainOutput {
-            grads,
+            grads: pass.backward(&self.model, factor),
             item: output,
         }
     }
 
+    /// The factor the loss is back-propagated with: loss scale / accumulation.
+    fn loss_factor(&self) -> f64 {
+        self.run.lock().scaler.scale / self.run.settings.grad_accum as f64
+    }
+
     /// Stops the run on a non-finite loss that no loss scaling can recover; adds the
     /// micro-batch's losses to its step's window and fills in the step figures of `output`.
-    /// Returns the factor the loss is back-propagated with: loss scale / accumulation.
-    fn note_losses(&self, batch: &TrainBatch<B>, output: &mut StepOutput) -> f64 {
+    fn note_losses(&self, batch: &TrainBatch<B>, output: &mut StepOutput) {
         let s = &self.run.settings;
         let (lm_v, aux_v) = (output.lm_loss, output.aux_loss);
         if !lm_v.is_finite() && !s.dynamic_loss_scale {
@@ -317,7 +344,6 @@ impl<B: AutodiffBackend> TrainModel<B> {
         }
         output.grad_norm = p.rows.last().map(|r| r.grad_norm).unwrap_or(0.0);
         output.skipped = p.skipped;
-        p.scaler.scale / s.grad_accum as f64
     }
 }
 
