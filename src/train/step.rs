@@ -65,6 +65,27 @@ pub struct StepOutput {
     pub skipped: usize,
 }
 
+impl StepOutput {
+    /// What `batch` reports before its step's figures are filled in: its losses (LM `lm`,
+    /// weighted aux `aux`), sizes and expert routing.
+    fn of_batch<B: Backend>(
+        batch: &TrainBatch<B>,
+        lm: f64,
+        aux: f64,
+        expert_tokens: Vec<usize>,
+    ) -> Self {
+        Self {
+            loss: lm + aux,
+            lm_loss: lm,
+            aux_loss: aux,
+            tokens: batch.batch.tokens,
+            samples: batch.positions.len(),
+            expert_tokens,
+            ..Default::default()
+        }
+    }
+}
+
 impl ItemLazy for StepOutput {
     type ItemSync = StepOutput;
     fn sync(self) -> StepOutput {
@@ -212,16 +233,11 @@ impl<B: Backend> TrainModel<B> {
             Err(e) => self.run.fail(Error::Input(format!("{}: {e}", what()))),
         };
         let (lm_v, aux_v) = (scalar(&lm), aux.as_ref().map(scalar).unwrap_or(0.0));
-        let output = StepOutput {
-            loss: lm_v + aux_v,
-            lm_loss: lm_v,
-            aux_loss: aux_v,
-            tokens: batch.batch.tokens,
-            samples: batch.positions.len(),
-            expert_tokens,
-            ..Default::default()
-        };
-        (lm, aux, output)
+        (
+            lm,
+            aux,
+            StepOutput::of_batch(batch, lm_v, aux_v, expert_tokens),
+        )
     }
 
     fn device(&self) -> B::Device {
@@ -294,15 +310,8 @@ impl<B: AutodiffBackend> TrainModel<B> {
             scalar(&lm),
             pass.aux_loss.as_ref().map(scalar).unwrap_or(0.0),
         );
-        let mut output = StepOutput {
-            loss: lm_v + aux_v,
-            lm_loss: lm_v,
-            aux_loss: aux_v,
-            tokens: batch.batch.tokens,
-            samples: batch.positions.len(),
-            expert_tokens: pass.expert_tokens.clone(),
-            ..Default::default()
-        };
+        let expert_tokens = pass.expert_tokens.clone();
+        let mut output = StepOutput::of_batch(&batch, lm_v, aux_v, expert_tokens);
         self.note_losses(&batch, &mut output);
         TrainOutput {
             grads: pass.backward(&self.model, factor),
