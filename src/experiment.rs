@@ -539,4 +539,27 @@ mod tests {
             .to_string();
         assert!(err.contains("valid names"), "{err}");
     }
+
+    /// `true` means layer recomputation (HF's meaning); names pick a mode; anything else is
+    /// an error naming the key and the allowed values.
+    #[test]
+    fn gradient_checkpointing_takes_flags_and_names() {
+        let f = file("qwen3-vl-4b-lora.toml");
+        let mode = |v: &str| {
+            let set = format!("train.gradient_checkpointing={v}");
+            Experiment::load(&f, &[set]).map(|e| e.train.gradient_checkpointing)
+        };
+        assert_eq!(mode("true").unwrap(), Checkpointing::Layers);
+        assert_eq!(mode("false").unwrap(), Checkpointing::Off);
+        assert_eq!(mode("layers").unwrap(), Checkpointing::Layers);
+        assert_eq!(mode("ops").unwrap(), Checkpointing::Ops);
+        assert_eq!(mode("off").unwrap(), Checkpointing::Off);
+        let err = mode("sometimes").unwrap_err().to_string();
+        assert!(
+            err.contains("gradient_checkpointing")
+                && err.contains("\"ops\"")
+                && err.contains("sometimes"),
+            "{err}"
+        );
+    }
 }
