@@ -78,11 +78,17 @@ fn use_routing_step<B: kernels::routing::OneStepRouting>() {
     }
 }
 
-/// Whether the routing step runs as CubeCL kernels on CUDA without fusion: opt-in with
-/// `QWEN3VL_ROUTING_KERNELS=1` (they pass `bench nf4`'s GPU check but have not been timed in
-/// training yet; tensor ops otherwise).
+/// Whether the routing runs as CubeCL kernels on CUDA without fusion (one launch each for the
+/// forward and the backward instead of ~15 tensor ops; the training step is bound by the host's
+/// per-launch cost): on unless `QWEN3VL_ROUTING_KERNELS=0` (tensor ops, for comparisons).
 pub fn routing_kernels_enabled() -> bool {
-    std::env::var("QWEN3VL_ROUTING_KERNELS").is_ok_and(|v| v == "1")
+    std::env::var("QWEN3VL_ROUTING_KERNELS").map_or(true, |v| v != "0")
+}
+
+/// Whether the optimizer updates each parameter with one CubeCL kernel on CUDA without fusion
+/// (instead of burn's ~14 tensor ops): on unless `QWEN3VL_ADAMW_KERNEL=0`.
+pub fn adamw_kernel_enabled() -> bool {
+    std::env::var("QWEN3VL_ADAMW_KERNEL").map_or(true, |v| v != "0")
 }
 
 /// Whether burn's kernel fusion is on for CUDA: off unless `QWEN3VL_FUSION=1`. Every GPU
@@ -167,6 +173,9 @@ where
         use_layer_kernels();
         if routing_kernels_enabled() {
             kernels::routing::register_kernels::<cubecl::cuda::CudaRuntime, f32, i32, u8>();
+        }
+        if adamw_kernel_enabled() {
+            kernels::adamw::register_kernel::<cubecl::cuda::CudaRuntime, f32, i32, u8>();
         }
     }
     job.run::<B>(&B::train_devices(devices)?)

@@ -40,8 +40,8 @@ use qwen3_vl_moelora::infer::bench::{bench_generate, GenerateBenchOptions};
 use qwen3_vl_moelora::model::config::config_file;
 use qwen3_vl_moelora::model::Qwen3VlConfig;
 use qwen3_vl_moelora::quant::bench::{
-    bench_nf4, check_kernels, check_layer_ops, check_routing_kernels, check_selection,
-    print_checks, tolerance, CheckCase, Nf4BenchOptions, QWEN3_VL_4B_SHAPES,
+    bench_nf4, check_adamw_kernel, check_kernels, check_layer_ops, check_routing_kernels,
+    check_selection, print_checks, tolerance, CheckCase, Nf4BenchOptions, QWEN3_VL_4B_SHAPES,
 };
 use qwen3_vl_moelora::quant::convert::{quantize_checkpoint, QuantizeOptions};
 use qwen3_vl_moelora::train::bench::{bench_train, BenchOptions, BenchReport};
@@ -195,7 +195,10 @@ fn run_bench_nf4(args: BenchNf4Args) -> Result<()> {
     let (nf4_cases, other_checks) =
         check_selection(&args.checks).ok_or_else(|| Error::Argument {
             arg: "--checks".into(),
-            message: format!("expected all, nf4, gemv or none, found `{}`", args.checks),
+            message: format!(
+                "expected all, nf4, gemv, others or none, found `{}`",
+                args.checks
+            ),
         })?;
     struct Job(Nf4BenchOptions, bool, Vec<CheckCase>, bool);
     impl TrainJob for Job {
@@ -212,8 +215,14 @@ fn run_bench_nf4(args: BenchNf4Args) -> Result<()> {
                 match check_routing_kernels::<B::InnerBackend>(device) {
                     Some(rows) => failed += print_checks(&rows, o.dtype),
                     None => {
-                        println!("check routing kernels: none (QWEN3VL_ROUTING_KERNELS=1 on CUDA)")
+                        println!("check routing kernels: none (CUDA without QWEN3VL_ROUTING_KERNELS=0 has them)")
                     }
+                }
+                match check_adamw_kernel::<B::InnerBackend>(device) {
+                    Some(rows) => failed += print_checks(&rows, o.dtype),
+                    None => println!(
+                        "check AdamW kernel: none (CUDA without QWEN3VL_ADAMW_KERNEL=0 has it)"
+                    ),
                 }
             }
             if !check_only {

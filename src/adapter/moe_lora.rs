@@ -15,7 +15,7 @@ use burn::prelude::*;
 use burn::tensor::DType;
 
 use super::lora::lora_a_init;
-use super::routing::{route_ops, RouteOptions};
+use super::routing::RouteOptions;
 use super::{AdapterStats, FrozenLinear};
 use crate::quant::kernels::routing as routing_kernels;
 
@@ -117,7 +117,7 @@ impl<B: Backend, W: FrozenLinear<B>> MoeLoraLinear<B, W> {
         };
         let routing = match routing_kernels::registered::<B>() {
             Some(ops) => (ops.route)(logits, o),
-            None => route_ops(logits, o),
+            None => routing_kernels::route_plain(logits, o),
         };
         let counts = match &routing.mask {
             Some(mask) => mask.clone().sum_dim(0).reshape([e_count]),

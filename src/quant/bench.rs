@@ -40,14 +40,16 @@ pub const CHECK_CASES: [CheckCase; 6] = [
 ];
 
 /// The checks `bench nf4 --checks NAME` runs: the NF4 layer cases, and whether the fused
-/// decoder and routing kernels are checked too. `all`, `nf4` (every NF4 case), `gemv` (the NF4
-/// cases of at most [`GEMV_MAX_ROWS`] rows) or `none`; `None` for any other name.
+/// decoder, routing and AdamW kernels are checked too. `all`, `nf4` (every NF4 case), `gemv`
+/// (the NF4 cases of at most [`GEMV_MAX_ROWS`] rows), `others` (no NF4 case, the other
+/// kernels) or `none`; `None` for any other name.
 pub fn check_selection(name: &str) -> Option<(Vec<CheckCase>, bool)> {
     let gemv = || CHECK_CASES.iter().copied().filter(|c| c.2 <= GEMV_MAX_ROWS);
     match name {
         "all" => Some((CHECK_CASES.to_vec(), true)),
         "nf4" => Some((CHECK_CASES.to_vec(), false)),
         "gemv" => Some((gemv().collect(), false)),
+        "others" => Some((Vec::new(), true)),
         "none" => Some((Vec::new(), false)),
         _ => None,
     }
@@ -395,6 +397,48 @@ pub fn check_routing_kernels<B: Backend>(device: &B::Device) -> Option<Vec<Check
     Some(out)
 }
 
+/// Checks backend `B`'s registered AdamW kernel against the same update in tensor ops on the same
+/// device: a first update (moments from zero) and a second one with weight decay and a gradient
+/// scale, for a MoE-LoRA expert matrix's size and odd sizes; `None` if none is registered. Each
+/// row's `d_in` is the step, `rows` the element count.
+pub fn check_adamw_kernel<B: Backend>(device: &B::Device) -> Option<Vec<CheckRow>> {
+    use super::kernels::adamw::{registered, step_ops, AdamWScalars};
+    let kernel = registered::<B>()?;
+    let mut out = Vec::new();
+    for (i, n) in [2 * 8 * 9728, 1000, 257].into_iter().enumerate() {
+        let seed = 1500 + 10 * i as u64;
+        let p = device_values([n], seed, 1.0, DType::F32, device);
+        let m = device_values([n], seed + 1, 0.1, DType::F32, device);
+        let v = device_values([n], seed + 2, 0.01, DType::F32, device).abs();
+        let g = device_values([n], seed + 3, 0.5, DType::F32, device);
+        for (time, moments, weight_decay, grad_scale) in
+            [(1, None, 0.0, 1.0), (4, Some((m, v)), 0.01, 0.25)]
+        {
+            let s = AdamWScalars {
+                lr: 1e-3,
+                beta_1: 0.9,
+                beta_2: 0.999,
+                epsilon: 1e-8,
+                weight_decay,
+                time,
+                grad_scale,
+            };
+            let got = (kernel.step)(p.clone(), g.clone(), moments.clone(), s);
+            let want = step_ops(p.clone(), g.clone(), moments, s);
+            // The parameter's change, not the parameter: lr·step is ~1e-3 of p.
+            let (dp_got, dp_want) = (got.0 - p.clone(), want.0 - p.clone());
+            for (what, a, b) in [
+                ("adamw dp", dp_got, dp_want),
+                ("adamw m", got.1, want.1),
+                ("adamw v", got.2, want.2),
+            ] {
+                out.push(device_check(what, (time, 1, n), a, b));
+            }
+        }
+    }
+    Some(out)
+}
+
 /// Prints one line per check; returns how many are above the tolerance.
 pub fn print_checks(checks: &[CheckRow], dtype: DType) -> usize {
     let limit = tolerance(dtype);
@@ -567,6 +611,7 @@ mod tests {
         assert!(!others && !gemv.is_empty() && gemv.len() < all.len());
         assert!(gemv.iter().all(|c| c.2 <= GEMV_MAX_ROWS));
         assert_eq!(check_selection("none"), Some((Vec::new(), false)));
+        assert_eq!(check_selection("others"), Some((Vec::new(), true)));
         assert_eq!(check_selection("some"), None);
     }
 

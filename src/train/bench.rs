@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use burn::optim::{AdamWConfig, GradientsAccumulator};
+use burn::optim::GradientsAccumulator;
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use burn::train::TrainStep;
@@ -15,6 +15,7 @@ use serde::Serialize;
 
 use super::data::{TrainBatch, TrainBatcher, TrainItem};
 use super::memory::StepMemory;
+use super::optim::FusedAdamW;
 use super::prepare::{image_options, load_base, random_base};
 use super::state::{RunSettings, RunState};
 use super::step::TrainModel;
@@ -254,9 +255,7 @@ pub fn bench_train<B: AutodiffBackend>(
         vision_cache,
         step_memory: StepMemory::from_env()?,
     };
-    let mut optim = AdamWConfig::new()
-        .with_weight_decay(exp.train.weight_decay as f32)
-        .init::<B, TrainModel<B>>();
+    let mut optim = FusedAdamW::init::<B, TrainModel<B>>(exp.train.weight_decay as f32);
 
     let mib = |b: u64| b as f64 / 1048576.0;
     let read_memory = || {
@@ -286,7 +285,11 @@ pub fn bench_train<B: AutodiffBackend>(
     let started = Instant::now();
     eprintln!("model ready in {:.1} s", setup.elapsed().as_secs_f64());
     let mut warmup_s = 0.0;
+    let mut host_profile = None;
     for step in 0..opts.warmup + opts.steps {
+        if step == opts.warmup {
+            host_profile = Some(super::host_profile::HostProfile::start());
+        }
         let t0 = Instant::now();
         let mut acc = GradientsAccumulator::<TrainModel<B>>::new();
         for micro in 0..ga {
@@ -338,6 +341,9 @@ pub fn bench_train<B: AutodiffBackend>(
         } else {
             times.push(dt);
         }
+    }
+    if let Some(p) = host_profile {
+        p.finish();
     }
     let _ = std::fs::remove_dir_all(&out_dir);
     if times.is_empty() {

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use burn::data::dataloader::DataLoaderBuilder;
-use burn::optim::{AdamWConfig, Optimizer};
+use burn::optim::Optimizer;
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use burn::train::metric::LearningRateMetric;
@@ -21,6 +21,7 @@ use super::data::{RunOrder, TrainBatcher};
 use super::devices::{grad_accum_per_device, TrainDevices};
 use super::memory::StepMemory;
 use super::metrics::{Quantity, QuietRenderer, ScalarMetric};
+use super::optim::FusedAdamW;
 use super::plot::plot_run;
 use super::prepare::{
     image_options, load_base, nf4_options, prepare_data, random_base, run_encoder, tokenizer_path,
@@ -348,12 +349,7 @@ fn run_stage<B: AutodiffBackend>(
         recompute_layers: exp.train.gradient_checkpointing == Checkpointing::Layers,
     };
     let run = Arc::new(RunState::new(settings, data.train_origins.clone()));
-    let mut optim = AdamWConfig::new()
-        .with_beta_1(0.9)
-        .with_beta_2(0.999)
-        .with_epsilon(1e-8)
-        .with_weight_decay(exp.train.weight_decay as f32)
-        .init::<B, TrainModel<B>>();
+    let mut optim = FusedAdamW::init::<B, TrainModel<B>>(exp.train.weight_decay as f32);
     let mut start = 0;
     let mut calls = 0;
     if let Some((dir, state)) = &resume_from {

@@ -18,6 +18,7 @@ use burn::train::{InferenceStep, TrainOutput, TrainStep};
 use super::checkpoint::{save_checkpoint, CheckpointState};
 use super::data::TrainBatch;
 use super::memory::StepMemory;
+use super::profile::PhaseClock;
 use super::recompute::{RecomputedPass, HEAD_CHUNK_BYTES};
 use super::state::{append_row, RunState, StepClaim, StepRow, Window};
 use super::vision_cache::VisionCache;
@@ -285,6 +286,7 @@ impl<B: AutodiffBackend> TrainModel<B> {
         seed: u64,
     ) -> TrainOutput<StepOutput> {
         let what = || format!("training batch of {}", self.run.describe(&batch.indexes));
+        let mut clock = PhaseClock::<B>::start(&self.device());
         let (inputs, fill) = self.cached_inputs(&batch, true);
         let rows = logit_rows(&batch);
         let mut pass = match RecomputedPass::forward(&self.model, &inputs, rows, seed) {
@@ -292,6 +294,7 @@ impl<B: AutodiffBackend> TrainModel<B> {
             Err(e) => self.run.fail(Error::Input(format!("{}: {e}", what()))),
         };
         self.fill_cache(&batch, fill, pass.vision.take().as_ref());
+        clock.lap("forward");
         let factor = self.loss_factor();
         let inputs = &batch.batch.inputs;
         let weights = caption_weights(
@@ -310,11 +313,15 @@ impl<B: AutodiffBackend> TrainModel<B> {
             scalar(&lm),
             pass.aux_loss.as_ref().map(scalar).unwrap_or(0.0),
         );
+        clock.lap("head");
         let expert_tokens = pass.expert_tokens.clone();
         let mut output = StepOutput::of_batch(&batch, lm_v, aux_v, expert_tokens);
         self.note_losses(&batch, &mut output);
+        let grads = pass.backward(&self.model, factor);
+        clock.lap("backward");
+        clock.report("micro-batch");
         TrainOutput {
-            grads: pass.backward(&self.model, factor),
+            grads,
             item: output,
         }
     }
@@ -402,8 +409,10 @@ impl<B: AutodiffBackend> TrainStep for TrainModel<B> {
                 return optim.step(lr, self, grads);
             }
         };
+        let mut clock = PhaseClock::<B>::start(&self.device());
         let scale = p.scaler.scale;
         let norm = grad_sq_sum::<B2, Self>(&self, &grads).sqrt() / scale;
+        clock.lap("gradient norm");
         p.step = step;
         let window = p.windows.remove(&step).unwrap_or_default();
         let mut factor = 1.0;
@@ -438,6 +447,8 @@ impl<B: AutodiffBackend> TrainStep for TrainModel<B> {
             }
             self
         };
+        clock.lap("optimizer");
+        clock.report("step");
         p.decided(step, norm.is_finite(), factor, s.replicas);
         let row = step_row(&mut p, &window, lr, norm, s.samples_per_epoch);
         if let Err(e) = append_row(&s.out_dir, &row) {

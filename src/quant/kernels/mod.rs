@@ -11,11 +11,13 @@
 //! * [`layer_ops`]: fused RMSNorm, q/k norm + rotary, softmax and SwiGLU kernels for the
 //!   decoder, found through the same registry.
 //! * [`routing`]: MoE-LoRA routing as one autodiff step with a closed-form backward.
+//! * [`adamw`]: the optimizer's update of one parameter as one kernel.
 //!
 //! The model is generic over `B: Backend`, so it cannot name this trait in its bounds; instead
 //! the binary [`register`]s the backends it runs on, and [`Nf4Linear`] looks its backend up at
 //! run time (a type-id map; the reference path when nothing is registered).
 
+pub mod adamw;
 pub mod autodiff;
 pub mod cube;
 pub mod fusion;

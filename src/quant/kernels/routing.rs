@@ -301,6 +301,22 @@ pub fn registered_kernels<B: Backend>() -> Option<RouteKernels<B>> {
     super::fetch::<RouteKernels<B>>()
 }
 
+/// Routes `logits` [N, E] (f32) on a backend without autodiff (the graph-free forward of layer
+/// recomputation): backend `B`'s registered kernels when it has them (one launch instead of
+/// ~15), else the tensor ops.
+pub fn route_plain<B: Backend>(logits: Tensor<B, 2>, o: RouteOptions) -> Routing<B> {
+    let Some(kernels) = registered_kernels::<B>() else {
+        return route_ops(logits, o);
+    };
+    let (packed, mask) = (kernels.forward)(logits, o); // [N, 2E], [N, E]
+    let e = mask.dims()[1];
+    Routing {
+        gate: packed.clone().narrow(1, 0, e),
+        probs: packed.narrow(1, e, e),
+        mask: (o.top_k < e).then_some(mask),
+    }
+}
+
 /// The forward's tensors the backward needs (inner backend): [gate | probs] [N, 2E] and the
 /// mask [N, E] (ones when dense).
 #[derive(Debug, Clone)]
@@ -470,6 +486,8 @@ mod tests {
     }
 
     static FORWARDS: AtomicUsize = AtomicUsize::new(0);
+    /// Held by the tests that register Flex's routing kernels (the registry is process-wide).
+    static REGISTRY: std::sync::Mutex<()> = std::sync::Mutex::new(());
     static BACKWARDS: AtomicUsize = AtomicUsize::new(0);
 
     fn counted_forward(logits: Tensor<Flex, 2>, o: RouteOptions) -> PackedAndMask<Flex> {
@@ -487,6 +505,46 @@ mod tests {
         (RouteKernels::<Flex>::reference().backward)(packed, mask, grad, o)
     }
 
+    /// Without autodiff, routing takes the backend's registered forward when there is one, and
+    /// gives the tensor ops' gates, probabilities and choices (a mask only when top_k < E).
+    #[test]
+    fn plain_routing_uses_registered_kernels() {
+        let logits = Tensor::<Flex, 2>::from_data(
+            TensorData::from([[0.5f32, -1.0, 0.2], [2.0, 0.25, -0.5], [-0.3, 0.1, 0.0]]),
+            &Default::default(),
+        );
+        let _registry = REGISTRY.lock().unwrap_or_else(|e| e.into_inner());
+        register_kernel_ops(RouteKernels::<Flex> {
+            forward: counted_forward,
+            backward: counted_backward,
+        });
+        for (k, renormalize) in [(1, false), (2, true), (3, false)] {
+            let o = RouteOptions {
+                top_k: k,
+                renormalize,
+                scaling: 2.0,
+            };
+            let f0 = FORWARDS.load(SeqCst);
+            let got = route_plain(logits.clone(), o);
+            assert!(
+                FORWARDS.load(SeqCst) > f0,
+                "top-{k}: registered forward not called"
+            );
+            let want = route_ops(logits.clone(), o);
+            got.gate
+                .into_data()
+                .assert_approx_eq::<f32>(&want.gate.into_data(), Default::default());
+            got.probs
+                .into_data()
+                .assert_approx_eq::<f32>(&want.probs.into_data(), Default::default());
+            assert_eq!(got.mask.is_some(), want.mask.is_some(), "top-{k}: mask");
+            if let (Some(a), Some(b)) = (got.mask, want.mask) {
+                a.into_data().assert_eq(&b.into_data(), true);
+            }
+        }
+        unregister_kernels::<Flex>();
+    }
+
     /// The routing step runs the inner backend's registered forward and backward.
     #[test]
     fn one_step_routing_uses_registered_kernels() {
@@ -499,6 +557,7 @@ mod tests {
             TensorData::from([[0.5f32, -1.0], [2.0, 0.25], [-0.3, 0.1]]),
             &Default::default(),
         );
+        let _registry = REGISTRY.lock().unwrap_or_else(|e| e.into_inner());
         register_kernel_ops(RouteKernels::<Flex> {
             forward: counted_forward,
             backward: counted_backward,
