@@ -255,7 +255,9 @@ pub fn bench_train<B: AutodiffBackend>(
         vision_cache,
         step_memory: StepMemory::from_env()?,
     };
-    let mut optim = FusedAdamW::init::<B, TrainModel<B>>(exp.train.weight_decay as f32);
+    let (mut optim, grad_scale) =
+        FusedAdamW::init::<B, TrainModel<B>>(exp.train.weight_decay as f32);
+    let _ = model.run.grad_scale.set(grad_scale);
 
     let mib = |b: u64| b as f64 / 1048576.0;
     let read_memory = || {

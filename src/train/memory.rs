@@ -24,6 +24,10 @@ pub enum StepAllocations {
     /// Exact-size allocations, freed before every micro-batch (`exact-fresh`; for measuring
     /// what re-allocating costs).
     ExactFresh,
+    /// Exact-size allocations, the free ones also released between a recomputed step's phases
+    /// (forward, head, backward: each phase's buffer sizes are not reserved during the next
+    /// one's) (`exact-phases`).
+    ExactPhases,
 }
 
 impl StepAllocations {
@@ -35,14 +39,16 @@ impl StepAllocations {
         }
     }
 
-    /// Parses `pools`, `exact` or `exact-fresh`.
+    /// Parses `pools`, `exact`, `exact-fresh` or `exact-phases`.
     pub fn parse(name: &str) -> crate::Result<Self> {
         match name {
             "pools" => Ok(Self::Pools),
             "exact" => Ok(Self::Exact),
             "exact-fresh" => Ok(Self::ExactFresh),
+            "exact-phases" => Ok(Self::ExactPhases),
             other => Err(crate::Error::Input(format!(
-                "QWEN3VL_STEP_MEMORY={other:?}: expected one of pools, exact, exact-fresh"
+                "QWEN3VL_STEP_MEMORY={other:?}: expected one of pools, exact, exact-fresh, \
+                 exact-phases"
             ))),
         }
     }
@@ -68,6 +74,15 @@ impl StepMemory {
     /// The policy `QWEN3VL_STEP_MEMORY` names, shared by a run's step clones.
     pub fn from_env() -> crate::Result<Arc<Self>> {
         Ok(Arc::new(Self::new(StepAllocations::from_env()?)))
+    }
+
+    /// Marks the end of one phase of a step: under [`StepAllocations::ExactPhases`] the free
+    /// exact-size allocations are released, so the next phase's sizes are not reserved next
+    /// to them.
+    pub fn phase_done<B: Backend>(&self, device: &B::Device) {
+        if self.mode == StepAllocations::ExactPhases {
+            B::memory_cleanup(device);
+        }
     }
 
     /// Runs `step(input)` for a batch of shape `shape` (any dims that size its tensors) on
@@ -118,6 +133,10 @@ mod tests {
         assert_eq!(
             StepAllocations::parse("exact-fresh").unwrap(),
             StepAllocations::ExactFresh
+        );
+        assert_eq!(
+            StepAllocations::parse("exact-phases").unwrap(),
+            StepAllocations::ExactPhases
         );
         let e = StepAllocations::parse("big").unwrap_err().to_string();
         assert!(

@@ -2,6 +2,9 @@
 //! the backend registered one (`quant::kernels::adamw`), else burn's own tensor ops. Its state is
 //! burn's `AdamWState`, so optimizer checkpoints are the same files either way.
 
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
 use burn::module::AutodiffModule;
 use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::{
@@ -16,6 +19,35 @@ use crate::quant::kernels::adamw::{registered, AdamWKernel, AdamWScalars};
 /// β1, β2 and ε of every run (HF's AdamW defaults).
 const BETAS_EPSILON: (f32, f32, f32) = (0.9, 0.999, 1e-8);
 
+/// The factor every gradient is multiplied by before the next update (gradient clipping and
+/// loss unscaling), shared between the training step that decides it and the optimizer that
+/// applies it: inside the AdamW kernel it costs no launch of its own.
+#[derive(Clone, Debug)]
+pub struct GradScale(Arc<AtomicU32>);
+
+impl GradScale {
+    /// Factor 1.
+    pub fn new() -> Self {
+        Self(Arc::new(AtomicU32::new(1.0f32.to_bits())))
+    }
+
+    /// Sets the factor of the next updates.
+    pub fn set(&self, factor: f64) {
+        self.0.store((factor as f32).to_bits(), Ordering::Relaxed);
+    }
+
+    /// The current factor.
+    pub fn get(&self) -> f32 {
+        f32::from_bits(self.0.load(Ordering::Relaxed))
+    }
+}
+
+impl Default for GradScale {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// AdamW that updates a parameter in one launch on backends with the kernel (see the module).
 #[derive(Clone)]
 pub struct FusedAdamW {
@@ -24,6 +56,7 @@ pub struct FusedAdamW {
     beta_2: f32,
     epsilon: f32,
     weight_decay: f32,
+    grad_scale: GradScale,
 }
 
 impl FusedAdamW {
@@ -41,14 +74,18 @@ impl FusedAdamW {
             beta_2,
             epsilon,
             weight_decay,
+            grad_scale: GradScale::new(),
         }
     }
 
-    /// The optimizer for module `M` on autodiff backend `B`.
+    /// The optimizer for module `M` on autodiff backend `B`, and the handle that sets the
+    /// factor its gradients are multiplied by.
     pub fn init<B: AutodiffBackend, M: AutodiffModule<B>>(
         weight_decay: f32,
-    ) -> OptimizerAdaptor<Self, M, B> {
-        OptimizerAdaptor::from(Self::new(weight_decay))
+    ) -> (OptimizerAdaptor<Self, M, B>, GradScale) {
+        let adamw = Self::new(weight_decay);
+        let scale = adamw.grad_scale.clone();
+        (OptimizerAdaptor::from(adamw), scale)
     }
 }
 
@@ -71,8 +108,8 @@ impl<B: Backend> SimpleOptimizer<B> for FusedAdamW {
 }
 
 impl FusedAdamW {
-    /// One update with `kernel` (burn's AdamW when `None`, or for what the kernel does not
-    /// take: non-f32 tensors, AMSGrad state).
+    /// One update of the gradient times the [`GradScale`] factor with `kernel` (burn's AdamW
+    /// when `None`, or for what the kernel does not take: non-f32 tensors, AMSGrad state).
     fn step_with<B: Backend, const D: usize>(
         &self,
         kernel: Option<AdamWKernel<B>>,
@@ -88,7 +125,13 @@ impl FusedAdamW {
                     .as_ref()
                     .is_none_or(|s| s.momentum.max_moment_2.is_none())
         });
+        let factor = self.grad_scale.get();
         let Some(kernel) = kernel else {
+            let grad = if factor == 1.0 {
+                grad
+            } else {
+                grad.mul_scalar(factor)
+            };
             return SimpleOptimizer::<B>::step(&self.reference, lr, tensor, grad, state);
         };
         let dims = tensor.dims();
@@ -108,7 +151,7 @@ impl FusedAdamW {
             epsilon: self.epsilon,
             weight_decay: self.weight_decay,
             time,
-            grad_scale: 1.0,
+            grad_scale: factor,
         };
         let (p, m, v) = (kernel.step)(tensor.reshape([n]), grad.reshape([n]), moments, scalars);
         let momentum = AdaptiveMomentumState::new(time, m.reshape(dims), v.reshape(dims));
@@ -131,17 +174,29 @@ mod tests {
     }
 
     /// Three updates through the one-launch path (with the kernel's expression in tensor ops)
-    /// equal burn's AdamW, with and without weight decay; the state keeps burn's layout.
+    /// equal burn's AdamW of the scaled gradient, with and without weight decay and a gradient
+    /// factor; the state keeps burn's layout.
     #[test]
     fn one_launch_updates_equal_burns_adamw() {
-        for wd in [0.0f32, 0.05] {
+        for (wd, factor) in [(0.0f32, 1.0), (0.05, 0.3)] {
             let run = |fused: bool| {
                 let kernel = fused.then_some(AdamWKernel::<Flex> { step: step_ops });
                 let optim = FusedAdamW::new(wd);
+                optim.grad_scale.set(factor);
                 let (mut p, mut state) = (wave(33, 1), None);
                 for step in 0..3 {
                     let grad = wave(33, 10 + step);
-                    (p, state) = optim.step_with(kernel, 1e-2, p, grad, state);
+                    (p, state) = match fused {
+                        true => optim.step_with(kernel, 1e-2, p, grad, state),
+                        // burn's AdamW itself, on the gradient scaled beforehand.
+                        false => SimpleOptimizer::<Flex>::step(
+                            &optim.reference,
+                            1e-2,
+                            p,
+                            grad.mul_scalar(factor),
+                            state,
+                        ),
+                    };
                 }
                 let s = state.expect("state").momentum;
                 assert_eq!(s.time, 3);
@@ -151,7 +206,10 @@ mod tests {
             for (g, w) in [(got.0, want.0), (got.1, want.1), (got.2, want.2)] {
                 let err = (g - w.clone()).abs().max().into_scalar()
                     / w.abs().max().into_scalar().max(1e-12);
-                assert!(err < 1e-5, "weight decay {wd}: relative error {err:e}");
+                assert!(
+                    err < 1e-5,
+                    "weight decay {wd}, factor {factor}: relative error {err:e}"
+                );
             }
         }
     }

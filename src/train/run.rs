@@ -349,7 +349,9 @@ fn run_stage<B: AutodiffBackend>(
         recompute_layers: exp.train.gradient_checkpointing == Checkpointing::Layers,
     };
     let run = Arc::new(RunState::new(settings, data.train_origins.clone()));
-    let mut optim = FusedAdamW::init::<B, TrainModel<B>>(exp.train.weight_decay as f32);
+    let (mut optim, grad_scale) =
+        FusedAdamW::init::<B, TrainModel<B>>(exp.train.weight_decay as f32);
+    let _ = run.grad_scale.set(grad_scale);
     let mut start = 0;
     let mut calls = 0;
     if let Some((dir, state)) = &resume_from {

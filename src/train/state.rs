@@ -9,11 +9,12 @@
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
+use super::optim::GradScale;
 use crate::adapter::AdapterConfig;
 use crate::checkpoint::tensor_file::write_atomically;
 use crate::error::{Error, Result};
@@ -301,6 +302,9 @@ pub struct RunState {
     pub progress: Mutex<Progress>,
     /// The error that stopped the run, if any.
     pub error: Mutex<Option<Error>>,
+    /// Where the step hands the optimizer its gradient factor (clipping / loss scale); unset,
+    /// the step multiplies the gradients itself.
+    pub grad_scale: OnceLock<GradScale>,
 }
 
 impl RunState {
@@ -327,6 +331,7 @@ impl RunState {
                 checkpoints: Vec::new(),
             }),
             error: Mutex::new(None),
+            grad_scale: OnceLock::new(),
         }
     }
 

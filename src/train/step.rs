@@ -294,6 +294,7 @@ impl<B: AutodiffBackend> TrainModel<B> {
             Err(e) => self.run.fail(Error::Input(format!("{}: {e}", what()))),
         };
         self.fill_cache(&batch, fill, pass.vision.take().as_ref());
+        self.step_memory.phase_done::<B>(&self.device());
         clock.lap("forward");
         let factor = self.loss_factor();
         let inputs = &batch.batch.inputs;
@@ -313,6 +314,7 @@ impl<B: AutodiffBackend> TrainModel<B> {
             scalar(&lm),
             pass.aux_loss.as_ref().map(scalar).unwrap_or(0.0),
         );
+        self.step_memory.phase_done::<B>(&self.device());
         clock.lap("head");
         let expert_tokens = pass.expert_tokens.clone();
         let mut output = StepOutput::of_batch(&batch, lm_v, aux_v, expert_tokens);
@@ -403,9 +405,7 @@ impl<B: AutodiffBackend> TrainStep for TrainModel<B> {
                 if !d.finite {
                     return self;
                 }
-                if d.factor != 1.0 {
-                    scale_grads::<B2, Self>(&self, &mut grads, d.factor);
-                }
+                apply_grad_factor::<B2, Self>(&self, &run, &mut grads, d.factor);
                 return optim.step(lr, self, grads);
             }
         };
@@ -423,9 +423,7 @@ impl<B: AutodiffBackend> TrainStep for TrainModel<B> {
                 1.0
             };
             factor = clip / scale;
-            if factor != 1.0 {
-                scale_grads::<B2, Self>(&self, &mut grads, factor);
-            }
+            apply_grad_factor::<B2, Self>(&self, &run, &mut grads, factor);
             p.scaler.good();
             p.consecutive_skips = 0;
             optim.step(lr, self, grads)
@@ -588,6 +586,21 @@ fn grad_sq_sum<B: AutodiffBackend, M: AutodiffModule<B>>(
     let mut v = SqSum::<B> { grads, sum: None };
     module.visit(&mut v);
     v.sum.map(|t| t.into_scalar().elem::<f64>()).unwrap_or(0.0)
+}
+
+/// Has the optimizer multiply the gradients by `factor` (inside its update, when the run set a
+/// [`super::optim::GradScale`]), or multiplies them here.
+fn apply_grad_factor<B: AutodiffBackend, M: AutodiffModule<B>>(
+    module: &M,
+    run: &RunState,
+    grads: &mut GradientsParams,
+    factor: f64,
+) {
+    match run.grad_scale.get() {
+        Some(scale) => scale.set(factor),
+        None if factor != 1.0 => scale_grads::<B, M>(module, grads, factor),
+        None => {}
+    }
 }
 
 /// Multiplies every gradient of `module` by `factor`.
