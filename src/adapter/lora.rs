@@ -51,8 +51,10 @@ impl<B: Backend, W: FrozenLinear<B>> LoraLinear<B, W> {
         let dtype = x.dtype();
         let a = self.lora_a.val().cast(dtype).transpose();
         let b = self.lora_b.val().cast(dtype).transpose();
-        let h = burn::tensor::module::linear(stats.dropout(&self.dropout, x), a, None);
-        burn::tensor::module::linear(h, b, None).mul_scalar(self.scaling)
+        // Dropout's 1/keep rides on the scaling (one product instead of two).
+        let (x, keep_factor) = stats.dropout_unscaled(&self.dropout, x);
+        let h = burn::tensor::module::linear(x, a, None);
+        burn::tensor::module::linear(h, b, None).mul_scalar(self.scaling * keep_factor)
     }
 
     /// `base(x) + delta(x)` (`stats`: the pass, which says whether dropout applies).
@@ -70,5 +72,46 @@ impl<B: Backend, W: FrozenLinear<B>> LoraLinear<B, W> {
             .val()
             .matmul(self.lora_a.val())
             .mul_scalar(self.scaling)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::layers::Linear;
+    use burn::backend::Flex;
+    use burn::tensor::Distribution;
+
+    /// With dropout, the update (1/keep folded into the scaling) equals the update of the input
+    /// dropped and scaled by 1/keep, replaying the same mask. Runs alone (see
+    /// `adapter::testing::run_alone`).
+    #[test]
+    fn dropout_folded_into_the_scaling_matches_scaled_inputs() {
+        crate::adapter::testing::run_alone("adapter::lora::tests::dropout_fold_run_alone");
+    }
+
+    #[test]
+    #[ignore = "run alone by dropout_folded_into_the_scaling_matches_scaled_inputs"]
+    fn dropout_fold_run_alone() {
+        let dev = Default::default();
+        let mut l = LoraLinear::<Flex, _>::new(Linear::init(5, 4, false, &dev), 2, 4.0, 0.25);
+        let b = Tensor::<Flex, 2>::random([4, 2], Distribution::Normal(0.0, 1.0), &dev);
+        l.lora_b = Param::initialized(l.lora_b.id, b);
+        let x = Tensor::<Flex, 2>::random([6, 5], Distribution::Normal(0.0, 1.0), &dev);
+        let dense = l.merged_delta(); // also reads the lazy parameters before seeding
+        let run = |seed: u64| {
+            Flex::seed(&dev, seed);
+            l.delta(x.clone(), &AdapterStats::training_without_autodiff())
+        };
+        let got = run(3);
+        Flex::seed(&dev, 3);
+        let mask = x.clone().random_like(Distribution::Bernoulli(0.75));
+        let want = (x.clone() * mask)
+            .div_scalar(0.75)
+            .matmul(dense.transpose());
+        let err = (got - want.clone()).abs().max().into_scalar();
+        assert!(err < 1e-5, "max difference {err}");
+        let other = (run(4) - want).abs().max().into_scalar();
+        assert!(other > 1e-3, "max difference with another mask {other}");
     }
 }

@@ -115,13 +115,29 @@ impl<B: Backend> AdapterStats<B> {
     /// 1/keep where a Bernoulli(keep) mask is 1, else 0 (burn's `Dropout`, which only
     /// checks for autodiff).
     pub fn dropout<const D: usize>(&self, d: &Dropout, x: Tensor<B, D>) -> Tensor<B, D> {
+        let (x, factor) = self.dropout_unscaled(d, x);
+        if factor == 1.0 {
+            x
+        } else {
+            x.mul_scalar(factor)
+        }
+    }
+
+    /// [`Self::dropout`] without its 1/keep scaling: the masked inputs and the factor (1/keep,
+    /// or 1 where no dropout applies) for the caller to fold into a scaling it applies anyway
+    /// (one launch fewer per layer: the training step is bound by launches).
+    pub fn dropout_unscaled<const D: usize>(
+        &self,
+        d: &Dropout,
+        x: Tensor<B, D>,
+    ) -> (Tensor<B, D>, f64) {
         let training = self.dropout_without_autodiff || B::ad_enabled(&x.device());
         if !training || d.prob == 0.0 {
-            return x;
+            return (x, 1.0);
         }
         let keep = 1.0 - d.prob;
         let mask = x.random_like(Distribution::Bernoulli(keep));
-        (x * mask).mul_scalar(1.0 / keep)
+        (x * mask, 1.0 / keep)
     }
 
     /// MoE layers recorded so far.
@@ -310,6 +326,31 @@ impl<B: Backend> Projection<B> {
                 count_params(&l.router) + count_params(&l.experts_a) + count_params(&l.experts_b)
             }
         }
+    }
+}
+
+/// Test helpers shared by the crate's tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    /// Runs the `#[ignore]`d test `name` of this test binary alone in a child process and
+    /// asserts that it passed. burn-flex's random numbers come from one process-wide
+    /// generator, so a test that seeds it and replays the draws must not share the process
+    /// with tests drawing in parallel.
+    pub fn run_alone(name: &str) {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                name,
+                "--ignored",
+                "--test-threads=1",
+                "--nocapture",
+            ])
+            .output()
+            .unwrap();
+        let log = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{log}");
+        assert!(log.contains("1 passed"), "the check did not run: {log}");
     }
 }
 

@@ -110,10 +110,12 @@ impl<B: Backend, W: FrozenLinear<B>> MoeLoraLinear<B, W> {
         let logits = stats
             .dropout(&self.router_dropout, xf.clone().cast(DType::F32))
             .matmul(self.router.val().transpose());
+        // The experts' input dropout; its 1/keep rides on the gates' LoRA scaling.
+        let (x_experts, keep_factor) = stats.dropout_unscaled(&self.dropout, xf.clone());
         let o = RouteOptions {
             top_k: k,
             renormalize: self.renormalize,
-            scaling: self.scaling,
+            scaling: self.scaling * keep_factor,
         };
         let routing = match routing_kernels::registered::<B>() {
             Some(ops) => (ops.route)(logits, o),
@@ -142,11 +144,8 @@ impl<B: Backend, W: FrozenLinear<B>> MoeLoraLinear<B, W> {
         // [N, E·r] viewed as [N, E, r] times the gate (with the LoRA scaling folded in)
         // broadcast over r (no expanded copy).
         let gate = routing.gate.cast(dtype);
-        let h = stats
-            .dropout(&self.dropout, xf)
-            .matmul(a.transpose())
-            .reshape([n, e_count, r])
-            * gate.unsqueeze_dim::<3>(2);
+        let h =
+            x_experts.matmul(a.transpose()).reshape([n, e_count, r]) * gate.unsqueeze_dim::<3>(2);
         let h = h.reshape([n, e_count * r]);
         let delta = h.matmul(b); // [N, out]
 
@@ -214,6 +213,71 @@ mod tests {
             .map(|_| (rng.below(2001) as f32 - 1000.0) / 1000.0)
             .collect();
         Tensor::from_data(TensorData::new(v, shape), &Default::default())
+    }
+
+    /// With dropout on the router's and the experts' inputs, the layer (1/keep folded into the
+    /// gates) equals the formula with each input dropped and scaled by 1/keep, replaying the
+    /// same two random masks. Runs alone (see `adapter::testing::run_alone`).
+    #[test]
+    fn dropout_folded_into_the_gates_matches_scaled_inputs() {
+        crate::adapter::testing::run_alone("adapter::moe_lora::tests::dropout_fold_run_alone");
+    }
+
+    #[test]
+    #[ignore = "run alone by dropout_folded_into_the_gates_matches_scaled_inputs"]
+    fn dropout_fold_run_alone() {
+        use burn::tensor::Distribution;
+        let dev = Default::default();
+        let o = MoeLoraOptions {
+            r: 2,
+            alpha: 4.0,
+            experts: 2,
+            top_k: 1,
+            renormalize: false,
+            dropout: 0.3,
+            router_dropout: 0.2,
+        };
+        let mut l = MoeLoraLinear::<Flex, _>::new(Linear::init(5, 4, true, &dev), o);
+        l.experts_b = set(&l.experts_b, randn([2, 4, 2], 2));
+        let x = randn::<Flex, 2>([6, 5], 1);
+        // Lazy parameters draw from the generator when first read: read them before seeding.
+        let base = l.base.forward(x.clone());
+        let deltas = [l.expert_delta(0), l.expert_delta(1)];
+        let router = l.router.val();
+        let run = |seed: u64| {
+            Flex::seed(&dev, seed);
+            l.forward(x.clone(), &AdapterStats::training_without_autodiff())
+        };
+        let got = run(5);
+        // The same draws in the same order: the router's input mask, then the experts'.
+        Flex::seed(&dev, 5);
+        let router_mask = x.clone().random_like(Distribution::Bernoulli(0.8));
+        let expert_mask = x.clone().random_like(Distribution::Bernoulli(0.7));
+        let logits = (x.clone() * router_mask)
+            .div_scalar(0.8)
+            .matmul(router.transpose());
+        let probs = softmax(logits, 1).into_data().to_vec::<f32>().unwrap();
+        let dropped = (x.clone() * expert_mask).div_scalar(0.7);
+        let mut want = base;
+        for t in 0..6 {
+            let e = if probs[t * 2] >= probs[t * 2 + 1] {
+                0
+            } else {
+                1
+            };
+            let update = dropped
+                .clone()
+                .narrow(0, t, 1)
+                .matmul(deltas[e].clone().transpose())
+                .mul_scalar(probs[t * 2 + e]);
+            let row = want.clone().narrow(0, t, 1) + update;
+            want = want.slice_assign([t..t + 1, 0..4], row);
+        }
+        let err = (got - want.clone()).abs().max().into_scalar();
+        assert!(err < 1e-5, "max difference {err}");
+        // Other masks give another output: the comparison can fail.
+        let other = (run(6) - want).abs().max().into_scalar();
+        assert!(other > 1e-3, "max difference with other masks {other}");
     }
 
     #[test]

@@ -504,21 +504,7 @@ mod tests {
     /// So the check runs alone, in a child process of this test binary.
     #[test]
     fn recomputed_gradients_match_one_graph_with_dropout() {
-        let name = "train::recompute::tests::dropout_check_run_alone";
-        let out = std::process::Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                name,
-                "--ignored",
-                "--test-threads=1",
-                "--nocapture",
-            ])
-            .output()
-            .unwrap();
-        let log = String::from_utf8_lossy(&out.stdout).to_string()
-            + &String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success(), "{log}");
-        assert!(log.contains("1 passed"), "the check did not run: {log}");
+        crate::adapter::testing::run_alone("train::recompute::tests::dropout_check_run_alone");
     }
 
     #[test]
