@@ -13,7 +13,7 @@ of memory (tests/gpu/memcap.sh: pools sized for that card, allocations past it r
 JOB: ours[@MIB][~VAR=VALUE...]:EXPERIMENT[:key=value,...]   e.g. ours:experiments/qwen3-vl-4b-lora.toml
      hf:VARIANT                        bf16 | bf16-ckpt | f16-ckpt | nf4 (hf_train_4b.py lists all)
 ours@MIB: this job alone under a MIB memory cap (as --memcap); ~VAR=VALUE: an environment
-variable for this job alone (e.g. ours~QWEN3VL_ROUTING_KERNELS=1:...).
+variable for this job alone (e.g. ours~QWEN3VL_ROUTING_KERNELS=0:...).
 The 4B config is model/configs/qwen3-vl-4b-instruct.json for both.
 """
 import json
