@@ -255,9 +255,8 @@ pub fn bench_train<B: AutodiffBackend>(
         vision_cache,
         step_memory: StepMemory::from_env()?,
     };
-    let (mut optim, grad_scale) =
-        FusedAdamW::init::<B, TrainModel<B>>(exp.train.weight_decay as f32);
-    let _ = model.run.grad_scale.set(grad_scale);
+    let mut optim =
+        FusedAdamW::for_run::<B, TrainModel<B>>(&model.run, exp.train.weight_decay as f32);
 
     let mib = |b: u64| b as f64 / 1048576.0;
     let read_memory = || {

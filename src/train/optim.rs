@@ -14,6 +14,7 @@ use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::DType;
 
+use super::state::RunState;
 use crate::quant::kernels::adamw::{registered, AdamWKernel, AdamWScalars};
 
 /// β1, β2 and ε of every run (HF's AdamW defaults).
@@ -78,14 +79,19 @@ impl FusedAdamW {
         }
     }
 
-    /// The optimizer for module `M` on autodiff backend `B`, and the handle that sets the
-    /// factor its gradients are multiplied by.
-    pub fn init<B: AutodiffBackend, M: AutodiffModule<B>>(
+    /// The optimizer of `run` for module `M` on autodiff backend `B`. On one device the run's
+    /// step hands it the gradient factor (`RunState::grad_scale`); data-parallel replicas
+    /// would share one factor between steps that overlap, so they multiply their own
+    /// gradients.
+    pub fn for_run<B: AutodiffBackend, M: AutodiffModule<B>>(
+        run: &RunState,
         weight_decay: f32,
-    ) -> (OptimizerAdaptor<Self, M, B>, GradScale) {
+    ) -> OptimizerAdaptor<Self, M, B> {
         let adamw = Self::new(weight_decay);
-        let scale = adamw.grad_scale.clone();
-        (OptimizerAdaptor::from(adamw), scale)
+        if run.settings.replicas == 1 {
+            let _ = run.grad_scale.set(adamw.grad_scale.clone());
+        }
+        OptimizerAdaptor::from(adamw)
     }
 }
 

@@ -349,13 +349,7 @@ fn run_stage<B: AutodiffBackend>(
         recompute_layers: exp.train.gradient_checkpointing == Checkpointing::Layers,
     };
     let run = Arc::new(RunState::new(settings, data.train_origins.clone()));
-    let (mut optim, grad_scale) =
-        FusedAdamW::init::<B, TrainModel<B>>(exp.train.weight_decay as f32);
-    // One device: the step hands its gradient factor to the optimizer. Data-parallel replicas
-    // would share one factor between steps that overlap, so they multiply their own gradients.
-    if run.settings.replicas == 1 {
-        let _ = run.grad_scale.set(grad_scale);
-    }
+    let mut optim = FusedAdamW::for_run::<B, TrainModel<B>>(&run, exp.train.weight_decay as f32);
     let mut start = 0;
     let mut calls = 0;
     if let Some((dir, state)) = &resume_from {

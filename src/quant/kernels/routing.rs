@@ -309,6 +309,12 @@ pub fn route_plain<B: Backend>(logits: Tensor<B, 2>, o: RouteOptions) -> Routing
         return route_ops(logits, o);
     };
     let (packed, mask) = (kernels.forward)(logits, o); // [N, 2E], [N, E]
+    unpack(packed, mask, o)
+}
+
+/// The [`Routing`] held by the routing step's output `packed` [N, 2E] = [gate | probs] and
+/// `mask` [N, E] (kept only when top_k < E).
+fn unpack<B: Backend>(packed: Tensor<B, 2>, mask: Tensor<B, 2>, o: RouteOptions) -> Routing<B> {
     let e = mask.dims()[1];
     Routing {
         gate: packed.clone().narrow(1, 0, e),
@@ -353,7 +359,6 @@ fn route<B: AutodiffInner, C: CheckpointStrategy>(
 ) -> Routing<Autodiff<B, C>> {
     let kernels = registered_kernels::<B>().unwrap_or_else(RouteKernels::reference);
     let (packed, mask) = (kernels.forward)(logits.clone().inner(), o); // [N, 2E], [N, E]
-    let e = mask.dims()[1];
     let logits = logits.into_primitive().tensor();
     let out = match RouteBackward
         .prepare::<C>([logits.node.clone()])
@@ -371,11 +376,7 @@ fn route<B: AutodiffInner, C: CheckpointStrategy>(
         OpsKind::UnTracked(prep) => prep.finish(packed.into_primitive().tensor()),
     };
     let out = Tensor::<Autodiff<B, C>, 2>::from_primitive(TensorPrimitive::Float(out));
-    Routing {
-        gate: out.clone().narrow(1, 0, e),
-        probs: out.narrow(1, e, e),
-        mask: (o.top_k < e).then(|| Tensor::from_inner(mask)),
-    }
+    unpack(out, Tensor::from_inner(mask), o)
 }
 
 /// A backend's routing step (what the registry holds).
