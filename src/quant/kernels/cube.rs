@@ -12,6 +12,7 @@ use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 use cubecl::{calculate_cube_count_elemwise, CubeCount, CubeDim};
 
+use super::gemv::{gemv_flat, gemv_grouped, FlatPlan, GroupedPlan};
 use super::{Nf4Backend, Nf4Meta, Nf4Parts};
 
 /// Warps per cube of the GEMV kernel (each warp computes one row of W against every x row).
@@ -19,15 +20,15 @@ const GEMV_WARPS: u32 = 8;
 /// Weight vectors each GEMV lane loads before it uses any (loads in flight per lane).
 const GEMV_UNROLL: usize = 4;
 /// Threads per warp on NVIDIA GPUs.
-const WARP: u32 = 32;
+pub(super) const WARP: u32 = 32;
 
-mod kernels {
+pub(super) mod kernels {
     use cubecl::prelude::*;
 
     /// Stages the 16 code values and (double quant) the 256-entry scale map in shared
     /// memory: every lane reads them with dynamic indices.
     #[cube]
-    fn stage_tables(
+    pub(in crate::quant::kernels) fn stage_tables(
         code: &Tensor<f32>,
         scale_map: &Tensor<f32>,
         lut: &mut SharedMemory<f32>,
@@ -53,7 +54,7 @@ mod kernels {
     /// code as bitsandbytes does (`map[code] · nested_absmax[block / nested] + offset`, the
     /// map staged in shared memory).
     #[cube]
-    fn block_scale(
+    pub(in crate::quant::kernels) fn block_scale(
         absmax: &Tensor<f32>,
         scale_words: &Tensor<i32>,
         smap: &SharedMemory<f32>,
@@ -73,7 +74,7 @@ mod kernels {
 
     /// Right shift that brings element `i` (0..8) of a packed word to the low nibble.
     #[cube]
-    fn nibble_shift(i: u32) -> u32 {
+    pub(in crate::quant::kernels) fn nibble_shift(i: u32) -> u32 {
         (i / 2) * 8 + (1 - i % 2) * 4
     }
 
@@ -272,7 +273,7 @@ pub(super) struct CubeParts<R: CubeRuntime> {
 impl<R: CubeRuntime> CubeParts<R> {
     /// The five tables as contiguous kernel arguments: words, absmax, scale words, scale map,
     /// code.
-    fn into_args(self) -> [cubecl::prelude::TensorArg<R>; 5] {
+    pub(super) fn into_args(self) -> [cubecl::prelude::TensorArg<R>; 5] {
         [
             self.words,
             self.absmax,
@@ -355,6 +356,12 @@ pub(super) fn gemv<R: CubeRuntime>(
     );
     let rows = x.meta.shape()[0];
     assert!(rows <= super::GEMV_MAX_ROWS, "GEMV takes at most 8 rows");
+    if let Some(plan) = FlatPlan::for_call(rows, meta) {
+        return gemv_flat(x, p, meta, plan);
+    }
+    if let Some(plan) = GroupedPlan::for_call(rows, meta) {
+        return gemv_grouped(x, p, meta, plan);
+    }
     let x = into_contiguous(x);
     assert!(
         x.meta.strides()[0].is_multiple_of(8),

@@ -21,6 +21,7 @@ pub mod adamw;
 pub mod autodiff;
 pub mod cube;
 pub mod fusion;
+pub mod gemv;
 pub mod layer_ops;
 pub mod routing;
 
