@@ -11,6 +11,7 @@ use qwen3_vl_moelora::checkpoint::WeightDType;
 use qwen3_vl_moelora::experiment::Checkpointing;
 use qwen3_vl_moelora::quant::kernels::{self, Nf4Backend};
 use qwen3_vl_moelora::train::bench::PoolMemory;
+use qwen3_vl_moelora::train::memory::{register_memory_probe, DeviceMemory};
 use qwen3_vl_moelora::train::TrainDevices;
 use qwen3_vl_moelora::{Error, Result};
 
@@ -169,6 +170,7 @@ where
 {
     use_nf4_kernels::<B>(fusion);
     use_routing_step::<B>();
+    register_memory_probe(cuda_device_memory);
     if !fusion {
         use_layer_kernels();
         if routing_kernels_enabled() {
@@ -248,6 +250,20 @@ pub fn cuda_pool_memory(device: &dyn std::any::Any) -> Option<PoolMemory> {
     Some(PoolMemory {
         in_use: usage.bytes_in_use,
         reserved: usage.bytes_reserved,
+    })
+}
+
+/// The CUDA allocator's reservation on `device` (a [`CudaDevice`]) and the device's total memory
+/// (what `QWEN3VL_STEP_MEMORY=auto` compares); None for other devices.
+pub fn cuda_device_memory(device: &dyn std::any::Any) -> Option<DeviceMemory> {
+    let pools = cuda_pool_memory(device)?;
+    let index = device.downcast_ref::<CudaDevice>()?.index;
+    let dev = cudarc::driver::result::device::get(i32::try_from(index).ok()?).ok()?;
+    // SAFETY: `dev` was returned by `device::get`.
+    let total = unsafe { cudarc::driver::result::device::total_mem(dev) }.ok()?;
+    Some(DeviceMemory {
+        reserved: pools.reserved,
+        total: total as u64,
     })
 }
 

@@ -162,7 +162,8 @@ fn run_bench_train(args: BenchTrainArgs) -> Result<()> {
     {
         println!(
             "device memory: weights {w:.0} MiB; live tensors up to {u:.0} MiB between \
-             micro-batches; allocator reserved up to {r:.0} MiB"
+             micro-batches; allocator reserved up to {r:.0} MiB; timed steps' allocations: {}",
+            report.step_allocations
         );
     }
     println!("{}", serde_json::to_string(&report).expect("json"));

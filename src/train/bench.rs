@@ -95,6 +95,8 @@ pub struct BenchReport {
     pub in_use_mib: Option<f64>,
     /// Most MiB the device allocator had reserved from the driver.
     pub reserved_mib: Option<f64>,
+    /// How the timed steps allocated: `pools` or `exact` (see `train::memory`).
+    pub step_allocations: String,
 }
 
 /// Matmul weights the forward pass multiplies by: (text decoder + lm_head per text token,
@@ -383,6 +385,12 @@ pub fn bench_train<B: AutodiffBackend>(
         weights_mib,
         in_use_mib: seen.map(|m| mib(m.in_use)),
         reserved_mib: seen.map(|m| mib(m.reserved)),
+        step_allocations: if model.step_memory.pooled() {
+            "pools"
+        } else {
+            "exact"
+        }
+        .into(),
     })
 }
 

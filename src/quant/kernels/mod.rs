@@ -5,6 +5,9 @@
 //! * [`cube`]: custom CubeCL kernels for burn-cuda — a dequantizing GEMV that reads the packed
 //!   weight once (decoding, 1..8 rows) and a one-pass dequantization into the compute dtype
 //!   that feeds burn's tensor-core matmul (prefill, training).
+//! * [`gemv`]: the GEMV for one row of x (whole rows of W per warp, x staged in shared memory)
+//!   and for 2..8 rows (two rows of W per warp); [`cube`]'s one-warp-per-row GEMV takes the
+//!   shapes they do not fit.
 //! * [`fusion`]: the same kernels registered as custom operations of burn's fusion backend.
 //! * [`autodiff`]: a backward that keeps only the packed weight and dequantizes it again for
 //!   dX = dY·W (no dense weight is held between the forward and the backward pass).
