@@ -289,7 +289,8 @@ mod kernels {
                         let v = lane + 32usize * t;
                         let row = v / per_row;
                         let j = v % per_row;
-                        // Four independent sums of 8 (one per word) for more FMAs in flight.
+                        // Four independent sums of 8 (one per word) for more FMAs in flight;
+                        // `lo`/`hi` hold x for the word's values 0..4 and 4..8.
                         let mut c = Array::<f32>::new(4usize);
                         #[unroll]
                         for q in 0..4usize {
@@ -299,13 +300,13 @@ mod kernels {
                             let mut sum = 0.0f32;
                             #[unroll]
                             for i in 0..4u32 {
-                                let code_lo = (word >> nibble_shift(i)) & 15u32;
-                                sum += lut[code_lo as usize] * lo[i as usize];
+                                let c4 = (word >> nibble_shift(i)) & 15u32;
+                                sum += lut[c4 as usize] * lo[i as usize];
                             }
                             #[unroll]
                             for i in 0..4u32 {
-                                let code_hi = (word >> nibble_shift(i + 4u32)) & 15u32;
-                                sum += lut[code_hi as usize] * hi[i as usize];
+                                let c4 = (word >> nibble_shift(i + 4u32)) & 15u32;
+                                sum += lut[c4 as usize] * hi[i as usize];
                             }
                             c[q] = sum;
                         }
