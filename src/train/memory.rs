@@ -89,6 +89,25 @@ pub fn register_memory_probe(probe: DeviceMemoryProbe) {
     let _ = PROBE.set(probe);
 }
 
+/// The message for a training run stopped by a panic with message `panic`: the panic's first
+/// line, and for the device's out-of-memory errors what to change.
+pub fn stopped_message(panic: &str) -> String {
+    let first = panic.lines().next().unwrap_or("unknown panic");
+    let lower = panic.to_lowercase();
+    if lower.contains("out-of-memory")
+        || lower.contains("out of memory")
+        || panic.contains("OutOfMemory")
+    {
+        format!(
+            "training stopped: the device ran out of memory ({first}). Use less: \
+             train.gradient_checkpointing = true, a smaller train.batch_size (with \
+             train.grad_accum for the same batch), or QWEN3VL_STEP_MEMORY=pools"
+        )
+    } else {
+        format!("training stopped: {panic}")
+    }
+}
+
 /// Runs micro-batches under a [`StepAllocations`] policy, remembering the last batch shape.
 #[derive(Debug)]
 pub struct StepMemory {
@@ -260,5 +279,22 @@ mod tests {
         }));
         assert!(!exact.pooled());
         assert!(StepMemory::new(StepAllocations::Pools).pooled());
+    }
+
+    #[test]
+    fn out_of_memory_stops_say_what_to_change() {
+        let oom =
+            "An out-of-memory error happened during launch\nCaused by:\n  alloc\nBacktrace\n...";
+        let m = stopped_message(oom);
+        assert!(m.contains("ran out of memory"), "{m}");
+        assert!(
+            m.contains("gradient_checkpointing") && m.contains("batch_size"),
+            "{m}"
+        );
+        assert!(!m.contains("Backtrace"), "only the first line: {m}");
+        assert_eq!(
+            stopped_message("index out of bounds"),
+            "training stopped: index out of bounds"
+        );
     }
 }

@@ -456,7 +456,7 @@ fn run_stage<B: AutodiffBackend>(
                     .cloned()
                     .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
                     .unwrap_or_else(|| "unknown panic".into());
-                Error::Input(format!("training stopped: {msg}"))
+                Error::Input(super::memory::stopped_message(&msg))
             }))
         }
     };
