@@ -11,7 +11,8 @@ Each GPU runs one chain of tests/gpu/bench_train.py jobs in its own copy of the 
 --kernel-cache unpacks tests/gpu/kernel_cache.sh pieces into every copy first (DIR/gN for GPU N
 when that folder exists, else DIR), --pack writes each GPU's cache to OUT/gN afterwards.
 --chains replaces the built-in chains (bench_train.py's JOB syntax, `ours@MIB:...` for a memory
-cap). --reuse keeps an earlier call's copies' target/ (the kernel caches of a machine still
+cap); a job may be named more than once (repeats for the spread: each gets its own row, and a
+repeated HF job's median run is the reference of the ratios). --reuse keeps an earlier call's copies' target/ (the kernel caches of a machine still
 warm: its jobs start compiled) and HF's random checkpoint. Chains still running at --deadline seconds are
 stopped and the table shows what finished. Ratios: each of our jobs against HF's job with the
 same targets and checkpointing (LoRA vs `nf4`, MoE-LoRA vs `nf4-all`, peft's LoRA r16 on the same
@@ -57,6 +58,24 @@ def describe(job):
     adapter = "moelora" if "moelora" in job else "lora"
     ckpt = "off" if NOCKPT in job else "ops" if OPS in job else "layers"
     return (adapter, ckpt, "8 x 1" if "batch_size=8" in job else "1 x 8")
+
+
+def job_results(lines, jobs, gpu):
+    """Each job's JSON results in `lines` of a bench_train.py log, in order (a job named
+    twice in a chain has two); failure lines are printed with the GPU's number."""
+    out = {}
+    for line in lines:
+        job, _, rest = line.partition(" ")
+        if job in jobs and rest.startswith("{"):
+            out.setdefault(job, []).append(json.loads(rest))
+        elif line.startswith("---") or "panicked" in line:
+            print(f"GPU {gpu}: {line.rstrip()[:300]}")
+    return out
+
+
+def median_run(runs):
+    """The run with the median samples/s (the lower middle one for an even count)."""
+    return sorted(runs, key=lambda r: r["samples_per_s"])[(len(runs) - 1) // 2]
 
 
 def main():
@@ -122,27 +141,26 @@ def main():
             print(f"GPU {g}: stopped at the deadline", flush=True)
     print(f"all chains done after {time.time() - start:.0f} s", flush=True)
 
-    results = {}
+    results = {}  # job -> its results in the order they ran (a job may repeat)
     for g, jobs, work, p in procs:
-        for line in open(os.path.join(work, "bench.log")):
-            job, _, rest = line.partition(" ")
-            if job in jobs and rest.startswith("{"):
-                results[job] = json.loads(rest)
-            elif line.startswith("---") or "panicked" in line:
-                print(f"GPU {g}: {line.rstrip()[:300]}")
+        for job, r in job_results(open(os.path.join(work, "bench.log")), jobs, g).items():
+            results.setdefault(job, []).extend(r)
     for g, jobs, work, p in procs if pack else []:
         if any(j.startswith("ours") for j in jobs):
             subprocess.run(["tests/gpu/kernel_cache.sh", "pack", os.path.abspath(f"{pack}/g{g}")],
                            cwd=work, check=False)
 
     # HF recomputes layers; ours with either kind of checkpointing is held against that.
-    hf = {(describe(j)[0], describe(j)[1] != "off"): r
-          for j, r in results.items() if j.startswith("hf:")}
+    # A repeated HF job counts with the median of its runs.
+    hf = {(describe(j)[0], describe(j)[1] != "off"): median_run(rs)
+          for j, rs in results.items() if j.startswith("hf:") and rs}
     print("\n| who | adapter | ckpt | batch | samples/s | s/step | peak GiB (nvidia-smi) "
           "| live / reserved GiB | vs HF (same targets, ckpt) |")
     print("|---|---|---|---|---|---|---|---|---|")
+    taken = {}
     for job in [j for c in chains for j in c]:
-        r = results.get(job)
+        k = taken[job] = taken.get(job, -1) + 1
+        r = results[job][k] if k < len(results.get(job, [])) else None
         adapter, ckpt, batch = describe(job)
         kind, *env = job.split(":")[0].split("~")
         cap = kind.partition("@")[2]
@@ -158,9 +176,10 @@ def main():
         print(f"| {who} | {adapter} | {ckpt} | {batch} "
               f"| {r['samples_per_s']:.3f} | {r['step_s_median']:.3f} | {r['peak_gib']:.2f} "
               f"| {mem} | {ratio} |")
-    for job, r in results.items():
-        if r.get("memcap"):
-            print(f"{job}: {r['memcap']}")
+    for job, rs in results.items():
+        for r in rs:
+            if r.get("memcap"):
+                print(f"{job}: {r['memcap']}")
 
 
 if __name__ == "__main__":
