@@ -344,8 +344,28 @@ pub struct GroupedPlan {
     pub max_cubes: usize,
 }
 
-fn env_usize(name: &str) -> Option<usize> {
-    std::env::var(name).ok().and_then(|v| v.parse().ok())
+/// The measurement overrides (`QWEN3VL_GEMV`, `QWEN3VL_GEMV_WROWS`, `_UNROLL`, `_CUBE_WARPS`,
+/// `_CUBES`), read once: the plans are made on every decoding call.
+struct Overrides {
+    choice: String,
+    wrows: Option<usize>,
+    unroll: Option<usize>,
+    cube_warps: Option<usize>,
+    cubes: Option<usize>,
+}
+
+fn overrides() -> &'static Overrides {
+    static O: std::sync::OnceLock<Overrides> = std::sync::OnceLock::new();
+    O.get_or_init(|| {
+        let num = |name: &str| std::env::var(name).ok().and_then(|v| v.parse().ok());
+        Overrides {
+            choice: std::env::var("QWEN3VL_GEMV").unwrap_or_default(),
+            wrows: num("QWEN3VL_GEMV_WROWS"),
+            unroll: num("QWEN3VL_GEMV_UNROLL"),
+            cube_warps: num("QWEN3VL_GEMV_CUBE_WARPS"),
+            cubes: num("QWEN3VL_GEMV_CUBES"),
+        }
+    })
 }
 
 impl GroupedPlan {
@@ -354,20 +374,20 @@ impl GroupedPlan {
     /// unless `QWEN3VL_GEMV=grouped`, and `QWEN3VL_GEMV` not `v4`). `QWEN3VL_GEMV_WROWS`,
     /// `_UNROLL` and `_CUBES` override the defaults (for measurements).
     pub fn for_call(rows: usize, meta: Nf4Meta) -> Option<Self> {
-        let choice = std::env::var("QWEN3VL_GEMV").unwrap_or_default();
-        if choice == "v4"
-            || (rows == 1 && choice != "grouped")
+        let o = overrides();
+        if o.choice == "v4"
+            || (rows == 1 && o.choice != "grouped")
             || !meta.d_in.is_multiple_of(32)
             || meta.compute.size() != 2
         {
             return None;
         }
-        let mut wrows = env_usize("QWEN3VL_GEMV_WROWS").unwrap_or(2);
+        let mut wrows = o.wrows.unwrap_or(2);
         while wrows > 1 && !meta.d_out.is_multiple_of(wrows) {
             wrows /= 2;
         }
-        let unroll = env_usize("QWEN3VL_GEMV_UNROLL").unwrap_or(2).clamp(1, 4);
-        let max_cubes = env_usize("QWEN3VL_GEMV_CUBES").unwrap_or(1 << 16);
+        let unroll = o.unroll.unwrap_or(2).clamp(1, 4);
+        let max_cubes = o.cubes.unwrap_or(1 << 16);
         Some(Self {
             wrows: wrows.max(1),
             unroll,
@@ -446,10 +466,10 @@ impl FlatPlan {
     /// `d_out` makes `wrows · d_in` a multiple of 1024; `QWEN3VL_GEMV` not `v4`/`grouped`).
     /// `QWEN3VL_GEMV_UNROLL`, `_CUBE_WARPS` and `_CUBES` override the defaults.
     pub fn for_call(rows: usize, meta: Nf4Meta) -> Option<Self> {
-        let choice = std::env::var("QWEN3VL_GEMV").unwrap_or_default();
+        let o = overrides();
         if rows != 1
-            || choice == "v4"
-            || choice == "grouped"
+            || o.choice == "v4"
+            || o.choice == "grouped"
             || meta.compute.size() != 2
             || !meta.d_in.is_multiple_of(32)
             || meta.d_in > X_SHARED_MAX
@@ -462,16 +482,14 @@ impl FlatPlan {
         // Too few warp tasks for an even spread of 8-warp cubes over an H200's 132 SMs: the
         // one-warp-per-row kernel was faster there (H200, boost clocks: 2560 -> 1024 6.4
         // against 7.7 us, 9728 -> 2560 17.9 against 20.1 us).
-        if meta.d_out / wrows < MIN_FLAT_TASKS && choice != "flat" {
+        if meta.d_out / wrows < MIN_FLAT_TASKS && o.choice != "flat" {
             return None;
         }
         Some(Self {
             wrows,
-            unroll: env_usize("QWEN3VL_GEMV_UNROLL").unwrap_or(4).clamp(1, 8),
-            cube_warps: env_usize("QWEN3VL_GEMV_CUBE_WARPS")
-                .unwrap_or(8)
-                .clamp(1, 32),
-            max_cubes: env_usize("QWEN3VL_GEMV_CUBES").unwrap_or(1056).max(1),
+            unroll: o.unroll.unwrap_or(4).clamp(1, 8),
+            cube_warps: o.cube_warps.unwrap_or(8).clamp(1, 32),
+            max_cubes: o.cubes.unwrap_or(1056).max(1),
         })
     }
 
