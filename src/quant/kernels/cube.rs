@@ -12,7 +12,7 @@ use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 use cubecl::{calculate_cube_count_elemwise, CubeCount, CubeDim};
 
-use super::gemv::{gemv_flat, gemv_grouped, FlatPlan, GroupedPlan};
+use super::gemv::{launch_flat, launch_grouped, FlatPlan, GroupedPlan};
 use super::{Nf4Backend, Nf4Meta, Nf4Parts};
 
 /// Warps per cube of the GEMV kernel (each warp computes one row of W against every x row).
@@ -356,12 +356,6 @@ pub(super) fn gemv<R: CubeRuntime>(
     );
     let rows = x.meta.shape()[0];
     assert!(rows <= super::GEMV_MAX_ROWS, "GEMV takes at most 8 rows");
-    if let Some(plan) = FlatPlan::for_call(rows, meta) {
-        return gemv_flat(x, p, meta, plan);
-    }
-    if let Some(plan) = GroupedPlan::for_call(rows, meta) {
-        return gemv_grouped(x, p, meta, plan);
-    }
     let x = into_contiguous(x);
     assert!(
         x.meta.strides()[0].is_multiple_of(8),
@@ -374,6 +368,16 @@ pub(super) fn gemv<R: CubeRuntime>(
         Shape::new([rows, meta.d_out]),
         meta.compute,
     );
+    let args = p.into_args();
+    if let Some(plan) = FlatPlan::for_call(rows, meta) {
+        launch_flat(&client, x, args, &out, meta, plan);
+        return out;
+    }
+    if let Some(plan) = GroupedPlan::for_call(rows, meta) {
+        launch_grouped(&client, x, args, &out, meta, plan);
+        return out;
+    }
+    let [words, absmax, scale_words, scale_map, code] = args;
     let cubes = meta.d_out.div_ceil(GEMV_WARPS as usize) as u32;
     // 128-bit weight loads when a row holds a whole number of them.
     let nw = if (meta.d_in / 8).is_multiple_of(4) {
@@ -381,7 +385,6 @@ pub(super) fn gemv<R: CubeRuntime>(
     } else {
         1
     };
-    let [words, absmax, scale_words, scale_map, code] = p.into_args();
     // SAFETY: every index the kernel reads is in range by construction (rows `n < d_out`,
     // vector indices clamped to the row), so the launch skips the bounds checks.
     unsafe {

@@ -10,15 +10,13 @@
 //! The layout is `Nf4Linear`'s (see `cube.rs`): 8 codes per little-endian i32 word, the even
 //! element in a byte's high nibble; a row of W is `d_in / 32` vectors of 4 words here.
 
-use burn_cubecl::kernel::into_contiguous;
-use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::CubeRuntime;
+use cubecl::prelude::{ComputeClient, TensorArg};
 use cubecl::{CubeCount, CubeDim};
 
-use super::cube::{CubeParts, WARP};
+use super::cube::WARP;
 use super::Nf4Meta;
-use burn::prelude::Shape;
 
 /// Warps per cube of the grouped kernel.
 const WARPS: u32 = 8;
@@ -396,34 +394,24 @@ impl GroupedPlan {
     }
 }
 
-/// `x · Wᵀ` for x [M, in] (M ≤ 8) in the compute dtype -> [M, out], laid out by `plan`.
-pub(super) fn gemv_grouped<R: CubeRuntime>(
+/// Launches the grouped kernel writing `out` [rows, out] from the contiguous x [rows, in]
+/// (`cube::gemv` prepares both and the weight's kernel arguments).
+pub(super) fn launch_grouped<R: CubeRuntime>(
+    client: &ComputeClient<R>,
     x: CubeTensor<R>,
-    p: CubeParts<R>,
+    [words, absmax, scale_words, scale_map, code]: [TensorArg<R>; 5],
+    out: &CubeTensor<R>,
     meta: Nf4Meta,
     plan: GroupedPlan,
-) -> CubeTensor<R> {
+) {
     let rows = x.meta.shape()[0];
-    let x = into_contiguous(x);
-    assert!(
-        x.meta.strides()[0].is_multiple_of(8),
-        "GEMV input rows must be 8-aligned"
-    );
-    let client = x.client.clone();
-    let out = empty_device_dtype(
-        client.clone(),
-        x.device.clone(),
-        Shape::new([rows, meta.d_out]),
-        meta.compute,
-    );
     let groups = meta.d_out / plan.wrows;
     let cubes = groups.div_ceil(WARPS as usize).min(plan.max_cubes) as u32;
-    let [words, absmax, scale_words, scale_map, code] = p.into_args();
     // SAFETY: every index is in range by construction: W rows `n0 + r < d_out` (wrows divides
     // d_out), vector indices clamped to the row, x indices below rows · d_in.
     unsafe {
         kernels::nf4_gemv_grouped::launch_unchecked::<R>(
-            &client,
+            client,
             CubeCount::Static(cubes, 1, 1),
             CubeDim::new_2d(WARP, WARPS),
             8,
@@ -444,7 +432,6 @@ pub(super) fn gemv_grouped<R: CubeRuntime>(
             meta.compute.into(),
         );
     }
-    out
 }
 
 /// How the one-row GEMV is laid out for one call.
@@ -500,28 +487,22 @@ impl FlatPlan {
     }
 }
 
-/// `x · Wᵀ` for one row of x [1, in] in the compute dtype -> [1, out], laid out by `plan`.
-pub(super) fn gemv_flat<R: CubeRuntime>(
+/// Launches the one-row kernel writing `out` [1, out] from the contiguous x [1, in] (`cube::gemv`
+/// prepares both and the weight's kernel arguments).
+pub(super) fn launch_flat<R: CubeRuntime>(
+    client: &ComputeClient<R>,
     x: CubeTensor<R>,
-    p: CubeParts<R>,
+    [words, absmax, scale_words, scale_map, code]: [TensorArg<R>; 5],
+    out: &CubeTensor<R>,
     meta: Nf4Meta,
     plan: FlatPlan,
-) -> CubeTensor<R> {
-    let x = into_contiguous(x);
-    let client = x.client.clone();
-    let out = empty_device_dtype(
-        client.clone(),
-        x.device.clone(),
-        Shape::new([1, meta.d_out]),
-        meta.compute,
-    );
+) {
     let cubes = plan.cubes(meta.d_out / plan.wrows) as u32;
-    let [words, absmax, scale_words, scale_map, code] = p.into_args();
     // SAFETY: every index is in range by construction: groups `g < d_out / wrows`, steps
     // clamped to the group's last, x indices below d_in.
     unsafe {
         kernels::nf4_gemv_flat::launch_unchecked::<R>(
-            &client,
+            client,
             CubeCount::Static(cubes, 1, 1),
             CubeDim::new_2d(WARP, plan.cube_warps as u32),
             8,
@@ -543,7 +524,6 @@ pub(super) fn gemv_flat<R: CubeRuntime>(
             meta.compute.into(),
         );
     }
-    out
 }
 
 #[cfg(test)]
