@@ -31,13 +31,15 @@ pub type CheckCase = (usize, usize, usize);
 /// The kernel checks' (in, out, rows): odd sizes, an input width that is not a multiple of 8
 /// (no GEMV), rows on both sides of the GEMV limit, the grouped GEMV (several rows) with 1 and 2
 /// W rows per warp, the one-row GEMV with 1 and 2 W rows per warp and x in shared memory at its
-/// largest, and real layers.
-pub const CHECK_CASES: [CheckCase; 9] = [
+/// largest, the sliced one-row GEMV with 1 and 2 words per lane and 3, 8 and 19 warps, and real
+/// layers.
+pub const CHECK_CASES: [CheckCase; 10] = [
     (200, 72, 1),
     (192, 45, 5),
     (256, 60, 3),
     (9728, 2560, 1),
     (4096, 1024, 1),
+    (768, 40, 1),
     (264, 40, 33),
     (100, 32, 2),
     (2560, 9728, 8),

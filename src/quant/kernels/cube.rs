@@ -13,6 +13,7 @@ use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElemen
 use cubecl::{calculate_cube_count_elemwise, CubeCount, CubeDim};
 
 use super::gemv::{launch_flat, launch_grouped, FlatPlan, GroupedPlan};
+use super::gemv_sliced::{launch_sliced, SlicedPlan};
 use super::{Nf4Backend, Nf4Meta, Nf4Parts};
 
 /// Warps per cube of the GEMV kernel (each warp computes one row of W against every x row).
@@ -369,6 +370,11 @@ pub(super) fn gemv<R: CubeRuntime>(
         meta.compute,
     );
     let args = p.into_args();
+    let sms = client.properties().hardware.num_streaming_multiprocessors;
+    if let Some(plan) = SlicedPlan::for_call(rows, meta, sms.unwrap_or(1) as usize) {
+        launch_sliced(&client, x, args, &out, meta, plan);
+        return out;
+    }
     if let Some(plan) = FlatPlan::for_call(rows, meta) {
         launch_flat(&client, x, args, &out, meta, plan);
         return out;

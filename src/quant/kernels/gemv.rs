@@ -1,8 +1,9 @@
-//! Two NF4 GEMV kernels for decoding (the one-warp-per-row kernel in `cube.rs` takes the rest):
+//! Two NF4 GEMV kernels for decoding (the sliced one-row kernel in `gemv_sliced.rs` comes
+//! first where it applies; the one-warp-per-row kernel in `cube.rs` takes the rest):
 //! * grouped (2..8 rows of x): each warp computes `wrows` rows of W at once, so every x value it
 //!   reads (and converts to f32) serves `wrows` weights, and each lane has `wrows · unroll`
 //!   128-bit weight loads in flight before it uses any.
-//! * flat (one row of x, batch-1 decoding): each warp takes whole rows of W as one contiguous run
+//! * flat (one row of x, when the sliced kernel does not apply or `QWEN3VL_GEMV=flat`): each warp takes whole rows of W as one contiguous run
 //!   of weight vectors, every lane busy in every step; x is staged once per cube in shared
 //!   memory as f32, laid out so that the lanes of a warp read consecutive 16-byte chunks (no
 //!   bank conflicts), and the cubes loop over the rows of W (the staging is paid once per cube).
@@ -343,16 +344,18 @@ pub struct GroupedPlan {
 }
 
 /// The measurement overrides (`QWEN3VL_GEMV`, `QWEN3VL_GEMV_WROWS`, `_UNROLL`, `_CUBE_WARPS`,
-/// `_CUBES`), read once: the plans are made on every decoding call.
-struct Overrides {
-    choice: String,
-    wrows: Option<usize>,
-    unroll: Option<usize>,
-    cube_warps: Option<usize>,
-    cubes: Option<usize>,
+/// `_CUBES`, `_NW`), read once: the plans are made on every decoding call.
+pub(super) struct Overrides {
+    pub choice: String,
+    pub wrows: Option<usize>,
+    pub unroll: Option<usize>,
+    pub cube_warps: Option<usize>,
+    pub cubes: Option<usize>,
+    pub nw: Option<usize>,
 }
 
-fn overrides() -> &'static Overrides {
+/// The overrides, read on the first call.
+pub(super) fn overrides() -> &'static Overrides {
     static O: std::sync::OnceLock<Overrides> = std::sync::OnceLock::new();
     O.get_or_init(|| {
         let num = |name: &str| std::env::var(name).ok().and_then(|v| v.parse().ok());
@@ -362,6 +365,7 @@ fn overrides() -> &'static Overrides {
             unroll: num("QWEN3VL_GEMV_UNROLL"),
             cube_warps: num("QWEN3VL_GEMV_CUBE_WARPS"),
             cubes: num("QWEN3VL_GEMV_CUBES"),
+            nw: num("QWEN3VL_GEMV_NW"),
         }
     })
 }
@@ -532,15 +536,7 @@ mod tests {
     use burn::tensor::DType;
 
     fn meta(d_in: usize, d_out: usize, compute: DType) -> Nf4Meta {
-        Nf4Meta {
-            d_out,
-            d_in,
-            blocksize: 64,
-            nested: true,
-            nested_blocksize: 256,
-            offset: 0.0,
-            compute,
-        }
+        Nf4Meta::for_plan_test(d_in, d_out, compute)
     }
 
     #[test]

@@ -25,6 +25,7 @@ pub mod autodiff;
 pub mod cube;
 pub mod fusion;
 pub mod gemv;
+pub mod gemv_sliced;
 pub mod layer_ops;
 pub mod routing;
 
@@ -62,6 +63,23 @@ pub struct Nf4Meta {
     pub offset: f32,
     /// Dtype of the dequantized weight and of the product.
     pub compute: DType,
+}
+
+#[cfg(test)]
+impl Nf4Meta {
+    /// A block-64, double-quantized `d_in` → `d_out` weight computed in `compute` (for the
+    /// kernel-plan tests).
+    pub(crate) fn for_plan_test(d_in: usize, d_out: usize, compute: DType) -> Self {
+        Self {
+            d_out,
+            d_in,
+            blocksize: 64,
+            nested: true,
+            nested_blocksize: 256,
+            offset: 0.0,
+            compute,
+        }
+    }
 }
 
 /// The device tensors of an NF4 weight in the form the kernels read.
