@@ -116,6 +116,8 @@ pub struct TimingRow {
     pub queued_us: f64,
     /// Weight bytes per µs of `queued_us`, GB/s.
     pub queued_weight_gb_s: f64,
+    /// The pre-dequantized matmul's device time per call, µs (queued like `queued_us`).
+    pub dense_queued_us: f64,
     /// 2·rows·in·out / kernel time, TFLOP/s.
     pub kernel_tflops: f64,
     /// The same for the pre-dequantized matmul.
@@ -555,6 +557,9 @@ pub fn bench_nf4<B: Backend>(
                 (ops.matmul)(x.clone(), &parts)
             })?;
             let dense = time_per_call::<B, _>(device, o, || x.clone().matmul(dense_t.clone()))?;
+            let dense_queued = queued_time_per_call::<B, _>(device, o, &big, rounds, || {
+                x.clone().matmul(dense_t.clone())
+            })?;
             let reference = time_per_call::<B, _>(device, o, || {
                 x.clone().matmul(parts.dequantize_reference().transpose())
             })?;
@@ -569,13 +574,14 @@ pub fn bench_nf4<B: Backend>(
                 weight_gb_s: weight_bytes / kernel / 1e9,
                 queued_us: queued * 1e6,
                 queued_weight_gb_s: weight_bytes / queued / 1e9,
+                dense_queued_us: dense_queued * 1e6,
                 kernel_tflops: flops / kernel / 1e12,
                 dense_tflops: flops / dense / 1e12,
             };
             eprintln!(
                 "{d_in:>5}->{d_out:<5} rows {rows:>4}: kernel {:>8.1} us ({:>6.0} GB/s, {:>6.1} \
-                 TFLOP/s; queued {:>6.1} us, {:>6.0} GB/s) | dense {:>8.1} us ({:>6.1} TFLOP/s) | \
-                 reference {:>8.1} us",
+                 TFLOP/s; queued {:>6.1} us, {:>6.0} GB/s) | dense {:>8.1} us ({:>6.1} TFLOP/s; \
+                 queued {:>6.1} us) | reference {:>8.1} us",
                 row.kernel_us,
                 row.weight_gb_s,
                 row.kernel_tflops,
@@ -583,6 +589,7 @@ pub fn bench_nf4<B: Backend>(
                 row.queued_weight_gb_s,
                 row.dense_us,
                 row.dense_tflops,
+                row.dense_queued_us,
                 row.reference_us
             );
             report.timings.push(row);
