@@ -74,6 +74,10 @@ def run(cmd, timeout, env=None):
         return None
     result["peak_gib"] = (peak[0] - base) / 1024
     result["memcap"] = next((l for l in reversed(out.splitlines()) if l.startswith("memcap:")), None)
+    # QWEN3VL_PROFILE=1's phase lines (the last few steps).
+    profile = [l for l in out.splitlines() if l.startswith("profile ")]
+    if profile:
+        result["profile"] = profile[-4:]
     result["wall_s"] = wall
     return result
 
