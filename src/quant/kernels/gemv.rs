@@ -3,10 +3,11 @@
 //! * grouped (2..8 rows of x): each warp computes `wrows` rows of W at once, so every x value it
 //!   reads (and converts to f32) serves `wrows` weights, and each lane has `wrows · unroll`
 //!   128-bit weight loads in flight before it uses any.
-//! * flat (one row of x, when the sliced kernel does not apply or `QWEN3VL_GEMV=flat`): each warp takes whole rows of W as one contiguous run
-//!   of weight vectors, every lane busy in every step; x is staged once per cube in shared
-//!   memory as f32, laid out so that the lanes of a warp read consecutive 16-byte chunks (no
-//!   bank conflicts), and the cubes loop over the rows of W (the staging is paid once per cube).
+//! * flat (one row of x, where the sliced kernel does not apply, or `QWEN3VL_GEMV=flat`): each
+//!   warp takes whole rows of W as one contiguous run of weight vectors, every lane busy in
+//!   every step; x is staged once per cube in shared memory as f32, laid out so that the
+//!   lanes of a warp read consecutive 16-byte chunks (no bank conflicts), and the cubes loop
+//!   over the rows of W (the staging is paid once per cube).
 //!
 //! The layout is `Nf4Linear`'s (see `cube.rs`): 8 codes per little-endian i32 word, the even
 //! element in a byte's high nibble; a row of W is `d_in / 32` vectors of 4 words here.

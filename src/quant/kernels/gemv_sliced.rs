@@ -28,8 +28,6 @@ use super::Nf4Meta;
 
 /// Rows of W a cube takes at a time (one per lane group after the warp's fold).
 const ROWS: usize = 8;
-/// Copies of the pair table (one per lane of a half warp).
-const COPIES: usize = 16;
 /// Shared-memory slots for the warps' row sums (8 KiB).
 const SUMS: usize = 2048;
 
@@ -290,7 +288,6 @@ pub(super) fn launch_sliced<R: CubeRuntime>(
     plan: SlicedPlan,
 ) {
     let cubes = (meta.d_out / ROWS).min(plan.max_cubes) as u32;
-    debug_assert_eq!(COPIES * 256, 4096);
     // SAFETY: every index is in range by construction: batches clamped to the last, each
     // lane's vector `col < 32 · slices = d_in / (8 · nw)` of its row, x vectors below
     // d_in / 8, table entries below 4096.
