@@ -30,9 +30,9 @@ pub type CheckCase = (usize, usize, usize);
 
 /// The kernel checks' (in, out, rows): odd sizes, an input width that is not a multiple of 8
 /// (no GEMV), rows on both sides of the GEMV limit, the grouped GEMV (several rows) with 1 and 2
-/// W rows per warp, the one-row GEMV with 1 and 2 W rows per warp and x in shared memory at its
-/// largest, the sliced one-row GEMV with 1 and 2 words per lane and 3, 8 and 19 warps, and real
-/// layers.
+/// W rows per warp, the sliced one-row GEMV with 1 and 2 words per lane and 3, 8 and 19 warps
+/// (with `QWEN3VL_GEMV=flat`, the flat one with 1 and 2 W rows per warp and x in shared memory
+/// at its largest), and real layers.
 pub const CHECK_CASES: [CheckCase; 10] = [
     (200, 72, 1),
     (192, 45, 5),
