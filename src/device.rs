@@ -65,17 +65,43 @@ fn use_layer_kernels() {
     }
 }
 
+/// Whether training runs the fused layer kernels as autodiff steps with closed-form backward
+/// kernels (`quant::kernels::layer_steps`) on CUDA without fusion: on unless
+/// `QWEN3VL_LAYER_STEPS=0` or `QWEN3VL_LAYER_KERNELS=0` (tensor ops, for comparisons).
+pub fn layer_steps_enabled() -> bool {
+    layer_kernels_enabled() && std::env::var("QWEN3VL_LAYER_STEPS").map_or(true, |v| v != "0")
+}
+
+/// Lets the decoder on the autodiff backend `B` (CUDA without fusion) run the layer steps (see
+/// [`layer_steps_enabled`]).
+fn use_layer_steps<B: kernels::layer_steps::LayerStepsBackend>() {
+    if layer_steps_enabled() {
+        kernels::layer_steps::register::<B>();
+        kernels::layer_grads::register::<cubecl::cuda::CudaRuntime, f32, i32, u8>();
+    }
+}
+
 /// Whether MoE-LoRA layers route in one autodiff step (`quant::kernels::routing`) when
 /// training: `QWEN3VL_ROUTING_STEP=0` records the routing's tensor ops instead (for comparisons).
 pub fn routing_step_enabled() -> bool {
     std::env::var("QWEN3VL_ROUTING_STEP").map_or(true, |v| v != "0")
 }
 
-/// Lets MoE-LoRA layers on the autodiff backend `B` route in one step (see
-/// [`routing_step_enabled`]).
-fn use_routing_step<B: kernels::routing::OneStepRouting>() {
+/// Whether MoE-LoRA layers run their router and expert products as one autodiff step each
+/// (`quant::kernels::expert_step`) when training: `QWEN3VL_EXPERT_STEP=0` records the tensor
+/// ops instead (for comparisons).
+pub fn expert_step_enabled() -> bool {
+    std::env::var("QWEN3VL_EXPERT_STEP").map_or(true, |v| v != "0")
+}
+
+/// Lets MoE-LoRA layers on the autodiff backend `B` route, and run their products, in one step
+/// each (see [`routing_step_enabled`] and [`expert_step_enabled`]).
+fn use_routing_step<B: kernels::routing::OneStepRouting + kernels::expert_step::OneStepExperts>() {
     if routing_step_enabled() {
         kernels::routing::register::<B>();
+    }
+    if expert_step_enabled() {
+        kernels::expert_step::register::<B>();
     }
 }
 
@@ -90,6 +116,12 @@ pub fn routing_kernels_enabled() -> bool {
 /// (instead of burn's ~14 tensor ops): on unless `QWEN3VL_ADAMW_KERNEL=0`.
 pub fn adamw_kernel_enabled() -> bool {
     std::env::var("QWEN3VL_ADAMW_KERNEL").map_or(true, |v| v != "0")
+}
+
+/// Whether the gradient norm sums each gradient's squares with one CubeCL launch on CUDA
+/// without fusion (instead of three tensor ops): on unless `QWEN3VL_GRAD_NORM_KERNEL=0`.
+pub fn grad_norm_kernel_enabled() -> bool {
+    std::env::var("QWEN3VL_GRAD_NORM_KERNEL").map_or(true, |v| v != "0")
 }
 
 /// Whether burn's kernel fusion is on for CUDA: off unless `QWEN3VL_FUSION=1`. Every GPU
@@ -165,7 +197,8 @@ fn on_cpu<J: TrainJob>(_checkpointing: Checkpointing, _job: J) -> Result<J::Out>
 fn run_cuda<B, J: TrainJob>(job: J, devices: Vec<CudaDevice>, fusion: bool) -> Result<J::Out>
 where
     B: AutodiffBackend<Device = CudaDevice> + Nf4Backend + MaybeDistributed,
-    B: kernels::routing::OneStepRouting,
+    B: kernels::routing::OneStepRouting + kernels::expert_step::OneStepExperts,
+    B: kernels::layer_steps::LayerStepsBackend,
     B::InnerBackend: Nf4Backend,
 {
     use_nf4_kernels::<B>(fusion);
@@ -173,11 +206,15 @@ where
     register_memory_probe(cuda_device_memory);
     if !fusion {
         use_layer_kernels();
+        use_layer_steps::<B>();
         if routing_kernels_enabled() {
             kernels::routing::register_kernels::<cubecl::cuda::CudaRuntime, f32, i32, u8>();
         }
         if adamw_kernel_enabled() {
             kernels::adamw::register_kernel::<cubecl::cuda::CudaRuntime, f32, i32, u8>();
+        }
+        if grad_norm_kernel_enabled() {
+            kernels::grad_norm::register_kernel::<cubecl::cuda::CudaRuntime, f32, i32, u8>();
         }
     }
     job.run::<B>(&B::train_devices(devices)?)

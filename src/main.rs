@@ -40,8 +40,9 @@ use qwen3_vl_moelora::infer::bench::{bench_generate, GenerateBenchOptions};
 use qwen3_vl_moelora::model::config::config_file;
 use qwen3_vl_moelora::model::Qwen3VlConfig;
 use qwen3_vl_moelora::quant::bench::{
-    bench_nf4, check_adamw_kernel, check_kernels, check_layer_ops, check_routing_kernels,
-    check_selection, print_checks, tolerance, CheckCase, Nf4BenchOptions, QWEN3_VL_4B_SHAPES,
+    bench_nf4, check_adamw_kernel, check_grad_norm_kernel, check_kernels, check_layer_grads,
+    check_layer_ops, check_routing_kernels, check_selection, print_checks, tolerance, CheckCase,
+    Nf4BenchOptions, QWEN3_VL_4B_SHAPES,
 };
 use qwen3_vl_moelora::quant::convert::{quantize_checkpoint, QuantizeOptions};
 use qwen3_vl_moelora::train::bench::{bench_train, BenchOptions, BenchReport};
@@ -223,6 +224,20 @@ fn run_bench_nf4(args: BenchNf4Args) -> Result<()> {
                     Some(rows) => failed += print_checks(&rows, o.dtype),
                     None => println!(
                         "check AdamW kernel: none (CUDA without QWEN3VL_ADAMW_KERNEL=0 has it)"
+                    ),
+                }
+                match check_layer_grads::<B::InnerBackend>(o.dtype, device) {
+                    Some(rows) => failed += print_checks(&rows, o.dtype),
+                    None => println!(
+                        "check layer backward kernels: none (CUDA without \
+                         QWEN3VL_LAYER_STEPS=0 has them)"
+                    ),
+                }
+                match check_grad_norm_kernel::<B::InnerBackend>(device) {
+                    Some(rows) => failed += print_checks(&rows, o.dtype),
+                    None => println!(
+                        "check gradient norm kernel: none (CUDA without \
+                         QWEN3VL_GRAD_NORM_KERNEL=0 has it)"
                     ),
                 }
             }

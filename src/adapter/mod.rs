@@ -6,6 +6,7 @@
 //! * [`peft`]: PEFT-compatible `adapter_model.safetensors` + `adapter_config.json`.
 
 pub mod config;
+pub mod experts;
 pub mod inject;
 pub mod lora;
 pub mod merge;
@@ -131,13 +132,29 @@ impl<B: Backend> AdapterStats<B> {
         d: &Dropout,
         x: Tensor<B, D>,
     ) -> (Tensor<B, D>, f64) {
-        let training = self.dropout_without_autodiff || B::ad_enabled(&x.device());
+        match self.dropout_mask(d, x.shape(), x.dtype(), &x.device()) {
+            Some((mask, factor)) => (x * mask, factor),
+            None => (x, 1.0),
+        }
+    }
+
+    /// The keep mask (0 or 1, of `shape` and `dtype`) of dropout `d` and its factor 1/keep,
+    /// where this pass trains and `d` drops anything; the same draw as [`Self::dropout`] on an
+    /// input of that shape and dtype.
+    pub fn dropout_mask<const D: usize>(
+        &self,
+        d: &Dropout,
+        shape: impl Into<burn::tensor::Shape>,
+        dtype: DType,
+        device: &B::Device,
+    ) -> Option<(Tensor<B, D>, f64)> {
+        let training = self.dropout_without_autodiff || B::ad_enabled(device);
         if !training || d.prob == 0.0 {
-            return (x, 1.0);
+            return None;
         }
         let keep = 1.0 - d.prob;
-        let mask = x.random_like(Distribution::Bernoulli(keep));
-        (x * mask, 1.0 / keep)
+        let mask = Tensor::random(shape, Distribution::Bernoulli(keep), (device, dtype));
+        Some((mask, 1.0 / keep))
     }
 
     /// MoE layers recorded so far.

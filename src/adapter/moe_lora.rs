@@ -14,10 +14,11 @@ use burn::nn::{Dropout, DropoutConfig};
 use burn::prelude::*;
 use burn::tensor::DType;
 
+use super::experts::{add_experts_ops, router_logits_ops, ExpertInputs};
 use super::lora::lora_a_init;
 use super::routing::RouteOptions;
 use super::{AdapterStats, FrozenLinear};
-use crate::quant::kernels::routing as routing_kernels;
+use crate::quant::kernels::{expert_step, routing as routing_kernels};
 
 /// Mixture-of-LoRA-experts on a frozen linear layer.
 #[derive(Module, Debug)]
@@ -100,18 +101,27 @@ impl<B: Backend, W: FrozenLinear<B>> MoeLoraLinear<B, W> {
         let d_in = dims[D - 1];
         let n: usize = dims[..D - 1].iter().product();
         let (e_count, k) = (self.experts(), self.top_k);
-        let [_, r, _] = self.experts_a.lazy_shape().dims::<3>();
-        let [_, d_out, _] = self.experts_b.lazy_shape().dims::<3>();
-        let dtype = x.dtype();
+        let d_out = y.dims()[D - 1];
+        let (dtype, device) = (x.dtype(), x.device());
         let xf = x.reshape([n, d_in]);
+        let steps = expert_step::registered::<B>();
+
+        // Dropout masks, drawn in this order on every path (layer recomputation replays them):
+        // the router's input (f32, 1/keep folded into the mask), then the experts' input (its
+        // 1/keep rides on the gates' LoRA scaling).
+        let router_mask = stats
+            .dropout_mask(&self.router_dropout, [n, d_in], DType::F32, &device)
+            .map(|(m, factor)| m.mul_scalar(factor));
+        let expert_mask = stats.dropout_mask(&self.dropout, [n, d_in], dtype, &device);
+        let keep_factor = expert_mask.as_ref().map_or(1.0, |(_, f)| *f);
 
         // Router in f32: [N, E] logits; each token keeps its top-k experts, chosen on the
-        // device (a constant mask). One autodiff step where the backend registered one.
-        let logits = stats
-            .dropout(&self.router_dropout, xf.clone().cast(DType::F32))
-            .matmul(self.router.val().transpose());
-        // The experts' input dropout; its 1/keep rides on the gates' LoRA scaling.
-        let (x_experts, keep_factor) = stats.dropout_unscaled(&self.dropout, xf.clone());
+        // device (a constant mask). One autodiff step each where the backend registered one.
+        let router = self.router.val();
+        let logits = match steps {
+            Some(s) => (s.router_logits)(xf.clone(), router, router_mask),
+            None => router_logits_ops(xf.clone(), router, router_mask),
+        };
         let o = RouteOptions {
             top_k: k,
             renormalize: self.renormalize,
@@ -123,40 +133,30 @@ impl<B: Backend, W: FrozenLinear<B>> MoeLoraLinear<B, W> {
         };
         let counts = match &routing.mask {
             Some(mask) => mask.clone().sum_dim(0).reshape([e_count]),
-            None => Tensor::full([e_count], n as f32, (&xf.device(), DType::F32)),
+            None => Tensor::full([e_count], n as f32, (&device, DType::F32)),
         }; // tokens per expert
-
-        // All experts as one pair of matmuls: x·[A_1; …; A_E]ᵀ -> [N, E·r], each expert's r
-        // columns scaled by the token's gate (0 for experts it did not choose), then
-        // ·[B_1ᵀ; …; B_Eᵀ] -> [N, out].
-        let a = self
-            .experts_a
-            .val()
-            .reshape([e_count * r, d_in])
-            .cast(dtype); // [E·r, in]
-        let b = self
-            .experts_b
-            .val()
-            .swap_dims(1, 2)
-            .reshape([e_count * r, d_out])
-            .cast(dtype); // [E·r, out]
-
-        // [N, E·r] viewed as [N, E, r] times the gate (with the LoRA scaling folded in)
-        // broadcast over r (no expanded copy).
-        let gate = routing.gate.cast(dtype);
-        let h =
-            x_experts.matmul(a.transpose()).reshape([n, e_count, r]) * gate.unsqueeze_dim::<3>(2);
-        let h = h.reshape([n, e_count * r]);
-        let delta = h.matmul(b); // [N, out]
 
         // Load-balancing loss inputs (the loss is formed once for all layers, see
         // AdapterStats): routing counts (constant) and mean probabilities (with gradient).
         let p = routing.probs.mean_dim(0).reshape([e_count]);
         stats.record(counts, p, n * k);
 
+        // All experts as one pair of matmuls over every token (see `adapter::experts`).
+        let inputs = ExpertInputs {
+            y: y.reshape([n, d_out]),
+            x: xf,
+            mask: expert_mask.map(|(m, _)| m),
+            a: self.experts_a.val(),
+            b: self.experts_b.val(),
+            gate: routing.gate,
+        };
+        let out = match steps {
+            Some(s) => (s.add_experts)(inputs),
+            None => add_experts_ops(inputs),
+        };
         let mut out_dims = dims;
         out_dims[D - 1] = d_out;
-        y + delta.reshape(out_dims)
+        out.reshape(out_dims)
     }
 
     /// Dense `scaling · B_e·A_e` [out, in] of expert `e`.

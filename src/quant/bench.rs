@@ -47,7 +47,7 @@ pub const CHECK_CASES: [CheckCase; 10] = [
 ];
 
 /// The checks `bench nf4 --checks NAME` runs: the NF4 layer cases, and whether the fused
-/// decoder, routing and AdamW kernels are checked too. `all`, `nf4` (every NF4 case), `gemv`
+/// decoder (and backward), routing, AdamW and gradient-norm kernels are checked too. `all`, `nf4` (every NF4 case), `gemv`
 /// (the NF4 cases of at most [`GEMV_MAX_ROWS`] rows), `others` (no NF4 case, the other
 /// kernels) or `none`; `None` for any other name.
 pub fn check_selection(name: &str) -> Option<(Vec<CheckCase>, bool)> {
@@ -446,6 +446,79 @@ pub fn check_adamw_kernel<B: Backend>(device: &B::Device) -> Option<Vec<CheckRow
         }
     }
     Some(out)
+}
+
+/// Checks backend `B`'s registered layer backward kernels against their tensor-op closed forms
+/// on the same device in `dtype`: the 4B's norm width, q/k head rows read through a swapped
+/// view, and SwiGLU at the MLP width; `None` if none are registered.
+pub fn check_layer_grads<B: Backend>(dtype: DType, device: &B::Device) -> Option<Vec<CheckRow>> {
+    use super::kernels::layer_grads::{registered, LayerGrads};
+    let (fused, reference) = (registered::<B>()?, LayerGrads::<B>::reference());
+    let mut out = Vec::new();
+    for (i, (rows, d)) in [(121, 2560), (5, 100)].into_iter().enumerate() {
+        let seed = 1700 + 10 * i as u64;
+        let x = device_values::<B, 2>([rows, d], seed, 2.0, dtype, device);
+        let w = device_values::<B, 1>([d], seed + 1, 1.5, dtype, device);
+        let dy = device_values::<B, 2>([rows, d], seed + 2, 1.0, dtype, device);
+        let got = (fused.rms_norm)(x.clone(), w.clone(), dy.clone(), 1e-6);
+        let want = (reference.rms_norm)(x, w, dy, 1e-6);
+        out.push(device_check("norm bwd", (d, d, rows), got, want));
+    }
+    for (i, (b, h, t, d)) in [(2, 32, 121, 128), (1, 3, 7, 64)].into_iter().enumerate() {
+        let seed = 1750 + 10 * i as u64;
+        let x = device_values::<B, 4>([b, t, h, d], seed, 2.0, dtype, device).swap_dims(1, 2);
+        let w = device_values::<B, 1>([d], seed + 1, 1.5, dtype, device);
+        let cos = device_values::<B, 4>([b, 1, t, d], seed + 2, 1.0, dtype, device);
+        let sin = device_values::<B, 4>([b, 1, t, d], seed + 3, 1.0, dtype, device);
+        let dy = device_values::<B, 4>([b, h, t, d], seed + 4, 1.0, dtype, device);
+        let args = (x, w, cos, sin, dy);
+        let got = (fused.rms_norm_rotary)(
+            args.0.clone(),
+            args.1.clone(),
+            1e-6,
+            args.2.clone(),
+            args.3.clone(),
+            args.4.clone(),
+        );
+        let want = (reference.rms_norm_rotary)(args.0, args.1, 1e-6, args.2, args.3, args.4);
+        out.push(device_check("rotary bwd", (d, d, b * h * t), got, want));
+    }
+    for (i, (rows, n)) in [(121, 9728), (7, 100)].into_iter().enumerate() {
+        let seed = 1800 + 10 * i as u64;
+        let g = device_values::<B, 2>([rows, n], seed, 4.0, dtype, device);
+        let u = device_values::<B, 2>([rows, n], seed + 1, 2.0, dtype, device);
+        let d = device_values::<B, 2>([rows, n], seed + 2, 1.0, dtype, device);
+        let got = (fused.swiglu)(g.clone(), u.clone(), d.clone());
+        let want = (reference.swiglu)(g, u, d);
+        out.push(device_check("swiglu dg", (n, n, rows), got.0, want.0));
+        out.push(device_check("swiglu du", (n, n, rows), got.1, want.1));
+    }
+    Some(out)
+}
+
+/// Checks backend `B`'s registered gradient-norm kernel against the tensor ops on the same
+/// device, on MoE-LoRA-like gradients: contiguous, permuted (a B matrix's gradient is a
+/// swapped view), a strided narrow and an odd length; `None` if none is registered. The row's
+/// `rows` is the gradients' element count.
+pub fn check_grad_norm_kernel<B: Backend>(device: &B::Device) -> Option<Vec<CheckRow>> {
+    use super::kernels::grad_norm::{registered, sq_sum_ops};
+    let kernel = registered::<B>()?;
+    let a = device_values::<B, 3>([2, 8, 2560], 1600, 0.5, DType::F32, device);
+    let b = device_values::<B, 3>([2, 8, 9728], 1601, 0.5, DType::F32, device).swap_dims(1, 2);
+    let narrow = device_values::<B, 2>([40, 33], 1602, 2.0, DType::F32, device).narrow(1, 3, 17);
+    let odd = device_values::<B, 1>([4097], 1603, 1.0, DType::F32, device);
+    let grads = || {
+        vec![
+            a.clone().into_primitive().tensor(),
+            b.clone().into_primitive().tensor(),
+            narrow.clone().into_primitive().tensor(),
+            odd.clone().into_primitive().tensor(),
+        ]
+    };
+    let n = 2 * 8 * (2560 + 9728) + 40 * 17 + 4097;
+    let got = (kernel.sq_sum)(grads())?;
+    let want = sq_sum_ops::<B>(grads())?;
+    Some(vec![device_check("grad norm", (1, 1, n), got, want)])
 }
 
 /// Prints one line per check; returns how many are above the tolerance.

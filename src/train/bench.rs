@@ -348,6 +348,14 @@ pub fn bench_train<B: AutodiffBackend>(
     if let Some(p) = host_profile {
         p.finish();
     }
+    // Each step's loss and gradient norm (the same seed gives the same values on every
+    // variant of the step: a quick check that an optimisation kept the math).
+    for r in super::state::read_rows(&out_dir).unwrap_or_default() {
+        eprintln!(
+            "bench step {}: loss {:.6}, grad norm {:.6}, loss scale {}",
+            r.step, r.loss, r.grad_norm, r.loss_scale
+        );
+    }
     let _ = std::fs::remove_dir_all(&out_dir);
     if times.is_empty() {
         return Err(Error::Argument {

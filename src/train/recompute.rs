@@ -521,6 +521,26 @@ mod tests {
         let mut want = gradients(None, &model, &inputs, &rows, 7);
         let err = compare(&mut other, &mut want, &model);
         assert!(err > 1e-3, "relative error {err}");
+        // With MoE-LoRA's one-step router and experts (what training on a GPU registers), the
+        // re-runs take the steps while the graph-free forward takes the tensor ops: the same
+        // masks and gradients as the tensor ops in one graph (this process is alone: the
+        // registry is process-wide).
+        use crate::quant::kernels::{expert_step, routing};
+        routing::register::<Ad>();
+        expert_step::register::<Ad>();
+        let mut got = gradients(Some(HEAD_CHUNK_BYTES), &model, &inputs, &rows, 7);
+        let mut steps = gradients(None, &model, &inputs, &rows, 7);
+        let mut want = gradients(None, &model, &inputs, &rows, 7);
+        expert_step::unregister::<Ad>();
+        let mut ops = gradients(None, &model, &inputs, &rows, 7);
+        routing::unregister::<Ad>();
+        let err = compare(&mut got, &mut want, &model);
+        assert!(err < 1e-5, "steps, recomputed: relative error {err}");
+        let err = compare(&mut steps, &mut ops, &model);
+        assert!(
+            err < 1e-5,
+            "steps against the ops, one graph: relative error {err}"
+        );
     }
 
     /// Without dropout the recomputed pass gives the model's own `forward_rows` gradients, with

@@ -25,6 +25,7 @@ use super::vision_cache::VisionCache;
 use crate::error::Error;
 use crate::model::vision::VisionOutput;
 use crate::model::{ImageFeatures, ModelInputs, Qwen3VlModel};
+use crate::quant::kernels::grad_norm;
 
 /// The trained model plus the run's shared state.
 #[derive(Module, Debug)]
@@ -563,29 +564,34 @@ pub fn log_line(r: &StepRow, total: usize) -> String {
     s
 }
 
-/// Σ‖g‖² over every gradient of `module` (one host sync).
+/// Σ‖g‖² over every gradient of `module` (one host sync): the inner backend's registered
+/// kernel (one launch per gradient), else square, sum and add per gradient.
 fn grad_sq_sum<B: AutodiffBackend, M: AutodiffModule<B>>(
     module: &M,
     grads: &GradientsParams,
 ) -> f64 {
-    struct SqSum<'a, B: AutodiffBackend> {
+    type Prim<B> = burn::tensor::ops::FloatTensor<<B as AutodiffBackend>::InnerBackend>;
+    struct Collect<'a, B: AutodiffBackend> {
         grads: &'a GradientsParams,
-        sum: Option<Tensor<B::InnerBackend, 1>>,
+        found: Vec<Prim<B>>,
     }
-    impl<B: AutodiffBackend> ModuleVisitor<B> for SqSum<'_, B> {
+    impl<B: AutodiffBackend> ModuleVisitor<B> for Collect<'_, B> {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
             if let Some(g) = self.grads.get::<B::InnerBackend, D>(param.id) {
-                let s = g.cast(DType::F32).powi_scalar(2).sum();
-                self.sum = Some(match self.sum.take() {
-                    Some(a) => a + s,
-                    None => s,
-                });
+                self.found.push(g.into_primitive().tensor());
             }
         }
     }
-    let mut v = SqSum::<B> { grads, sum: None };
+    let mut v = Collect::<B> {
+        grads,
+        found: Vec::new(),
+    };
     module.visit(&mut v);
-    v.sum.map(|t| t.into_scalar().elem::<f64>()).unwrap_or(0.0)
+    let sum = match grad_norm::registered::<B::InnerBackend>() {
+        Some(kernel) => (kernel.sq_sum)(v.found),
+        None => grad_norm::sq_sum_ops(v.found),
+    };
+    sum.map(|t| t.into_scalar().elem::<f64>()).unwrap_or(0.0)
 }
 
 /// Has the optimizer multiply the gradients by `factor` (inside its update, when the run set a

@@ -78,6 +78,10 @@ def run(cmd, timeout, env=None):
     profile = [l for l in out.splitlines() if l.startswith("profile ")]
     if profile:
         result["profile"] = profile[-4:]
+    # Our per-step loss and gradient norm (same seed: equal across variants of the step).
+    steps = [l for l in out.splitlines() if l.startswith("bench step ")]
+    if steps:
+        result["steps"] = [l[len("bench step "):] for l in steps]
     result["wall_s"] = wall
     return result
 

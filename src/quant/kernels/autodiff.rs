@@ -24,6 +24,16 @@ pub trait AutodiffInner: burn::tensor::backend::distributed::DistributedBackend 
 #[cfg(feature = "ddp")]
 impl<B: burn::tensor::backend::distributed::DistributedBackend> AutodiffInner for B {}
 
+/// The primitive of a float tensor (the autodiff steps' inner tensors and gradients).
+pub(super) fn prim<B: Backend, const D: usize>(t: Tensor<B, D>) -> B::FloatTensorPrimitive {
+    t.into_primitive().tensor()
+}
+
+/// A float tensor of a primitive (a gradient the autodiff steps receive).
+pub(super) fn tensor<B: Backend, const D: usize>(p: B::FloatTensorPrimitive) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(p))
+}
+
 /// Backward of `x · Wᵀ` with W NF4: dX = dY · W, W dequantized again from the packed state.
 #[derive(Debug)]
 struct Nf4MatmulBackward;

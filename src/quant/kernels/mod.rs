@@ -12,9 +12,12 @@
 //! * [`autodiff`]: a backward that keeps only the packed weight and dequantizes it again for
 //!   dX = dY·W (no dense weight is held between the forward and the backward pass).
 //! * [`layer_ops`]: fused RMSNorm, q/k norm + rotary, softmax and SwiGLU kernels for the
-//!   decoder, found through the same registry.
+//!   decoder, found through the same registry; [`layer_steps`] runs them under autodiff with
+//!   the closed-form backwards of [`layer_grads`].
 //! * [`routing`]: MoE-LoRA routing as one autodiff step with a closed-form backward.
+//! * [`expert_step`]: MoE-LoRA's router and expert products as one autodiff step each.
 //! * [`adamw`]: the optimizer's update of one parameter as one kernel.
+//! * [`grad_norm`]: the gradients' Σ‖g‖² with one launch per gradient.
 //!
 //! The model is generic over `B: Backend`, so it cannot name this trait in its bounds; instead
 //! the binary [`register`]s the backends it runs on, and [`Nf4Linear`] looks its backend up at
@@ -23,10 +26,14 @@
 pub mod adamw;
 pub mod autodiff;
 pub mod cube;
+pub mod expert_step;
 pub mod fusion;
 pub mod gemv;
 pub mod gemv_sliced;
+pub mod grad_norm;
+pub mod layer_grads;
 pub mod layer_ops;
+pub mod layer_steps;
 pub mod routing;
 
 use std::any::{Any, TypeId};
