@@ -15,14 +15,7 @@ use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 use cubecl::{CubeCount, CubeDim};
 
-use super::layer_ops::{empty_like, prim, wrap};
-
-/// Rows per cube of the row kernels (one warp each).
-const ROWS_PER_CUBE: u32 = 8;
-/// Threads per warp.
-const WARP: u32 = 32;
-/// Threads per cube of the element-wise kernel.
-const ELEMENTWISE_CUBE: u32 = 256;
+use super::layer_ops::{empty_like, prim, row_cubes, supported, wrap, ELEMENTWISE_CUBE};
 
 mod kernels {
     use cubecl::prelude::*;
@@ -253,19 +246,6 @@ pub fn swiglu_grad_ops<B: Backend>(
     let one_minus = s.clone().neg().add_scalar(1.0);
     let dg = dout.cast(DType::F32) * up.cast(DType::F32) * s * (g * one_minus).add_scalar(1.0);
     (dg.cast(dtype), dup)
-}
-
-/// Cubes of [`ROWS_PER_CUBE`] warps covering `rows` rows.
-fn row_cubes(rows: usize) -> (CubeCount, CubeDim) {
-    (
-        CubeCount::Static(rows.div_ceil(ROWS_PER_CUBE as usize) as u32, 1, 1),
-        CubeDim::new_2d(WARP, ROWS_PER_CUBE),
-    )
-}
-
-/// Whether the kernels take `dtype`.
-fn supported(dtype: DType) -> bool {
-    matches!(dtype, DType::F16 | DType::BF16 | DType::F32)
 }
 
 /// [`NormGradFn`] as one kernel.

@@ -34,7 +34,7 @@ const ROWS_PER_CUBE: u32 = 8;
 /// Threads per warp on NVIDIA GPUs.
 const WARP: u32 = 32;
 /// Threads per cube of the element-wise kernel.
-const ELEMENTWISE_CUBE: u32 = 256;
+pub(super) const ELEMENTWISE_CUBE: u32 = 256;
 
 mod kernels {
     use cubecl::prelude::*;
@@ -234,7 +234,7 @@ pub(super) fn empty_like<R: CubeRuntime>(like: &CubeTensor<R>, shape: Vec<usize>
 }
 
 /// Cubes of [`ROWS_PER_CUBE`] warps covering `rows` rows.
-fn row_cubes(rows: usize) -> (CubeCount, CubeDim) {
+pub(super) fn row_cubes(rows: usize) -> (CubeCount, CubeDim) {
     (
         CubeCount::Static(rows.div_ceil(ROWS_PER_CUBE as usize) as u32, 1, 1),
         CubeDim::new_2d(WARP, ROWS_PER_CUBE),
@@ -242,7 +242,7 @@ fn row_cubes(rows: usize) -> (CubeCount, CubeDim) {
 }
 
 /// Whether the kernels take `dtype` (others take the tensor ops).
-fn supported(dtype: DType) -> bool {
+pub(super) fn supported(dtype: DType) -> bool {
     matches!(dtype, DType::F16 | DType::BF16 | DType::F32)
 }
 
