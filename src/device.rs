@@ -50,11 +50,16 @@ where
     }
 }
 
+/// Whether the switch `name` is on: unset or anything but `0` (the comparison toggles below).
+fn env_on(name: &str) -> bool {
+    std::env::var(name).map_or(true, |v| v != "0")
+}
+
 /// Whether the fused layer kernels (RMSNorm, q/k norm + rotary, softmax, SwiGLU) run on CUDA
 /// without fusion: `QWEN3VL_LAYER_KERNELS=0` keeps the tensor ops (for comparisons). Under
 /// burn's fusion the tensor ops are fused anyway.
 pub fn layer_kernels_enabled() -> bool {
-    std::env::var("QWEN3VL_LAYER_KERNELS").map_or(true, |v| v != "0")
+    env_on("QWEN3VL_LAYER_KERNELS")
 }
 
 /// Lets the decoder on burn-cuda without fusion use the fused layer kernels (see
@@ -69,7 +74,7 @@ fn use_layer_kernels() {
 /// kernels (`quant::kernels::layer_steps`) on CUDA without fusion: on unless
 /// `QWEN3VL_LAYER_STEPS=0` or `QWEN3VL_LAYER_KERNELS=0` (tensor ops, for comparisons).
 pub fn layer_steps_enabled() -> bool {
-    layer_kernels_enabled() && std::env::var("QWEN3VL_LAYER_STEPS").map_or(true, |v| v != "0")
+    layer_kernels_enabled() && env_on("QWEN3VL_LAYER_STEPS")
 }
 
 /// Lets the decoder on the autodiff backend `B` (CUDA without fusion) run the layer steps (see
@@ -84,14 +89,14 @@ fn use_layer_steps<B: kernels::layer_steps::LayerStepsBackend>() {
 /// Whether MoE-LoRA layers route in one autodiff step (`quant::kernels::routing`) when
 /// training: `QWEN3VL_ROUTING_STEP=0` records the routing's tensor ops instead (for comparisons).
 pub fn routing_step_enabled() -> bool {
-    std::env::var("QWEN3VL_ROUTING_STEP").map_or(true, |v| v != "0")
+    env_on("QWEN3VL_ROUTING_STEP")
 }
 
 /// Whether MoE-LoRA layers run their router and expert products as one autodiff step each
 /// (`quant::kernels::expert_step`) when training: `QWEN3VL_EXPERT_STEP=0` records the tensor
 /// ops instead (for comparisons).
 pub fn expert_step_enabled() -> bool {
-    std::env::var("QWEN3VL_EXPERT_STEP").map_or(true, |v| v != "0")
+    env_on("QWEN3VL_EXPERT_STEP")
 }
 
 /// Lets MoE-LoRA layers on the autodiff backend `B` route, and run their products, in one step
@@ -109,19 +114,19 @@ fn use_routing_step<B: kernels::routing::OneStepRouting + kernels::expert_step::
 /// forward and the backward instead of ~15 tensor ops; the training step is bound by the host's
 /// per-launch cost): on unless `QWEN3VL_ROUTING_KERNELS=0` (tensor ops, for comparisons).
 pub fn routing_kernels_enabled() -> bool {
-    std::env::var("QWEN3VL_ROUTING_KERNELS").map_or(true, |v| v != "0")
+    env_on("QWEN3VL_ROUTING_KERNELS")
 }
 
 /// Whether the optimizer updates each parameter with one CubeCL kernel on CUDA without fusion
 /// (instead of burn's ~14 tensor ops): on unless `QWEN3VL_ADAMW_KERNEL=0`.
 pub fn adamw_kernel_enabled() -> bool {
-    std::env::var("QWEN3VL_ADAMW_KERNEL").map_or(true, |v| v != "0")
+    env_on("QWEN3VL_ADAMW_KERNEL")
 }
 
 /// Whether the gradient norm sums each gradient's squares with one CubeCL launch on CUDA
 /// without fusion (instead of three tensor ops): on unless `QWEN3VL_GRAD_NORM_KERNEL=0`.
 pub fn grad_norm_kernel_enabled() -> bool {
-    std::env::var("QWEN3VL_GRAD_NORM_KERNEL").map_or(true, |v| v != "0")
+    env_on("QWEN3VL_GRAD_NORM_KERNEL")
 }
 
 /// Whether burn's kernel fusion is on for CUDA: off unless `QWEN3VL_FUSION=1`. Every GPU
