@@ -198,7 +198,7 @@ fn run_bench_nf4(args: BenchNf4Args) -> Result<()> {
         check_selection(&args.checks).ok_or_else(|| Error::Argument {
             arg: "--checks".into(),
             message: format!(
-                "expected all, nf4, gemv, others or none, found `{}`",
+                "expected all, nf4, gemv, gemm, others or none, found `{}`",
                 args.checks
             ),
         })?;

@@ -343,7 +343,7 @@ pub struct BenchNf4Args {
     #[arg(long)]
     pub check_only: bool,
     /// Which checks run first: all, nf4 (the NF4 layer, forward and dX), gemv (the NF4 cases
-    /// with at most 8 rows), others (the layer kernels and their backwards, routing, AdamW and
+    /// with at most 8 rows), gemm (the other NF4 cases), others (the layer kernels and their backwards, routing, AdamW and
     /// gradient-norm kernels) or none.
     #[arg(long, default_value = "all")]
     pub checks: String,

@@ -36,8 +36,9 @@ pub type CheckCase = (usize, usize, usize);
 /// (no GEMV), rows on both sides of the GEMV limit, the grouped GEMV (several rows) with 1 and 2
 /// W rows per warp, the sliced one-row GEMV with 1 and 2 words per lane and 3, 8 and 19 warps
 /// (with `QWEN3VL_GEMV=flat`, the flat one with 1 and 2 W rows per warp and x in shared memory
-/// at its largest), and real layers.
-pub const CHECK_CASES: [CheckCase; 10] = [
+/// at its largest), the tiled GEMM with partial tiles on both sides (forward, then its
+/// transposed backward), on a real layer, and real layers.
+pub const CHECK_CASES: [CheckCase; 13] = [
     (200, 72, 1),
     (192, 45, 5),
     (256, 60, 3),
@@ -48,11 +49,15 @@ pub const CHECK_CASES: [CheckCase; 10] = [
     (100, 32, 2),
     (2560, 9728, 8),
     (9728, 2560, 100),
+    (320, 72, 37),
+    (200, 128, 20),
+    (2560, 1024, 128),
 ];
 
 /// The checks `bench nf4 --checks NAME` runs: the NF4 layer cases, and whether the fused
 /// decoder (and backward), routing, AdamW and gradient-norm kernels are checked too. `all`, `nf4` (every NF4 case), `gemv`
-/// (the NF4 cases of at most [`GEMV_MAX_ROWS`] rows), `others` (no NF4 case, the other
+/// (the NF4 cases of at most [`GEMV_MAX_ROWS`] rows), `gemm` (the other NF4 cases), `others`
+/// (no NF4 case, the other
 /// kernels) or `none`; `None` for any other name.
 pub fn check_selection(name: &str) -> Option<(Vec<CheckCase>, bool)> {
     let gemv = || CHECK_CASES.iter().copied().filter(|c| c.2 <= GEMV_MAX_ROWS);
@@ -60,6 +65,14 @@ pub fn check_selection(name: &str) -> Option<(Vec<CheckCase>, bool)> {
         "all" => Some((CHECK_CASES.to_vec(), true)),
         "nf4" => Some((CHECK_CASES.to_vec(), false)),
         "gemv" => Some((gemv().collect(), false)),
+        "gemm" => Some((
+            CHECK_CASES
+                .iter()
+                .copied()
+                .filter(|c| c.2 > GEMV_MAX_ROWS)
+                .collect(),
+            false,
+        )),
         "others" => Some((Vec::new(), true)),
         "none" => Some((Vec::new(), false)),
         _ => None,
@@ -448,6 +461,8 @@ mod tests {
         let (gemv, others) = check_selection("gemv").unwrap();
         assert!(!others && !gemv.is_empty() && gemv.len() < all.len());
         assert!(gemv.iter().all(|c| c.2 <= GEMV_MAX_ROWS));
+        let (gemm, _) = check_selection("gemm").unwrap();
+        assert_eq!(gemv.len() + gemm.len(), all.len());
         assert_eq!(check_selection("none"), Some((Vec::new(), false)));
         assert_eq!(check_selection("others"), Some((Vec::new(), true)));
         assert_eq!(check_selection("some"), None);

@@ -150,7 +150,7 @@ fn bad_inputs_fail_clearly() {
     );
     fails_with(
         &["bench", "nf4", "--device", "cpu", "--checks", "some"],
-        "expected all, nf4, gemv, others or none",
+        "expected all, nf4, gemv, gemm, others or none",
     );
 
     // Inputs whose image tokens do not match the grids.

@@ -34,7 +34,7 @@ pub(super) fn tensor<B: Backend, const D: usize>(p: B::FloatTensorPrimitive) -> 
     Tensor::from_primitive(TensorPrimitive::Float(p))
 }
 
-/// Backward of `x · Wᵀ` with W NF4: dX = dY · W, W dequantized again from the packed state.
+/// Backward of `x · Wᵀ` with W NF4: dX = dY · W from the packed state.
 #[derive(Debug)]
 struct Nf4MatmulBackward;
 
@@ -48,7 +48,7 @@ impl<B: Nf4Backend> Backward<B, 1> for Nf4MatmulBackward {
             let w = ops.state;
             let dy =
                 Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(grad)).cast(w.meta.compute);
-            let dx = dy.matmul(B::nf4_dequantize(&w)); // [M, in]
+            let dx = B::nf4_matmul_transposed(dy, &w); // [M, in]
             grads.register::<B>(node.id, dx.into_primitive().tensor());
         }
     }

@@ -12,9 +12,10 @@ use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 use cubecl::{calculate_cube_count_elemwise, CubeCount, CubeDim};
 
+use super::gemm_tiled::{has_mma, launch_tiled, TiledPlan};
 use super::gemv::{launch_flat, launch_grouped, FlatPlan, GroupedPlan};
 use super::gemv_sliced::{launch_sliced, SlicedPlan};
-use super::{Nf4Backend, Nf4Meta, Nf4Parts};
+use super::{gemv_or_dequantized_matmul, Nf4Backend, Nf4Meta, Nf4Parts, GEMV_MAX_ROWS};
 
 /// Warps per cube of the GEMV kernel (each warp computes one row of W against every x row).
 const GEMV_WARPS: u32 = 8;
@@ -422,10 +423,68 @@ pub(super) fn gemv<R: CubeRuntime>(
     out
 }
 
+/// The tiled GEMM's plan for `rows` rows of x on `device`, if it applies (see
+/// [`TiledPlan::for_call`]).
+fn tiled_plan<R: CubeRuntime>(
+    client: &cubecl::prelude::ComputeClient<R>,
+    rows: usize,
+    meta: Nf4Meta,
+    transposed: bool,
+) -> Option<TiledPlan> {
+    let sms = client.properties().hardware.num_streaming_multiprocessors;
+    let mma = has_mma(client, meta.compute.into());
+    TiledPlan::for_call(rows, meta, sms.unwrap_or(1) as usize, mma, transposed)
+}
+
+/// `x · Wᵀ` (x [M, in]) or, `transposed`, `x · W` (x [M, out]) by the tiled tensor-core
+/// GEMM laid out by `plan`, x in the compute dtype.
+fn tiled<R: CubeRuntime>(
+    x: CubeTensor<R>,
+    p: CubeParts<R>,
+    meta: Nf4Meta,
+    plan: TiledPlan,
+    transposed: bool,
+) -> CubeTensor<R> {
+    p.check();
+    assert_eq!(
+        x.dtype, meta.compute,
+        "GEMM input must be in the compute dtype"
+    );
+    let x = into_contiguous(x);
+    assert!(
+        x.meta.strides()[0].is_multiple_of(8),
+        "GEMM input rows must be 8-aligned"
+    );
+    let client = x.client.clone();
+    let width = if transposed { meta.d_in } else { meta.d_out };
+    let out = empty_device_dtype(
+        client.clone(),
+        x.device.clone(),
+        Shape::new([x.meta.shape()[0], width]),
+        meta.compute,
+    );
+    launch_tiled(&client, x, p.into_args(), &out, meta, plan, transposed);
+    out
+}
+
 /// The kernels run for 16-bit compute (f16, bf16), the dtypes checked on the GPU; f32 compute
 /// takes the reference path.
 fn kernel_dtype(meta: Nf4Meta) -> bool {
     matches!(meta.compute, DType::F16 | DType::BF16)
+}
+
+/// The tiled GEMM's plan for x against w (16-bit compute, rows past the GEMV's), if any.
+fn tiled_for<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
+    x: &Tensor<CubeBackend<R, F, I, BT>, 2>,
+    w: &Nf4Parts<CubeBackend<R, F, I, BT>>,
+    transposed: bool,
+) -> Option<TiledPlan> {
+    let rows = x.dims()[0];
+    if !kernel_dtype(w.meta) || rows <= GEMV_MAX_ROWS {
+        return None;
+    }
+    let client = &w.words.clone().into_primitive().client;
+    tiled_plan(client, rows, w.meta, transposed)
 }
 
 fn float<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement, const D: usize>(
@@ -468,5 +527,27 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> Nf4Backend
         let (parts, meta) = cube_parts(w);
         let x = float(x.cast(meta.compute));
         Tensor::from_primitive(TensorPrimitive::Float(gemv(x, parts, meta)))
+    }
+
+    fn nf4_matmul(x: Tensor<Self, 2>, w: &Nf4Parts<Self>) -> Tensor<Self, 2> {
+        match tiled_for::<R, F, I, BT>(&x, w, false) {
+            Some(plan) => {
+                let (parts, meta) = cube_parts(w);
+                let x = float(x.cast(meta.compute));
+                Tensor::from_primitive(TensorPrimitive::Float(tiled(x, parts, meta, plan, false)))
+            }
+            None => gemv_or_dequantized_matmul(x, w),
+        }
+    }
+
+    fn nf4_matmul_transposed(dy: Tensor<Self, 2>, w: &Nf4Parts<Self>) -> Tensor<Self, 2> {
+        match tiled_for::<R, F, I, BT>(&dy, w, true) {
+            Some(plan) => {
+                let (parts, meta) = cube_parts(w);
+                let dy = float(dy.cast(meta.compute));
+                Tensor::from_primitive(TensorPrimitive::Float(tiled(dy, parts, meta, plan, true)))
+            }
+            None => dy.matmul(Self::nf4_dequantize(w)),
+        }
     }
 }

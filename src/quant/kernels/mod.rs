@@ -28,6 +28,7 @@ pub mod autodiff;
 pub mod cube;
 pub mod expert_step;
 pub mod fusion;
+pub mod gemm_tiled;
 pub mod gemv;
 pub mod gemv_sliced;
 pub mod grad_norm;
@@ -50,8 +51,13 @@ use super::linear::{BlockScales, Nf4Linear};
 /// nibble (byte `k / 2`; the even element is the byte's high nibble).
 const NIBBLE_SHIFTS: [i32; 8] = [4, 0, 12, 8, 20, 16, 28, 24];
 
-/// Most input rows the GEMV kernel takes; more rows dequantize and use the library matmul.
+/// Most input rows the GEMV kernel takes; more rows go to the tiled GEMM (where it runs) or
+/// dequantize and use the library matmul.
 pub const GEMV_MAX_ROWS: usize = 8;
+
+/// Most input rows the tiled tensor-core GEMM takes by default (`gemm_tiled`); more rows
+/// dequantize the weight once and use the library matmul.
+pub const TILED_MAX_ROWS: usize = 256;
 
 /// Everything about an NF4 weight a kernel needs besides its tensors.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -227,11 +233,22 @@ pub trait Nf4Backend: Backend {
     /// `x · Wᵀ`, x [M, in] in the compute dtype -> [M, out]: the GEMV for a few rows, else
     /// dequantize and multiply.
     fn nf4_matmul(x: Tensor<Self, 2>, w: &Nf4Parts<Self>) -> Tensor<Self, 2> {
-        if x.dims()[0] <= GEMV_MAX_ROWS && w.meta.d_in.is_multiple_of(8) {
-            Self::nf4_gemv(x, w)
-        } else {
-            x.matmul(Self::nf4_dequantize(w).transpose())
-        }
+        gemv_or_dequantized_matmul(x, w)
+    }
+
+    /// `dY · W`, dY [M, out] in the compute dtype -> [M, in] (the input gradient of
+    /// [`Nf4Backend::nf4_matmul`]): dequantize and multiply.
+    fn nf4_matmul_transposed(dy: Tensor<Self, 2>, w: &Nf4Parts<Self>) -> Tensor<Self, 2> {
+        dy.matmul(Self::nf4_dequantize(w))
+    }
+}
+
+/// [`Nf4Backend::nf4_matmul`]'s default: the GEMV for a few rows, else dequantize and multiply.
+pub fn gemv_or_dequantized_matmul<B: Nf4Backend>(x: Tensor<B, 2>, w: &Nf4Parts<B>) -> Tensor<B, 2> {
+    if x.dims()[0] <= GEMV_MAX_ROWS && w.meta.d_in.is_multiple_of(8) {
+        B::nf4_gemv(x, w)
+    } else {
+        x.matmul(B::nf4_dequantize(w).transpose())
     }
 }
 
