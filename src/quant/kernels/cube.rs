@@ -456,15 +456,40 @@ fn tiled<R: CubeRuntime>(
         "GEMM input rows must be 8-aligned"
     );
     let client = x.client.clone();
+    let rows = x.meta.shape()[0];
     let width = if transposed { meta.d_in } else { meta.d_out };
+    // Several splits write f32 partial sums [splits · M, width], added up below.
+    let (out_rows, out_dtype) = match plan.splits {
+        1 => (rows, meta.compute),
+        s => (s * rows, DType::F32),
+    };
     let out = empty_device_dtype(
         client.clone(),
         x.device.clone(),
-        Shape::new([x.meta.shape()[0], width]),
-        meta.compute,
+        Shape::new([out_rows, width]),
+        out_dtype,
     );
     launch_tiled(&client, x, p.into_args(), &out, meta, plan, transposed);
     out
+}
+
+/// The tiled GEMM's result as a tensor: its output, or the sum of its splits' partial sums
+/// ([splits · M, n] f32) in the compute dtype.
+fn tiled_result<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
+    out: CubeTensor<R>,
+    plan: TiledPlan,
+    meta: Nf4Meta,
+) -> Tensor<CubeBackend<R, F, I, BT>, 2> {
+    let t = Tensor::<CubeBackend<R, F, I, BT>, 2>::from_primitive(TensorPrimitive::Float(out));
+    if plan.splits == 1 {
+        return t;
+    }
+    let [rows, n] = t.dims();
+    let rows = rows / plan.splits;
+    t.reshape([plan.splits, rows, n])
+        .sum_dim(0)
+        .reshape([rows, n])
+        .cast(meta.compute)
 }
 
 /// The kernels run for 16-bit compute (f16, bf16), the dtypes checked on the GPU; f32 compute
@@ -534,7 +559,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> Nf4Backend
             Some(plan) => {
                 let (parts, meta) = cube_parts(w);
                 let x = float(x.cast(meta.compute));
-                Tensor::from_primitive(TensorPrimitive::Float(tiled(x, parts, meta, plan, false)))
+                tiled_result(tiled(x, parts, meta, plan, false), plan, meta)
             }
             None => gemv_or_dequantized_matmul(x, w),
         }
@@ -545,7 +570,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> Nf4Backend
             Some(plan) => {
                 let (parts, meta) = cube_parts(w);
                 let dy = float(dy.cast(meta.compute));
-                Tensor::from_primitive(TensorPrimitive::Float(tiled(dy, parts, meta, plan, true)))
+                tiled_result(tiled(dy, parts, meta, plan, true), plan, meta)
             }
             None => dy.matmul(Self::nf4_dequantize(w)),
         }

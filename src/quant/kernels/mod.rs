@@ -55,10 +55,6 @@ const NIBBLE_SHIFTS: [i32; 8] = [4, 0, 12, 8, 20, 16, 28, 24];
 /// dequantize and use the library matmul.
 pub const GEMV_MAX_ROWS: usize = 8;
 
-/// Most input rows the tiled tensor-core GEMM takes by default (`gemm_tiled`); more rows
-/// dequantize the weight once and use the library matmul.
-pub const TILED_MAX_ROWS: usize = 256;
-
 /// Everything about an NF4 weight a kernel needs besides its tensors.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Nf4Meta {
