@@ -1,5 +1,6 @@
 //! [`Nf4Backend`] under burn's autodiff: the product's backward keeps only the packed layer and
-//! dequantizes it again for dX = dY·W (the weight is frozen: no weight gradient).
+//! computes dX = dY·W from it ([`Nf4Backend::nf4_matmul_transposed`]; the weight is frozen: no
+//! weight gradient).
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;

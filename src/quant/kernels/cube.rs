@@ -423,7 +423,7 @@ pub(super) fn gemv<R: CubeRuntime>(
     out
 }
 
-/// The tiled GEMM's plan for `rows` rows of x on `device`, if it applies (see
+/// The tiled GEMM's plan for `rows` rows of x on `client`'s card, if it applies (see
 /// [`TiledPlan::for_call`]).
 fn tiled_plan<R: CubeRuntime>(
     client: &cubecl::prelude::ComputeClient<R>,
