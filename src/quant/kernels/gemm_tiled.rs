@@ -30,6 +30,7 @@ use cubecl::prelude::{ComputeClient, TensorArg};
 use cubecl::{CubeCount, CubeDim};
 
 use super::cube::WARP;
+use super::gemv::overrides;
 use super::Nf4Meta;
 
 /// Values of `in` per step (one shared tile's width).
@@ -345,7 +346,8 @@ impl TiledPlan {
         mma: bool,
         transposed: bool,
     ) -> Option<Self> {
-        let choice = std::env::var("QWEN3VL_GEMM").unwrap_or_default();
+        let o = overrides();
+        let choice = o.gemm.as_str();
         let (k_len, n_len) = if transposed {
             (meta.d_out, meta.d_in)
         } else {
@@ -365,9 +367,7 @@ impl TiledPlan {
         let steps = k_len / STEP;
         let cubes = |fm: usize, fnn: usize| rows.div_ceil(32 * fm) * n_len.div_ceil(32 * fnn);
         // The largest tile that still gives the card 1.5 cubes per multiprocessor.
-        let (fm, fnn) = std::env::var("QWEN3VL_GEMM_TILE")
-            .ok()
-            .and_then(|v| Self::parse(&v))
+        let (fm, fnn) = Self::parse(&o.gemm_tile)
             .or_else(|| {
                 [(2, 2), (1, 2), (2, 1)]
                     .into_iter()
@@ -378,9 +378,8 @@ impl TiledPlan {
         // multiprocessor, keeping 32 steps per split: on an H100 (session 18) two splits took
         // 9728 -> 2560 and 4096 -> 2560 at 128 rows from 109 / 60 to 104 / 55 µs, while
         // splitting the 40 steps of 2560 inputs was slower (the partial sums cost two launches).
-        let splits = std::env::var("QWEN3VL_GEMM_SPLITS")
-            .ok()
-            .and_then(|v| v.parse::<usize>().ok())
+        let splits = o
+            .gemm_splits
             .unwrap_or_else(|| (4 * sms).div_ceil(cubes(fm, fnn)).min(steps / 32))
             .clamp(1, steps);
         Some(Self { fm, fnn, splits })

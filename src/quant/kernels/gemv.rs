@@ -345,7 +345,8 @@ pub struct GroupedPlan {
 }
 
 /// The measurement overrides (`QWEN3VL_GEMV`, `QWEN3VL_GEMV_WROWS`, `_UNROLL`, `_CUBE_WARPS`,
-/// `_CUBES`, `_NW`), read once: the plans are made on every decoding call.
+/// `_CUBES`, `_NW`; the tiled GEMM's `QWEN3VL_GEMM`, `_TILE`, `_SPLITS`), read once: the plans
+/// are made on every call.
 pub(super) struct Overrides {
     pub choice: String,
     pub wrows: Option<usize>,
@@ -353,6 +354,12 @@ pub(super) struct Overrides {
     pub cube_warps: Option<usize>,
     pub cubes: Option<usize>,
     pub nw: Option<usize>,
+    /// `QWEN3VL_GEMM`: `dequant`, `tiled` or empty.
+    pub gemm: String,
+    /// `QWEN3VL_GEMM_TILE`, e.g. `2x1`.
+    pub gemm_tile: String,
+    /// `QWEN3VL_GEMM_SPLITS`.
+    pub gemm_splits: Option<usize>,
 }
 
 /// The overrides, read on the first call.
@@ -367,6 +374,9 @@ pub(super) fn overrides() -> &'static Overrides {
             cube_warps: num("QWEN3VL_GEMV_CUBE_WARPS"),
             cubes: num("QWEN3VL_GEMV_CUBES"),
             nw: num("QWEN3VL_GEMV_NW"),
+            gemm: std::env::var("QWEN3VL_GEMM").unwrap_or_default(),
+            gemm_tile: std::env::var("QWEN3VL_GEMM_TILE").unwrap_or_default(),
+            gemm_splits: num("QWEN3VL_GEMM_SPLITS"),
         }
     })
 }
