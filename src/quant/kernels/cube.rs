@@ -341,28 +341,40 @@ pub(super) fn dequantize<R: CubeRuntime>(p: CubeParts<R>, meta: Nf4Meta) -> Cube
     burn_cubecl::ops::reshape(out, Shape::new([meta.d_out, meta.d_in]))
 }
 
+/// x checked against the weight's kernel dtypes and made contiguous with 8-aligned rows, as
+/// the GEMV and the tiled GEMM read it (`kernel` names the one in the messages).
+fn kernel_input<R: CubeRuntime>(
+    x: CubeTensor<R>,
+    p: &CubeParts<R>,
+    meta: Nf4Meta,
+    kernel: &str,
+) -> CubeTensor<R> {
+    p.check();
+    assert_eq!(
+        x.dtype, meta.compute,
+        "{kernel} input must be in the compute dtype"
+    );
+    let x = into_contiguous(x);
+    assert!(
+        x.meta.strides()[0].is_multiple_of(8),
+        "{kernel} input rows must be 8-aligned"
+    );
+    x
+}
+
 /// `x · Wᵀ` for x [M, in] (M small, `in` a multiple of 8) in the compute dtype -> [M, out].
 pub(super) fn gemv<R: CubeRuntime>(
     x: CubeTensor<R>,
     p: CubeParts<R>,
     meta: Nf4Meta,
 ) -> CubeTensor<R> {
-    p.check();
-    assert_eq!(
-        x.dtype, meta.compute,
-        "GEMV input must be in the compute dtype"
-    );
     assert!(
         meta.d_in.is_multiple_of(8),
         "GEMV needs a multiple of 8 inputs"
     );
     let rows = x.meta.shape()[0];
     assert!(rows <= super::GEMV_MAX_ROWS, "GEMV takes at most 8 rows");
-    let x = into_contiguous(x);
-    assert!(
-        x.meta.strides()[0].is_multiple_of(8),
-        "GEMV input rows must be 8-aligned"
-    );
+    let x = kernel_input(x, &p, meta, "GEMV");
     let client = x.client.clone();
     let out = empty_device_dtype(
         client.clone(),
@@ -445,16 +457,7 @@ fn tiled<R: CubeRuntime>(
     plan: TiledPlan,
     transposed: bool,
 ) -> CubeTensor<R> {
-    p.check();
-    assert_eq!(
-        x.dtype, meta.compute,
-        "GEMM input must be in the compute dtype"
-    );
-    let x = into_contiguous(x);
-    assert!(
-        x.meta.strides()[0].is_multiple_of(8),
-        "GEMM input rows must be 8-aligned"
-    );
+    let x = kernel_input(x, &p, meta, "GEMM");
     let client = x.client.clone();
     let rows = x.meta.shape()[0];
     let width = if transposed { meta.d_in } else { meta.d_out };
