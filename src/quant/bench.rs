@@ -37,8 +37,9 @@ pub type CheckCase = (usize, usize, usize);
 /// W rows per warp, the sliced one-row GEMV with 1 and 2 words per lane and 3, 8 and 19 warps
 /// (with `QWEN3VL_GEMV=flat`, the flat one with 1 and 2 W rows per warp and x in shared memory
 /// at its largest), the tiled GEMM with partial tiles on both sides (forward, then its
-/// transposed backward), on a real layer, and real layers.
-pub const CHECK_CASES: [CheckCase; 13] = [
+/// transposed backward), on a real layer, real layers, and the tensor-core GEMV with a warp of
+/// fewer blocks (640 inputs: 10 blocks over warps of 4) and 3 and 5 rows of x.
+pub const CHECK_CASES: [CheckCase; 15] = [
     (200, 72, 1),
     (192, 45, 5),
     (256, 60, 3),
@@ -52,6 +53,8 @@ pub const CHECK_CASES: [CheckCase; 13] = [
     (320, 72, 37),
     (200, 128, 20),
     (2560, 1024, 128),
+    (640, 48, 5),
+    (2560, 1024, 3),
 ];
 
 /// The checks `bench nf4 --checks NAME` runs: the NF4 layer cases, and whether the fused

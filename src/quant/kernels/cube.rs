@@ -14,6 +14,7 @@ use cubecl::{calculate_cube_count_elemwise, CubeCount, CubeDim};
 
 use super::gemm_tiled::{has_mma, launch_tiled, TiledPlan};
 use super::gemv::{launch_flat, launch_grouped, FlatPlan, GroupedPlan};
+use super::gemv_mma::{has_mma_m16n8k16, launch_mma, MmaPlan};
 use super::gemv_sliced::{launch_sliced, SlicedPlan};
 use super::{gemv_or_dequantized_matmul, Nf4Backend, Nf4Meta, Nf4Parts, GEMV_MAX_ROWS};
 
@@ -382,6 +383,16 @@ pub(super) fn gemv<R: CubeRuntime>(
         Shape::new([rows, meta.d_out]),
         meta.compute,
     );
+    let mma = has_mma_m16n8k16(&client, meta.compute.into());
+    if let Some(plan) = MmaPlan::for_call(rows, meta, mma) {
+        assert!(
+            rows == 1 || x.meta.strides()[0] == meta.d_in,
+            "GEMV input rows must be contiguous"
+        );
+        let parts = [p.words, p.absmax, p.scale_words, p.scale_map, p.code].map(into_contiguous);
+        launch_mma(&client, &x, parts.each_ref(), &out, meta, plan);
+        return out;
+    }
     let args = p.into_args();
     let sms = client.properties().hardware.num_streaming_multiprocessors;
     if let Some(plan) = SlicedPlan::for_call(rows, meta, sms.unwrap_or(1) as usize) {

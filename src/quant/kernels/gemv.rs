@@ -354,6 +354,12 @@ pub(super) struct Overrides {
     pub cube_warps: Option<usize>,
     pub cubes: Option<usize>,
     pub nw: Option<usize>,
+    /// `QWEN3VL_GEMV_BPW`: absmax blocks per warp of the tensor-core GEMV.
+    pub bpw: Option<usize>,
+    /// `QWEN3VL_GEMV_CHUNK`: blocks the tensor-core GEMV loads before using any.
+    pub chunk: Option<usize>,
+    /// `QWEN3VL_GEMV_TILES`: tiles of 16 W rows per cube of the tensor-core GEMV.
+    pub tiles: Option<usize>,
     /// `QWEN3VL_GEMM`: `dequant`, `tiled` or empty.
     pub gemm: String,
     /// `QWEN3VL_GEMM_TILE`, e.g. `2x1`.
@@ -374,6 +380,9 @@ pub(super) fn overrides() -> &'static Overrides {
             cube_warps: num("QWEN3VL_GEMV_CUBE_WARPS"),
             cubes: num("QWEN3VL_GEMV_CUBES"),
             nw: num("QWEN3VL_GEMV_NW"),
+            bpw: num("QWEN3VL_GEMV_BPW"),
+            chunk: num("QWEN3VL_GEMV_CHUNK"),
+            tiles: num("QWEN3VL_GEMV_TILES"),
             gemm: std::env::var("QWEN3VL_GEMM").unwrap_or_default(),
             gemm_tile: std::env::var("QWEN3VL_GEMM_TILE").unwrap_or_default(),
             gemm_splits: num("QWEN3VL_GEMM_SPLITS"),

@@ -8,6 +8,9 @@
 //! * [`gemv`]: the GEMV for one row of x (whole rows of W per warp, x staged in shared memory)
 //!   and for 2..8 rows (two rows of W per warp); [`cube`]'s one-warp-per-row GEMV takes the
 //!   shapes they do not fit.
+//! * [`gemv_mma`]: the GEMV on tensor cores for 1..8 rows, a CUDA C++ kernel launched through
+//!   CubeCL's runtime ([`raw_cuda`]); the default where it applies (double-quantized blocks of
+//!   64, `in` a multiple of 64, `out` of 16, a card with the m16n8k16 `mma`).
 //! * [`fusion`]: the same kernels registered as custom operations of burn's fusion backend.
 //! * [`autodiff`]: a backward that keeps only the packed weight and dequantizes it again for
 //!   dX = dY·W (no dense weight is held between the forward and the backward pass).
@@ -30,11 +33,13 @@ pub mod expert_step;
 pub mod fusion;
 pub mod gemm_tiled;
 pub mod gemv;
+pub mod gemv_mma;
 pub mod gemv_sliced;
 pub mod grad_norm;
 pub mod layer_grads;
 pub mod layer_ops;
 pub mod layer_steps;
+pub mod raw_cuda;
 pub mod routing;
 
 use std::any::{Any, TypeId};

@@ -1,0 +1,176 @@
+// NF4 GEMV on tensor cores for 1..8 rows of x: out[n, o] = sum_k x[n, k] * W[o, k].
+// Configured by the #defines `gemv_mma.rs` puts in front of this file:
+//   K, N        W's input and output widths (K a multiple of 64, N of 16)
+//   ROWS        rows of x (1..8)
+//   NW          warps per cube; BPW absmax blocks per warp; CH blocks loaded at once
+//   TPC         tiles of 16 W rows per cube (taken one after the other)
+//   NBS         8-bit scale codes per nested f32 scale (double quantization)
+//   BF16        1 for bf16 values, 0 for f16
+//
+// A cube owns TPC tiles of 16 rows of W (one m16n8k16 tile each: W rows are the tile's M, x rows its N) and its
+// warps split the input blocks of 64 between them. In one block, lane (g, t) = (lane / 4,
+// lane % 4) loads bytes 8t..8t+7 of the block for W rows g and g + 8 (16 values each) and
+// x[g][16t .. 16t + 16]. The sum over k does not care how k is ordered, so the four mmas of a
+// block give A's and B's k-slots to these values in the same way: mma j, slots (2t, 2t+1)
+// hold values 16t + 4j + {0, 1}, slots (2t+8, 2t+9) hold 16t + 4j + {2, 3}. The A fragment is
+// then one packed byte per register, dequantized by one read of a table of value pairs, and
+// every k of an mma lies in one absmax block, so the block's scale multiplies the mma result.
+// The pair table holds 32 copies (copy l for lane l, in bank l), so the reads never conflict.
+
+typedef unsigned int u32;
+typedef unsigned short u16;
+// Own vector types, so the source needs no header.
+struct __align__(8) U32x2 { u32 x, y; };
+struct __align__(16) U32x4 { u32 x, y, z, w; };
+struct __align__(16) F32x4 { float v[4]; };
+
+struct __align__(8) GemvScalars {
+    float offset;  // added to every double-quantized scale
+    u32 pad;
+};
+
+#if BF16
+#define MMA_TYPE "bf16"
+#else
+#define MMA_TYPE "f16"
+#endif
+#define KB (K / 64)
+
+__device__ __forceinline__ u16 to_half(float v) {
+    u16 h;
+#if BF16
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(v));
+#else
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
+#endif
+    return h;
+}
+
+// d += A * B for one 16x8x16 tile (f32 accumulators).
+__device__ __forceinline__ void mma(float* d, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32." MMA_TYPE "." MMA_TYPE ".f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// The pair of byte `k` of `w`, read from the lane's copy: byte * 128 + lane * 4 (bytes).
+#define PAIR(w, shift_expr, lane4) \
+    (*(const u32*)((const char*)pairs + ((((shift_expr)) & 0x7F80u) | (lane4))))
+#define PAIR0(w, l4) PAIR(w, (w) << 7, l4)
+#define PAIR1(w, l4) PAIR(w, (w) >> 1, l4)
+#define PAIR2(w, l4) PAIR(w, (w) >> 9, l4)
+#define PAIR3(w, l4) PAIR(w, (w) >> 17, l4)
+
+extern "C" __global__ void __launch_bounds__(NW * 32) nf4_gemv_mma(
+    const u16* __restrict__ x,            // [ROWS, K]
+    const U32x2* __restrict__ words,      // [N, K / 16] (8 bytes = 16 values each)
+    const float* __restrict__ absmax,     // nested f32 scales
+    const u32* __restrict__ scale_words,  // 8-bit scale codes, 4 per word
+    const float* __restrict__ scale_map,  // [256]
+    const float* __restrict__ code,       // [16]
+    u16* __restrict__ out,                // [ROWS, N]
+    const GemvScalars s)
+{
+    __shared__ __align__(16) u32 pairs[256 * 32];
+    __shared__ float smap[256];
+    __shared__ u16 hcode[16];
+    __shared__ F32x4 red[NW * 32];
+
+    const u32 tid = threadIdx.x;
+    const u32 lane = tid & 31u;
+    const u32 warp = tid >> 5;
+    const u32 g = lane >> 2;
+    const u32 t = lane & 3u;
+    const u32 lane4 = lane << 2;
+    const u32 first = warp * BPW;
+    const u32 last = first + BPW < KB ? first + BPW : KB;
+
+    for (u32 i = tid; i < 256u; i += NW * 32u) smap[i] = scale_map[i];
+    if (tid < 16u) hcode[tid] = to_half(code[tid]);
+    __syncthreads();
+    // 2048 vectors of 4 words: vector q holds copies 4(q % 8) .. +3 of entry q / 8. The pair
+    // of byte b is (value of its high nibble, value of its low nibble), low half first.
+    for (u32 q = tid; q < 2048u; q += NW * 32u) {
+        const u32 b = q >> 3;
+        const u32 p = (u32)hcode[b >> 4] | ((u32)hcode[b & 15u] << 16);
+        ((U32x4*)pairs)[q] = U32x4{p, p, p, p};
+    }
+    __syncthreads();
+
+    const bool has_x = g < ROWS;
+    const u16* xg = x + (has_x ? g : 0u) * K + 16u * t;
+    // The cube's TPC tiles, one after the other (the table is staged once for all).
+    for (u32 tile = blockIdx.x * TPC; tile < blockIdx.x * TPC + TPC && tile < N / 16u; ++tile) {
+        const u32 row0 = tile * 16u + g;
+        const u32 row1 = row0 + 8u;
+        const U32x2* w0 = words + row0 * (K / 16) + t;
+        const U32x2* w1 = words + row1 * (K / 16) + t;
+        float acc[4] = {0.f, 0.f, 0.f, 0.f};
+
+        for (u32 c = first; c < last; c += CH) {
+            U32x2 wa[CH], wb[CH];
+            U32x4 xa[CH], xb[CH];
+            float s0[CH], s1[CH];
+#pragma unroll
+            for (u32 j = 0; j < CH; ++j) {
+                const u32 blk = c + j;
+                if (blk < last) {
+                    wa[j] = w0[4u * blk];
+                    wb[j] = w1[4u * blk];
+                    const u32 i0 = row0 * KB + blk;
+                    const u32 i1 = row1 * KB + blk;
+                    const u32 c0 = (scale_words[i0 >> 2] >> ((i0 & 3u) * 8u)) & 255u;
+                    const u32 c1 = (scale_words[i1 >> 2] >> ((i1 & 3u) * 8u)) & 255u;
+                    s0[j] = smap[c0] * absmax[i0 / NBS] + s.offset;
+                    s1[j] = smap[c1] * absmax[i1 / NBS] + s.offset;
+                    if (has_x) {
+                        const U32x4* xv = (const U32x4*)(xg + 64u * blk);
+                        xa[j] = xv[0];
+                        xb[j] = xv[1];
+                    } else {
+                        xa[j] = U32x4{0u, 0u, 0u, 0u};
+                        xb[j] = xa[j];
+                    }
+                }
+            }
+#pragma unroll
+            for (u32 j = 0; j < CH; ++j) {
+                if (c + j < last) {
+                    float d[4] = {0.f, 0.f, 0.f, 0.f};
+                    const u32 ax = wa[j].x, ay = wa[j].y, bx = wb[j].x, by = wb[j].y;
+                    mma(d, PAIR0(ax, lane4), PAIR0(bx, lane4), PAIR1(ax, lane4), PAIR1(bx, lane4),
+                        xa[j].x, xa[j].y);
+                    mma(d, PAIR2(ax, lane4), PAIR2(bx, lane4), PAIR3(ax, lane4), PAIR3(bx, lane4),
+                        xa[j].z, xa[j].w);
+                    mma(d, PAIR0(ay, lane4), PAIR0(by, lane4), PAIR1(ay, lane4), PAIR1(by, lane4),
+                        xb[j].x, xb[j].y);
+                    mma(d, PAIR2(ay, lane4), PAIR2(by, lane4), PAIR3(ay, lane4), PAIR3(by, lane4),
+                        xb[j].z, xb[j].w);
+                    acc[0] += s0[j] * d[0];
+                    acc[1] += s0[j] * d[1];
+                    acc[2] += s1[j] * d[2];
+                    acc[3] += s1[j] * d[3];
+                }
+            }
+        }
+
+        // Lane (g, t) holds rows g and g + 8 for x rows 2t and 2t + 1; the cube adds its warps'.
+        red[warp * 32u + lane] = F32x4{{acc[0], acc[1], acc[2], acc[3]}};
+        __syncthreads();
+        if (tid < 128u) {
+            const u32 r = tid >> 3;  // row of the tile
+            const u32 n = tid & 7u;  // row of x
+            const u32 l = (r & 7u) * 4u + (n >> 1);
+            const u32 e = (r >> 3) * 2u + (n & 1u);
+            float sum = 0.f;
+#pragma unroll
+            for (u32 w = 0; w < NW; ++w) {
+                sum += red[w * 32u + l].v[e];
+            }
+            if (n < ROWS) out[n * N + tile * 16u + r] = to_half(sum);
+        }
+        __syncthreads();  // `red` is rewritten by the next tile
+    }
+}

@@ -1,0 +1,217 @@
+//! The NF4 GEMV on tensor cores for 1..8 rows of x (decoding), a CUDA C++ kernel
+//! (`gemv_mma.cu`) launched through CubeCL's runtime ([`super::raw_cuda`]).
+//!
+//! Why not in CubeCL's kernel language: the sliced kernel spends ~7 instructions per weight,
+//! four of them on each table address, because CubeCL indexes shared memory in elements.
+//! Here a packed byte becomes a shared-memory byte offset in two instructions, one read
+//! returns the byte's two values as the 16-bit pair an `mma.sync` A fragment holds, and one
+//! m16n8k16 tensor-core product consumes 4 such bytes per lane for all 8 rows of x at once.
+//! See the `.cu` file for the fragment layout.
+
+use burn_cubecl::tensor::CubeTensor;
+use burn_cubecl::CubeRuntime;
+use cubecl::features::MmaConfig;
+use cubecl::ir::{ElemType, FloatKind};
+use cubecl::prelude::{ComputeClient, StorageType};
+use cubecl::{CubeCount, CubeDim};
+
+use super::gemv::overrides;
+use super::raw_cuda::{is_cuda, launch_raw, RawCudaKernel};
+use super::Nf4Meta;
+
+/// The kernel's source after its configuration's `#define`s.
+const SOURCE: &str = include_str!("gemv_mma.cu");
+/// Absmax blocks a warp takes by default.
+const BPW: usize = 4;
+/// Most warps per cube (their partial sums and the pair table fill 41 of the 48 KiB of static
+/// shared memory).
+const MAX_WARPS: usize = 16;
+
+/// How the tensor-core GEMV is laid out for one call.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct MmaPlan {
+    /// Rows of x.
+    pub rows: usize,
+    /// Warps per cube (each takes `bpw` of the row's absmax blocks).
+    pub warps: usize,
+    /// Absmax blocks per warp.
+    pub bpw: usize,
+    /// Blocks whose loads are issued before any is used.
+    pub chunk: usize,
+    /// Tiles of 16 W rows per cube (the pair table is staged once per cube).
+    pub tiles: usize,
+}
+
+impl MmaPlan {
+    /// The plan for `rows` rows of x against `meta`'s weight on a card that has `mma` (the
+    /// m16n8k16 tensor-core product of the compute dtype), or `None` when the kernel does not
+    /// apply: 1..8 rows, 16-bit compute, double-quantized blocks of 64, `d_in` a multiple of
+    /// 64, `d_out` of 16, and `QWEN3VL_GEMV` unset or `mma`. `QWEN3VL_GEMV_BPW` and
+    /// `_CHUNK` and `_TILES` override the blocks per warp, the loads in flight and the tiles per
+    /// cube (for measurements).
+    pub fn for_call(rows: usize, meta: Nf4Meta, mma: bool) -> Option<Self> {
+        let o = overrides();
+        if !mma
+            || !(1..=8).contains(&rows)
+            || !(o.choice.is_empty() || o.choice == "mma")
+            || meta.compute.size() != 2
+            || !meta.nested
+            || meta.blocksize != 64
+            || !meta.d_in.is_multiple_of(64)
+            || !meta.d_out.is_multiple_of(16)
+        {
+            return None;
+        }
+        let blocks = meta.d_in / 64;
+        let bpw = o
+            .bpw
+            .unwrap_or(BPW.max(blocks.div_ceil(MAX_WARPS)))
+            .clamp(blocks.div_ceil(MAX_WARPS), blocks);
+        Some(Self {
+            rows,
+            warps: blocks.div_ceil(bpw),
+            bpw,
+            chunk: o.chunk.unwrap_or(4).clamp(1, bpw),
+            tiles: o.tiles.unwrap_or(1).clamp(1, meta.d_out / 16),
+        })
+    }
+
+    /// The kernel's source for `meta`'s weight.
+    fn source(&self, meta: Nf4Meta) -> String {
+        let defines = [
+            ("K", meta.d_in),
+            ("N", meta.d_out),
+            ("ROWS", self.rows),
+            ("NW", self.warps),
+            ("BPW", self.bpw),
+            ("CH", self.chunk),
+            ("TPC", self.tiles),
+            ("NBS", meta.nested_blocksize),
+            (
+                "BF16",
+                usize::from(meta.compute == burn::tensor::DType::BF16),
+            ),
+        ];
+        let mut s: String = defines
+            .iter()
+            .map(|(k, v)| format!("#define {k} {v}u\n"))
+            .collect();
+        s.push_str(SOURCE);
+        s
+    }
+}
+
+/// Whether `client`'s card runs the m16n8k16 tensor-core product of `compute` values with
+/// f32 accumulators, on the CUDA runtime (what the kernel is written for).
+pub(super) fn has_mma_m16n8k16<R: CubeRuntime>(
+    client: &ComputeClient<R>,
+    compute: StorageType,
+) -> bool {
+    let f32t: StorageType = ElemType::Float(FloatKind::F32).into();
+    is_cuda(client)
+        && client
+            .properties()
+            .features
+            .matmul
+            .mma
+            .contains(&MmaConfig {
+                a_type: compute,
+                b_type: compute,
+                cd_type: f32t,
+                m: 16,
+                n: 8,
+                k: 16,
+            })
+}
+
+/// Launches the kernel writing `out` [rows, out] from x [rows, in] (contiguous, in the compute
+/// dtype) and the weight's tensors: words, nested absmax, scale words, scale map, code.
+pub(super) fn launch_mma<R: CubeRuntime>(
+    client: &ComputeClient<R>,
+    x: &CubeTensor<R>,
+    [words, absmax, scale_words, scale_map, code]: [&CubeTensor<R>; 5],
+    out: &CubeTensor<R>,
+    meta: Nf4Meta,
+    plan: MmaPlan,
+) {
+    let kernel = RawCudaKernel {
+        source: plan.source(meta),
+        entry: "nf4_gemv_mma",
+        cube_dim: CubeDim::new_1d(32 * plan.warps as u32),
+    };
+    let cubes = (meta.d_out / 16).div_ceil(plan.tiles) as u32;
+    // SAFETY: cube c reads the rows of its tiles below d_out of W and their scales, x rows below
+    // `rows` (each `d_in` long), and writes out[n, its rows] for n < rows; the parameters are
+    // these seven buffers and the offset, in the source's order.
+    unsafe {
+        launch_raw(
+            client,
+            kernel,
+            CubeCount::Static(cubes, 1, 1),
+            &[x, words, absmax, scale_words, scale_map, code, out],
+            vec![u64::from(meta.offset.to_bits())],
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::DType;
+
+    fn meta(d_in: usize, d_out: usize, compute: DType) -> Nf4Meta {
+        Nf4Meta::for_plan_test(d_in, d_out, compute)
+    }
+
+    #[test]
+    fn mma_plan_gives_each_warp_a_run_of_blocks() {
+        // The 4B shapes: 40, 64 and 152 blocks of 64 per row.
+        for (d_in, warps, bpw) in [(2560, 10, 4), (4096, 16, 4), (9728, 16, 10)] {
+            let plan = MmaPlan::for_call(1, meta(d_in, 1024, DType::F16), true).unwrap();
+            assert_eq!(
+                (plan.warps, plan.bpw, plan.chunk),
+                (warps, bpw, 4),
+                "{d_in}"
+            );
+            assert_eq!(plan.tiles, 1);
+            assert!(plan.warps * plan.bpw >= d_in / 64);
+            assert!((plan.warps - 1) * plan.bpw < d_in / 64, "no idle warp");
+        }
+        let plan = MmaPlan::for_call(8, meta(128, 48, DType::BF16), true).unwrap();
+        assert_eq!((plan.rows, plan.warps, plan.bpw, plan.chunk), (8, 1, 2, 2));
+        // No tensor cores, 9 rows, f32, d_in or d_out off the tile, plain scales, block 128.
+        let m = meta(2560, 1024, DType::F16);
+        assert!(MmaPlan::for_call(1, m, false).is_none());
+        assert!(MmaPlan::for_call(9, m, true).is_none());
+        assert!(MmaPlan::for_call(1, meta(2560, 1024, DType::F32), true).is_none());
+        assert!(MmaPlan::for_call(1, meta(2600, 1024, DType::F16), true).is_none());
+        assert!(MmaPlan::for_call(1, meta(2560, 1000, DType::F16), true).is_none());
+        assert!(MmaPlan::for_call(1, Nf4Meta { nested: false, ..m }, true).is_none());
+        assert!(MmaPlan::for_call(
+            1,
+            Nf4Meta {
+                blocksize: 128,
+                ..m
+            },
+            true
+        )
+        .is_none());
+    }
+
+    #[test]
+    fn mma_source_defines_the_configuration_before_the_kernel() {
+        let m = meta(2560, 9728, DType::BF16);
+        let src = MmaPlan::for_call(3, m, true).unwrap().source(m);
+        for line in [
+            "#define K 2560u",
+            "#define N 9728u",
+            "#define ROWS 3u",
+            "#define NW 10u",
+            "#define NBS 256u",
+            "#define BF16 1u",
+        ] {
+            assert!(src.contains(line), "{line}");
+        }
+        assert!(src.find("#define K ").unwrap() < src.find("nf4_gemv_mma").unwrap());
+    }
+}
