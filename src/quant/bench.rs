@@ -38,8 +38,9 @@ pub type CheckCase = (usize, usize, usize);
 /// (with `QWEN3VL_GEMV=flat`, the flat one with 1 and 2 W rows per warp and x in shared memory
 /// at its largest), the tiled GEMM with partial tiles on both sides (forward, then its
 /// transposed backward), on a real layer, real layers, and the tensor-core GEMV with a warp of
-/// fewer blocks (640 inputs: 10 blocks over warps of 4) and 3 and 5 rows of x.
-pub const CHECK_CASES: [CheckCase; 15] = [
+/// fewer blocks (640 inputs: 10 blocks over warps of 4), 3, 5 and 8 rows of x, and outputs
+/// whose rows CubeCL pads (48 values).
+pub const CHECK_CASES: [CheckCase; 16] = [
     (200, 72, 1),
     (192, 45, 5),
     (256, 60, 3),
@@ -55,6 +56,7 @@ pub const CHECK_CASES: [CheckCase; 15] = [
     (2560, 1024, 128),
     (640, 48, 5),
     (2560, 1024, 3),
+    (2560, 48, 8),
 ];
 
 /// The checks `bench nf4 --checks NAME` runs: the NF4 layer cases, and whether the fused

@@ -383,19 +383,16 @@ pub(super) fn gemv<R: CubeRuntime>(
         Shape::new([rows, meta.d_out]),
         meta.compute,
     );
+    let sms = client.properties().hardware.num_streaming_multiprocessors;
+    let sms = sms.unwrap_or(1) as usize;
     let mma = has_mma_m16n8k16(&client, meta.compute.into());
-    if let Some(plan) = MmaPlan::for_call(rows, meta, mma) {
-        assert!(
-            rows == 1 || x.meta.strides()[0] == meta.d_in,
-            "GEMV input rows must be contiguous"
-        );
+    if let Some(plan) = MmaPlan::for_call(rows, meta, mma, sms) {
         let parts = [p.words, p.absmax, p.scale_words, p.scale_map, p.code].map(into_contiguous);
         launch_mma(&client, &x, parts.each_ref(), &out, meta, plan);
         return out;
     }
     let args = p.into_args();
-    let sms = client.properties().hardware.num_streaming_multiprocessors;
-    if let Some(plan) = SlicedPlan::for_call(rows, meta, sms.unwrap_or(1) as usize) {
+    if let Some(plan) = SlicedPlan::for_call(rows, meta, sms) {
         launch_sliced(&client, x, args, &out, meta, plan);
         return out;
     }

@@ -43,15 +43,19 @@ pub struct MmaPlan {
 }
 
 impl MmaPlan {
-    /// The plan for `rows` rows of x against `meta`'s weight on a card that has `mma` (the
-    /// m16n8k16 tensor-core product of the compute dtype), or `None` when the kernel does not
-    /// apply: 1..8 rows, 16-bit compute, double-quantized blocks of 64, `d_in` a multiple of
-    /// 64, `d_out` of 16, and `QWEN3VL_GEMV` unset or `mma`. `QWEN3VL_GEMV_BPW` and
-    /// `_CHUNK` and `_TILES` override the blocks per warp, the loads in flight and the tiles per
-    /// cube (for measurements).
-    pub fn for_call(rows: usize, meta: Nf4Meta, mma: bool) -> Option<Self> {
+    /// The plan for `rows` rows of x against `meta`'s weight on a card of `sms` multiprocessors
+    /// that has `mma` (the m16n8k16 tensor-core product of the compute dtype), or `None` when
+    /// the kernel does not apply: 2..8 rows (1 with `QWEN3VL_GEMV=mma`), 16-bit compute,
+    /// double-quantized blocks of 64, `d_in` a multiple of 64, `d_out` of 16, and
+    /// `QWEN3VL_GEMV` unset or `mma`. `QWEN3VL_GEMV_BPW`, `_CHUNK` and `_TILES` override the
+    /// blocks per warp, the loads in flight and the tiles per cube (for measurements).
+    pub fn for_call(rows: usize, meta: Nf4Meta, mma: bool, sms: usize) -> Option<Self> {
         let o = overrides();
+        // One row stays with the sliced kernel unless `QWEN3VL_GEMV=mma`: it was faster there
+        // on three of the 4B's five shapes (H100, tests/NOTES.md "session 19").
+        let one_row = rows == 1 && o.choice != "mma";
         if !mma
+            || one_row
             || !(1..=8).contains(&rows)
             || !(o.choice.is_empty() || o.choice == "mma")
             || meta.compute.size() != 2
@@ -67,21 +71,27 @@ impl MmaPlan {
             .bpw
             .unwrap_or(BPW.max(blocks.div_ceil(MAX_WARPS)))
             .clamp(blocks.div_ceil(MAX_WARPS), blocks);
+        // About two cubes per multiprocessor: a cube stages its 32 KiB pair table once for all
+        // its tiles.
+        let tiles = meta.d_out / 16;
         Some(Self {
             rows,
             warps: blocks.div_ceil(bpw),
             bpw,
-            chunk: o.chunk.unwrap_or(4).clamp(1, bpw),
-            tiles: o.tiles.unwrap_or(1).clamp(1, meta.d_out / 16),
+            chunk: o.chunk.unwrap_or(2).clamp(1, bpw),
+            tiles: o.tiles.unwrap_or(tiles / (2 * sms.max(1))).clamp(1, tiles),
         })
     }
 
-    /// The kernel's source for `meta`'s weight.
-    fn source(&self, meta: Nf4Meta) -> String {
+    /// The kernel's source for `meta`'s weight, x rows `x_pitch` values apart and output rows
+    /// `out_pitch` apart.
+    fn source(&self, meta: Nf4Meta, x_pitch: usize, out_pitch: usize) -> String {
         let defines = [
             ("K", meta.d_in),
             ("N", meta.d_out),
             ("ROWS", self.rows),
+            ("XP", x_pitch),
+            ("OP", out_pitch),
             ("NW", self.warps),
             ("BPW", self.bpw),
             ("CH", self.chunk),
@@ -124,8 +134,8 @@ pub(super) fn has_mma_m16n8k16<R: CubeRuntime>(
             })
 }
 
-/// Launches the kernel writing `out` [rows, out] from x [rows, in] (contiguous, in the compute
-/// dtype) and the weight's tensors: words, nested absmax, scale words, scale map, code.
+/// Launches the kernel writing `out` [rows, out] from x [rows, in] (rows contiguous, in the
+/// compute dtype) and the weight's tensors: words, nested absmax, scale words, scale map, code.
 pub(super) fn launch_mma<R: CubeRuntime>(
     client: &ComputeClient<R>,
     x: &CubeTensor<R>,
@@ -134,8 +144,14 @@ pub(super) fn launch_mma<R: CubeRuntime>(
     meta: Nf4Meta,
     plan: MmaPlan,
 ) {
+    // Rows may be padded (CubeCL pitches some allocations): both pitches are part of the source.
+    let (x_pitch, out_pitch) = (x.meta.strides()[0], out.meta.strides()[0]);
+    assert!(
+        x_pitch.is_multiple_of(8) && x_pitch >= meta.d_in && out_pitch >= meta.d_out,
+        "GEMV rows must be 8-aligned and unclipped"
+    );
     let kernel = RawCudaKernel {
-        source: plan.source(meta),
+        source: plan.source(meta, x_pitch, out_pitch),
         entry: "nf4_gemv_mma",
         cube_dim: CubeDim::new_1d(32 * plan.warps as u32),
     };
@@ -167,33 +183,39 @@ mod tests {
     fn mma_plan_gives_each_warp_a_run_of_blocks() {
         // The 4B shapes: 40, 64 and 152 blocks of 64 per row.
         for (d_in, warps, bpw) in [(2560, 10, 4), (4096, 16, 4), (9728, 16, 10)] {
-            let plan = MmaPlan::for_call(1, meta(d_in, 1024, DType::F16), true).unwrap();
+            let plan = MmaPlan::for_call(2, meta(d_in, 1024, DType::F16), true, 132).unwrap();
             assert_eq!(
                 (plan.warps, plan.bpw, plan.chunk),
-                (warps, bpw, 4),
+                (warps, bpw, 2),
                 "{d_in}"
             );
-            assert_eq!(plan.tiles, 1);
+            assert_eq!(plan.tiles, 1, "64 tiles on 132 multiprocessors");
             assert!(plan.warps * plan.bpw >= d_in / 64);
             assert!((plan.warps - 1) * plan.bpw < d_in / 64, "no idle warp");
         }
-        let plan = MmaPlan::for_call(8, meta(128, 48, DType::BF16), true).unwrap();
+        let plan = MmaPlan::for_call(8, meta(128, 48, DType::BF16), true, 132).unwrap();
         assert_eq!((plan.rows, plan.warps, plan.bpw, plan.chunk), (8, 1, 2, 2));
-        // No tensor cores, 9 rows, f32, d_in or d_out off the tile, plain scales, block 128.
+        // 608 tiles of 2560 -> 9728: two per cube on 132 multiprocessors.
+        let plan = MmaPlan::for_call(8, meta(2560, 9728, DType::F16), true, 132).unwrap();
+        assert_eq!(plan.tiles, 2);
+        // One row (it goes to the sliced kernel unless `QWEN3VL_GEMV=mma`), no tensor cores,
+        // 9 rows, f32, d_in or d_out off the tile, plain scales, block 128.
         let m = meta(2560, 1024, DType::F16);
-        assert!(MmaPlan::for_call(1, m, false).is_none());
-        assert!(MmaPlan::for_call(9, m, true).is_none());
-        assert!(MmaPlan::for_call(1, meta(2560, 1024, DType::F32), true).is_none());
-        assert!(MmaPlan::for_call(1, meta(2600, 1024, DType::F16), true).is_none());
-        assert!(MmaPlan::for_call(1, meta(2560, 1000, DType::F16), true).is_none());
-        assert!(MmaPlan::for_call(1, Nf4Meta { nested: false, ..m }, true).is_none());
+        assert!(MmaPlan::for_call(1, m, true, 132).is_none());
+        assert!(MmaPlan::for_call(2, m, false, 132).is_none());
+        assert!(MmaPlan::for_call(9, m, true, 132).is_none());
+        assert!(MmaPlan::for_call(2, meta(2560, 1024, DType::F32), true, 132).is_none());
+        assert!(MmaPlan::for_call(2, meta(2600, 1024, DType::F16), true, 132).is_none());
+        assert!(MmaPlan::for_call(2, meta(2560, 1000, DType::F16), true, 132).is_none());
+        assert!(MmaPlan::for_call(2, Nf4Meta { nested: false, ..m }, true, 132).is_none());
         assert!(MmaPlan::for_call(
-            1,
+            2,
             Nf4Meta {
                 blocksize: 128,
                 ..m
             },
-            true
+            true,
+            132
         )
         .is_none());
     }
@@ -201,11 +223,15 @@ mod tests {
     #[test]
     fn mma_source_defines_the_configuration_before_the_kernel() {
         let m = meta(2560, 9728, DType::BF16);
-        let src = MmaPlan::for_call(3, m, true).unwrap().source(m);
+        let src = MmaPlan::for_call(3, m, true, 132)
+            .unwrap()
+            .source(m, 2560, 9736);
         for line in [
             "#define K 2560u",
             "#define N 9728u",
             "#define ROWS 3u",
+            "#define XP 2560u",
+            "#define OP 9736u",
             "#define NW 10u",
             "#define NBS 256u",
             "#define BF16 1u",
