@@ -8,9 +8,9 @@
 //! * [`gemv`]: the GEMV for one row of x (whole rows of W per warp, x staged in shared memory)
 //!   and for 2..8 rows (two rows of W per warp); [`cube`]'s one-warp-per-row GEMV takes the
 //!   shapes they do not fit.
-//! * [`gemv_mma`]: the GEMV on tensor cores for 1..8 rows, a CUDA C++ kernel launched through
-//!   CubeCL's runtime ([`raw_cuda`]); the default where it applies (double-quantized blocks of
-//!   64, `in` a multiple of 64, `out` of 16, a card with the m16n8k16 `mma`).
+//! * [`gemv_mma`]: the GEMV on tensor cores, a CUDA C++ kernel launched through CubeCL's
+//!   runtime ([`raw_cuda`]); the default for 2..8 rows where it applies (double-quantized
+//!   blocks of 64, `in` a multiple of 64, `out` of 16, a card with the m16n8k16 `mma`).
 //! * [`fusion`]: the same kernels registered as custom operations of burn's fusion backend.
 //! * [`autodiff`]: a backward that keeps only the packed weight and dequantizes it again for
 //!   dX = dY·W (no dense weight is held between the forward and the backward pass).
