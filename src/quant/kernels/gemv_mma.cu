@@ -8,8 +8,8 @@
 //   NBS         8-bit scale codes per nested f32 scale (double quantization)
 //   BF16        1 for bf16 values, 0 for f16
 //
-// A cube owns TPC tiles of 16 rows of W (one m16n8k16 tile each: W rows are the tile's M, x rows its N) and its
-// warps split the input blocks of 64 between them. In one block, lane (g, t) = (lane / 4,
+// A cube owns TPC tiles of 16 rows of W (one m16n8k16 tile each: W rows are the tile's M, x
+// rows its N) and its warps split the input blocks of 64 between them. In one block, lane (g, t) = (lane / 4,
 // lane % 4) loads bytes 8t..8t+7 of the block for W rows g and g + 8 (16 values each) and
 // x[g][16t .. 16t + 16]. The sum over k does not care how k is ordered, so the four mmas of a
 // block give A's and B's k-slots to these values in the same way: mma j, slots (2t, 2t+1)
