@@ -403,22 +403,23 @@ pub fn tiled_by_default(rows: usize, n_len: usize) -> bool {
     rows <= 256 || (rows <= 512 && rows * n_len <= 1 << 21)
 }
 
+/// The tensor-core product `m x n x k` of `compute` values with f32 accumulators, as the
+/// card's feature sets list it.
+pub(super) fn f32_accumulated(compute: StorageType, m: u32, n: u32, k: u32) -> MmaConfig {
+    MmaConfig {
+        a_type: compute,
+        b_type: compute,
+        cd_type: ElemType::Float(FloatKind::F32).into(),
+        m,
+        n,
+        k,
+    }
+}
+
 /// Whether the card has 16x16x16 tensor-core products of `compute` with f32 accumulators.
 pub(super) fn has_mma<R: CubeRuntime>(client: &ComputeClient<R>, compute: StorageType) -> bool {
-    let f32t: StorageType = ElemType::Float(FloatKind::F32).into();
-    client
-        .properties()
-        .features
-        .matmul
-        .cmma
-        .contains(&MmaConfig {
-            a_type: compute,
-            b_type: compute,
-            cd_type: f32t,
-            m: 16,
-            n: 16,
-            k: 16,
-        })
+    let cmma = &client.properties().features.matmul.cmma;
+    cmma.contains(&f32_accumulated(compute, 16, 16, 16))
 }
 
 /// Launches the tiled kernel writing `out` from x [M, in] (or, `transposed`, x [M, out]): the

@@ -10,13 +10,15 @@
 //! m16n8k16 tensor-core product consumes 4 such bytes per lane for all 8 rows of x at once.
 //! See the `.cu` file for the fragment layout.
 
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock};
+
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::CubeRuntime;
-use cubecl::features::MmaConfig;
-use cubecl::ir::{ElemType, FloatKind};
 use cubecl::prelude::{ComputeClient, StorageType};
 use cubecl::{CubeCount, CubeDim};
 
+use super::gemm_tiled::f32_accumulated;
 use super::gemv::overrides;
 use super::raw_cuda::{is_cuda, launch_raw, RawCudaKernel};
 use super::Nf4Meta;
@@ -85,10 +87,10 @@ impl MmaPlan {
         })
     }
 
-    /// The kernel's source for `meta`'s weight, x rows `x_pitch` values apart and output rows
-    /// `out_pitch` apart.
-    fn source(&self, meta: Nf4Meta, x_pitch: usize, out_pitch: usize) -> String {
-        let defines = [
+    /// The `#define`s that configure the kernel for `meta`'s weight, x rows `x_pitch` values
+    /// apart and output rows `out_pitch` apart.
+    fn defines(&self, meta: Nf4Meta, x_pitch: usize, out_pitch: usize) -> Defines {
+        [
             ("K", meta.d_in),
             ("N", meta.d_out),
             ("ROWS", self.rows),
@@ -103,14 +105,38 @@ impl MmaPlan {
                 "BF16",
                 usize::from(meta.compute == burn::tensor::DType::BF16),
             ),
-        ];
-        let mut s: String = defines
-            .iter()
-            .map(|(k, v)| format!("#define {k} {v}u\n"))
-            .collect();
-        s.push_str(SOURCE);
-        s
+        ]
     }
+}
+
+/// A configuration of the kernel: `#define` names and values.
+type Defines = [(&'static str, usize); 11];
+
+/// The kernel's source: `defines`, then the `.cu` file.
+fn source(defines: &Defines) -> String {
+    let mut s: String = defines
+        .iter()
+        .map(|(k, v)| format!("#define {k} {v}u\n"))
+        .collect();
+    s.push_str(SOURCE);
+    s
+}
+
+/// The kernel for `defines`, built (source and hash) on a configuration's first call only:
+/// decoding calls the same few configurations once per layer and token.
+fn kernel(defines: Defines, warps: usize) -> RawCudaKernel {
+    static KERNELS: OnceLock<Mutex<HashMap<Defines, RawCudaKernel>>> = OnceLock::new();
+    let mut kernels = KERNELS.get_or_init(Default::default).lock().unwrap();
+    kernels
+        .entry(defines)
+        .or_insert_with(|| {
+            RawCudaKernel::new(
+                source(&defines),
+                "nf4_gemv_mma",
+                CubeDim::new_1d(32 * warps as u32),
+            )
+        })
+        .clone()
 }
 
 /// Whether `client`'s card runs the m16n8k16 tensor-core product of `compute` values with
@@ -119,21 +145,8 @@ pub(super) fn has_mma_m16n8k16<R: CubeRuntime>(
     client: &ComputeClient<R>,
     compute: StorageType,
 ) -> bool {
-    let f32t: StorageType = ElemType::Float(FloatKind::F32).into();
-    is_cuda(client)
-        && client
-            .properties()
-            .features
-            .matmul
-            .mma
-            .contains(&MmaConfig {
-                a_type: compute,
-                b_type: compute,
-                cd_type: f32t,
-                m: 16,
-                n: 8,
-                k: 16,
-            })
+    let mma = &client.properties().features.matmul.mma;
+    is_cuda(client) && mma.contains(&f32_accumulated(compute, 16, 8, 16))
 }
 
 /// Launches the kernel writing `out` [rows, out] from x [rows, in] (rows contiguous, in the
@@ -152,11 +165,7 @@ pub(super) fn launch_mma<R: CubeRuntime>(
         x_pitch.is_multiple_of(8) && x_pitch >= meta.d_in && out_pitch >= meta.d_out,
         "GEMV rows must be 8-aligned and unclipped"
     );
-    let kernel = RawCudaKernel {
-        source: plan.source(meta, x_pitch, out_pitch),
-        entry: "nf4_gemv_mma",
-        cube_dim: CubeDim::new_1d(32 * plan.warps as u32),
-    };
+    let kernel = kernel(plan.defines(meta, x_pitch, out_pitch), plan.warps);
     let cubes = (meta.d_out / 16).div_ceil(plan.tiles) as u32;
     // SAFETY: cube c reads the rows of its tiles below d_out of W and their scales, x rows below
     // `rows` (each `d_in` long), and writes out[n, its rows] for n < rows; the parameters are
@@ -225,9 +234,11 @@ mod tests {
     #[test]
     fn mma_source_defines_the_configuration_before_the_kernel() {
         let m = meta(2560, 9728, DType::BF16);
-        let src = MmaPlan::for_call(3, m, true, 132)
-            .unwrap()
-            .source(m, 2560, 9736);
+        let src = source(
+            &MmaPlan::for_call(3, m, true, 132)
+                .unwrap()
+                .defines(m, 2560, 9736),
+        );
         for line in [
             "#define K 2560u",
             "#define N 9728u",

@@ -9,6 +9,7 @@
 //! constants (compute capability 7.0 and newer, which the callers check).
 
 use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::Arc;
 
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::CubeRuntime;
@@ -23,20 +24,39 @@ use cubecl::{CompilationError, Compiler, CubeCount, CubeDim, CubeTask, Execution
 #[derive(Clone, Debug)]
 pub struct RawCudaKernel {
     /// The whole translation unit (no includes needed beyond nvrtc's built-ins).
-    pub source: String,
+    source: Arc<str>,
     /// The `extern "C"` entry point's name.
-    pub entry: &'static str,
+    entry: &'static str,
     /// Threads per cube.
-    pub cube_dim: CubeDim,
+    cube_dim: CubeDim,
+    /// A hash of the source (the kernel's whole configuration), part of its id.
+    key: u64,
+}
+
+impl RawCudaKernel {
+    /// `source`'s kernel `entry` on cubes of `cube_dim` threads; the source is hashed here, once,
+    /// not on every launch.
+    pub fn new(source: String, entry: &'static str, cube_dim: CubeDim) -> Self {
+        let mut h = DefaultHasher::new();
+        source.hash(&mut h);
+        Self {
+            source: source.into(),
+            entry,
+            cube_dim,
+            key: h.finish(),
+        }
+    }
+
+    /// The kernel's source.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
 }
 
 impl KernelMetadata for RawCudaKernel {
     fn id(&self) -> KernelId {
-        // The source is the kernel's whole configuration: hash it into the id.
-        let mut h = DefaultHasher::new();
-        self.source.hash(&mut h);
         KernelId::new::<Self>()
-            .info((self.entry, h.finish()))
+            .info((self.entry, self.key))
             .cube_dim(self.cube_dim)
             .address_type(AddressType::U32)
     }
@@ -73,7 +93,7 @@ impl<C: Compiler> CubeTask<C> for RawCudaKernel {
         Ok(CompiledKernel {
             entrypoint_name: self.entry.into(),
             debug_name: Some(self.entry),
-            source: self.source.clone(),
+            source: self.source.to_string(),
             repr: Some(repr),
             cube_dim: self.cube_dim,
             debug_info: None,
@@ -118,11 +138,8 @@ mod tests {
 
     #[test]
     fn raw_kernel_compiles_to_its_own_source_and_entry() {
-        let kernel = RawCudaKernel {
-            source: "extern \"C\" __global__ void probe(float* out) { out[0] = 1.0f; }".into(),
-            entry: "probe",
-            cube_dim: CubeDim::new_1d(64),
-        };
+        let source = "extern \"C\" __global__ void probe(float* out) { out[0] = 1.0f; }";
+        let kernel = RawCudaKernel::new(source.into(), "probe", CubeDim::new_1d(64));
         let compiled = CubeTask::<CudaCompiler>::compile(
             &kernel,
             &mut CudaCompiler::default(),
@@ -131,15 +148,13 @@ mod tests {
             AddressType::U32.unsigned_type(),
         )
         .unwrap();
-        assert_eq!(compiled.source, kernel.source);
+        assert_eq!(compiled.source, source);
         assert_eq!(compiled.entrypoint_name, "probe");
         assert_eq!(compiled.cube_dim, CubeDim::new_1d(64));
         assert_eq!(compiled.repr.unwrap().shared_memory_size(), 0);
         // Different sources are different kernels to the runtime's cache.
-        let other = RawCudaKernel {
-            source: kernel.source.replace("1.0f", "2.0f"),
-            ..kernel.clone()
-        };
+        let other =
+            RawCudaKernel::new(source.replace("1.0f", "2.0f"), "probe", CubeDim::new_1d(64));
         assert_ne!(kernel.id(), other.id());
     }
 }
