@@ -274,9 +274,8 @@ pub(super) struct CubeParts<R: CubeRuntime> {
 }
 
 impl<R: CubeRuntime> CubeParts<R> {
-    /// The five tables as contiguous kernel arguments: words, absmax, scale words, scale map,
-    /// code.
-    pub(super) fn into_args(self) -> [cubecl::prelude::TensorArg<R>; 5] {
+    /// The five tables, contiguous: words, absmax, scale words, scale map, code.
+    fn into_contiguous(self) -> [CubeTensor<R>; 5] {
         [
             self.words,
             self.absmax,
@@ -284,7 +283,12 @@ impl<R: CubeRuntime> CubeParts<R> {
             self.scale_map,
             self.code,
         ]
-        .map(|t| into_contiguous(t).into_tensor_arg())
+        .map(into_contiguous)
+    }
+
+    /// The five tables as contiguous kernel arguments, in [`Self::into_contiguous`]'s order.
+    pub(super) fn into_args(self) -> [cubecl::prelude::TensorArg<R>; 5] {
+        self.into_contiguous().map(|t| t.into_tensor_arg())
     }
 
     /// Checks the dtypes the kernels are compiled for.
@@ -387,8 +391,14 @@ pub(super) fn gemv<R: CubeRuntime>(
     let sms = sms.unwrap_or(1) as usize;
     let mma = has_mma_m16n8k16(&client, meta.compute.into());
     if let Some(plan) = MmaPlan::for_call(rows, meta, mma, sms) {
-        let parts = [p.words, p.absmax, p.scale_words, p.scale_map, p.code].map(into_contiguous);
-        launch_mma(&client, &x, parts.each_ref(), &out, meta, plan);
+        launch_mma(
+            &client,
+            &x,
+            p.into_contiguous().each_ref(),
+            &out,
+            meta,
+            plan,
+        );
         return out;
     }
     let args = p.into_args();
