@@ -40,7 +40,7 @@ pub type CheckCase = (usize, usize, usize);
 /// transposed backward), on a real layer, real layers, and the tensor-core GEMV with a warp of
 /// fewer blocks (640 inputs: 10 blocks over warps of 4), 3, 5 and 8 rows of x, and outputs
 /// whose rows CubeCL pads (48 values).
-pub const CHECK_CASES: [CheckCase; 16] = [
+pub const CHECK_CASES: [CheckCase; 18] = [
     (200, 72, 1),
     (192, 45, 5),
     (256, 60, 3),
@@ -57,6 +57,8 @@ pub const CHECK_CASES: [CheckCase; 16] = [
     (640, 48, 5),
     (2560, 1024, 3),
     (2560, 48, 8),
+    (2560, 9728, 1),
+    (512, 48, 1),
 ];
 
 /// The checks `bench nf4 --checks NAME` runs: the NF4 layer cases, and whether the fused
@@ -155,6 +157,9 @@ pub struct Nf4BenchReport {
     pub copy_gb_s: f64,
     /// Dequantization kernel alone per shape: (in, out, µs).
     pub dequantize_us: Vec<(usize, usize, f64)>,
+    /// The element-wise copy at each shape's packed size (read + write of as many bytes as the
+    /// GEMV reads; an `abs`, so a profiler can tell it from the other passes): (in, out, GB/s).
+    pub copy_at_size_gb_s: Vec<(usize, usize, f64)>,
     /// Timings.
     pub timings: Vec<TimingRow>,
 }
@@ -378,6 +383,7 @@ pub fn bench_nf4<B: Backend>(
         checks,
         copy_gb_s,
         dequantize_us: Vec::new(),
+        copy_at_size_gb_s: Vec::new(),
         timings: Vec::new(),
     };
     for (i, &(d_in, d_out)) in o.shapes.iter().enumerate() {
@@ -388,6 +394,17 @@ pub fn bench_nf4<B: Backend>(
         let weight_bytes = (d_in * d_out) as f64 * (0.5 + 1.0 / 64.0);
         let deq = time_per_call::<B, _>(device, o, || (ops.dequantize)(&parts))?;
         report.dequantize_us.push((d_in, d_out, deq * 1e6));
+        let same_size = weight_bytes as usize / o.dtype.size();
+        let same = Tensor::<B, 1>::random([same_size], Distribution::Default, device).cast(o.dtype);
+        let copy_at_size = time_per_call::<B, _>(device, o, || same.clone().abs())?;
+        let copy_at_size_gb_s = 2.0 * (same_size * o.dtype.size()) as f64 / copy_at_size / 1e9;
+        eprintln!(
+            "{d_in:>5}->{d_out:<5} copy of its {same_size} values: {copy_at_size_gb_s:.0} GB/s"
+        );
+        report
+            .copy_at_size_gb_s
+            .push((d_in, d_out, copy_at_size_gb_s));
+        drop(same);
         let dense_t = (ops.dequantize)(&parts).transpose(); // [in, out]
         for &rows in o.gemv_rows.iter().chain(&o.gemm_rows) {
             let x =

@@ -5,7 +5,7 @@ mod batching;
 mod cli;
 mod common;
 mod datasets;
-mod gemv_mma_emulation;
+mod gemv_emulation;
 mod generate;
 mod images;
 mod loading;

@@ -15,6 +15,7 @@ use cubecl::{calculate_cube_count_elemwise, CubeCount, CubeDim};
 use super::gemm_tiled::{has_mma, launch_tiled, TiledPlan};
 use super::gemv::{launch_flat, launch_grouped, FlatPlan, GroupedPlan};
 use super::gemv_mma::{has_mma_m16n8k16, launch_mma, MmaPlan};
+use super::gemv_row::{launch_row, RowPlan};
 use super::gemv_sliced::{launch_sliced, SlicedPlan};
 use super::{gemv_or_dequantized_matmul, Nf4Backend, Nf4Meta, Nf4Parts, GEMV_MAX_ROWS};
 
@@ -390,6 +391,11 @@ pub(super) fn gemv<R: CubeRuntime>(
     let sms = client.properties().hardware.num_streaming_multiprocessors;
     let sms = sms.unwrap_or(1) as usize;
     let mma = has_mma_m16n8k16(&client, meta.compute.into());
+    if let Some(plan) = RowPlan::for_call(rows, meta, mma, sms) {
+        let parts = p.into_contiguous();
+        launch_row(&client, &x, parts.each_ref(), &out, meta, plan);
+        return out;
+    }
     if let Some(plan) = MmaPlan::for_call(rows, meta, mma, sms) {
         launch_mma(
             &client,

@@ -345,7 +345,7 @@ pub struct GroupedPlan {
 }
 
 /// The measurement overrides (`QWEN3VL_GEMV`, `QWEN3VL_GEMV_WROWS`, `_UNROLL`, `_CUBE_WARPS`,
-/// `_CUBES`, `_NW`; the tiled GEMM's `QWEN3VL_GEMM`, `_TILE`, `_SPLITS`), read once: the plans
+/// `_CUBES`, `_NW`, `_BPW`, `_CHUNK`, `_TILES`, `_MINB`; the tiled GEMM's `QWEN3VL_GEMM`, `_TILE`, `_SPLITS`), read once: the plans
 /// are made on every call.
 pub(super) struct Overrides {
     pub choice: String,
@@ -358,8 +358,10 @@ pub(super) struct Overrides {
     pub bpw: Option<usize>,
     /// `QWEN3VL_GEMV_CHUNK`: blocks the tensor-core GEMV loads before using any.
     pub chunk: Option<usize>,
-    /// `QWEN3VL_GEMV_TILES`: tiles of 16 W rows per cube of the tensor-core GEMV.
+    /// `QWEN3VL_GEMV_TILES`: tiles of 16 W rows per cube of the tensor-core GEMVs.
     pub tiles: Option<usize>,
+    /// `QWEN3VL_GEMV_MINB`: cubes per multiprocessor the one-row GEMV budgets registers for.
+    pub min_cubes: Option<usize>,
     /// `QWEN3VL_GEMM`: `dequant`, `tiled` or empty.
     pub gemm: String,
     /// `QWEN3VL_GEMM_TILE`, e.g. `2x1`.
@@ -383,6 +385,7 @@ pub(super) fn overrides() -> &'static Overrides {
             bpw: num("QWEN3VL_GEMV_BPW"),
             chunk: num("QWEN3VL_GEMV_CHUNK"),
             tiles: num("QWEN3VL_GEMV_TILES"),
+            min_cubes: num("QWEN3VL_GEMV_MINB"),
             gemm: std::env::var("QWEN3VL_GEMM").unwrap_or_default(),
             gemm_tile: std::env::var("QWEN3VL_GEMM_TILE").unwrap_or_default(),
             gemm_splits: num("QWEN3VL_GEMM_SPLITS"),

@@ -10,21 +10,18 @@
 //! m16n8k16 tensor-core product consumes 4 such bytes per lane for all 8 rows of x at once.
 //! See the `.cu` file for the fragment layout.
 
-use std::collections::HashMap;
-use std::sync::{Mutex, OnceLock};
-
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::CubeRuntime;
 use cubecl::prelude::{ComputeClient, StorageType};
-use cubecl::{CubeCount, CubeDim};
+use cubecl::CubeCount;
 
 use super::gemm_tiled::f32_accumulated;
 use super::gemv::overrides;
-use super::raw_cuda::{is_cuda, launch_raw, RawCudaKernel};
+use super::raw_cuda::{configured_kernel, is_cuda, launch_raw, Defines, RawCudaKernel};
 use super::Nf4Meta;
 
 /// The kernel's source after its configuration's `#define`s.
-const SOURCE: &str = include_str!("gemv_mma.cu");
+const SOURCE: &str = concat!(include_str!("gemv_common.cuh"), include_str!("gemv_mma.cu"));
 /// Absmax blocks a warp takes by default.
 const BPW: usize = 4;
 /// Most warps per cube (their partial sums and the pair table fill 41 of the 48 KiB of static
@@ -90,7 +87,7 @@ impl MmaPlan {
     /// The `#define`s that configure the kernel for `meta`'s weight, x rows `x_pitch` values
     /// apart and output rows `out_pitch` apart.
     fn defines(&self, meta: Nf4Meta, x_pitch: usize, out_pitch: usize) -> Defines {
-        [
+        vec![
             ("K", meta.d_in),
             ("N", meta.d_out),
             ("ROWS", self.rows),
@@ -109,36 +106,6 @@ impl MmaPlan {
     }
 }
 
-/// A configuration of the kernel: `#define` names and values.
-type Defines = [(&'static str, usize); 11];
-
-/// The kernel's source: `defines`, then the `.cu` file.
-fn source(defines: &Defines) -> String {
-    let mut s: String = defines
-        .iter()
-        .map(|(k, v)| format!("#define {k} {v}u\n"))
-        .collect();
-    s.push_str(SOURCE);
-    s
-}
-
-/// The kernel for `defines`, built (source and hash) on a configuration's first call only:
-/// decoding calls the same few configurations once per layer and token.
-fn kernel(defines: Defines, warps: usize) -> RawCudaKernel {
-    static KERNELS: OnceLock<Mutex<HashMap<Defines, RawCudaKernel>>> = OnceLock::new();
-    let mut kernels = KERNELS.get_or_init(Default::default).lock().unwrap();
-    kernels
-        .entry(defines)
-        .or_insert_with(|| {
-            RawCudaKernel::new(
-                source(&defines),
-                "nf4_gemv_mma",
-                CubeDim::new_1d(32 * warps as u32),
-            )
-        })
-        .clone()
-}
-
 /// Whether `client`'s card runs the m16n8k16 tensor-core product of `compute` values with
 /// f32 accumulators, on the CUDA runtime (what the kernel is written for).
 pub(super) fn has_mma_m16n8k16<R: CubeRuntime>(
@@ -154,7 +121,7 @@ pub(super) fn has_mma_m16n8k16<R: CubeRuntime>(
 pub(super) fn launch_mma<R: CubeRuntime>(
     client: &ComputeClient<R>,
     x: &CubeTensor<R>,
-    [words, absmax, scale_words, scale_map, code]: [&CubeTensor<R>; 5],
+    weight: [&CubeTensor<R>; 5],
     out: &CubeTensor<R>,
     meta: Nf4Meta,
     plan: MmaPlan,
@@ -165,11 +132,36 @@ pub(super) fn launch_mma<R: CubeRuntime>(
         x_pitch.is_multiple_of(8) && x_pitch >= meta.d_in && out_pitch >= meta.d_out,
         "GEMV rows must be 8-aligned and unclipped"
     );
-    let kernel = kernel(plan.defines(meta, x_pitch, out_pitch), plan.warps);
+    let threads = 32 * plan.warps as u32;
+    let kernel = configured_kernel(
+        SOURCE,
+        "nf4_gemv_mma",
+        plan.defines(meta, x_pitch, out_pitch),
+        threads,
+        0,
+    );
     let cubes = (meta.d_out / 16).div_ceil(plan.tiles) as u32;
     // SAFETY: cube c reads the rows of its tiles below d_out of W and their scales, x rows below
-    // `rows` (each `d_in` long), and writes out[n, its rows] for n < rows; the parameters are
-    // these seven buffers and the offset, in the source's order.
+    // `rows` (each `d_in` long), and writes out[n, its rows] for n < rows.
+    unsafe { launch_gemv_source(client, kernel, cubes, x, weight, out, meta) };
+}
+
+/// Queues a CUDA C++ GEMV (`gemv_mma.cu`, `gemv_row.cu`: the same parameters) on `cubes` cubes:
+/// x, the weight's five tensors, the output, then the scalars (the double-quantization offset).
+///
+/// # Safety
+/// `kernel` must read and write only inside these buffers for every cube of the grid.
+pub(super) unsafe fn launch_gemv_source<R: CubeRuntime>(
+    client: &ComputeClient<R>,
+    kernel: RawCudaKernel,
+    cubes: u32,
+    x: &CubeTensor<R>,
+    [words, absmax, scale_words, scale_map, code]: [&CubeTensor<R>; 5],
+    out: &CubeTensor<R>,
+    meta: Nf4Meta,
+) {
+    // SAFETY: the caller vouches for the kernel's indexing; the parameters are these seven
+    // buffers and the offset, in the sources' order.
     unsafe {
         launch_raw(
             client,
@@ -183,6 +175,7 @@ pub(super) fn launch_mma<R: CubeRuntime>(
 
 #[cfg(test)]
 mod tests {
+    use super::super::raw_cuda::with_defines;
     use super::*;
     use burn::tensor::DType;
 
@@ -234,10 +227,11 @@ mod tests {
     #[test]
     fn mma_source_defines_the_configuration_before_the_kernel() {
         let m = meta(2560, 9728, DType::BF16);
-        let src = source(
+        let src = with_defines(
             &MmaPlan::for_call(3, m, true, 132)
                 .unwrap()
                 .defines(m, 2560, 9736),
+            SOURCE,
         );
         for line in [
             "#define K 2560u",

@@ -7,12 +7,20 @@
 //! buffers' device pointers in the order given to [`launch_raw`], then one by-value struct of
 //! `u64` words (the scalars): CubeCL passes kernel scalars that way on every card with grid
 //! constants (compute capability 7.0 and newer, which the callers check).
+//!
+//! Shared memory: static `__shared__` arrays (at most 48 KiB), or a dynamic
+//! `extern __shared__` array of [`RawCudaKernel::with_dynamic_shared`] bytes, which may be
+//! larger (CubeCL raises the kernel's limit to it before each launch).
 
+use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::CubeRuntime;
+use cubecl::ir::{
+    ConstantValue, ElemType, IndexAssignOperator, Instruction, Operator, Type, UIntKind, Variable,
+};
 use cubecl::prelude::{
     AddressType, CompiledKernel, ComputeClient, KernelDefinition, KernelId, KernelMetadata,
     KernelOptions, Scope, StorageType,
@@ -31,6 +39,8 @@ pub struct RawCudaKernel {
     cube_dim: CubeDim,
     /// A hash of the source (the kernel's whole configuration), part of its id.
     key: u64,
+    /// Bytes of dynamic shared memory each cube gets (`extern __shared__`).
+    dynamic_shared: usize,
 }
 
 impl RawCudaKernel {
@@ -44,6 +54,15 @@ impl RawCudaKernel {
             entry,
             cube_dim,
             key: h.finish(),
+            dynamic_shared: 0,
+        }
+    }
+
+    /// The same kernel with `bytes` of dynamic shared memory per cube.
+    pub fn with_dynamic_shared(self, bytes: usize) -> Self {
+        Self {
+            dynamic_shared: bytes,
+            ..self
         }
     }
 
@@ -56,7 +75,7 @@ impl RawCudaKernel {
 impl KernelMetadata for RawCudaKernel {
     fn id(&self) -> KernelId {
         KernelId::new::<Self>()
-            .info((self.entry, self.key))
+            .info((self.entry, self.key, self.dynamic_shared))
             .cube_dim(self.cube_dim)
             .address_type(AddressType::U32)
     }
@@ -74,15 +93,31 @@ impl<C: Compiler> CubeTask<C> for RawCudaKernel {
         mode: ExecutionMode,
         address_type: StorageType,
     ) -> Result<CompiledKernel<C>, CompilationError> {
-        // The runtime wants its own representation next to the source (it reads the shared
-        // memory to reserve from it): an empty kernel's, which reserves none. The source's
-        // static `__shared__` arrays are sized by nvrtc.
+        // The runtime wants its own representation next to the source: it launches with as
+        // much dynamic shared memory as that reserves. So the representation is a kernel
+        // that only writes one word of a shared array of `dynamic_shared` bytes (none when 0);
+        // the source's static `__shared__` arrays are sized by nvrtc.
+        let mut body = Scope::root(false);
+        if self.dynamic_shared > 0 {
+            let word = Type::new(StorageType::Scalar(ElemType::UInt(UIntKind::U32)));
+            let smem = *body.create_shared_array(word, self.dynamic_shared.div_ceil(4), Some(16));
+            let zero = Variable::constant(ConstantValue::UInt(0), word);
+            body.register(Instruction::new(
+                Operator::UncheckedIndexAssign(IndexAssignOperator {
+                    index: zero,
+                    value: zero,
+                    vector_size: 0,
+                    unroll_factor: 1,
+                }),
+                smem,
+            ));
+        }
         let empty = KernelDefinition {
             buffers: Vec::new(),
             tensor_maps: Vec::new(),
             scalars: Vec::new(),
             cube_dim: self.cube_dim,
-            body: Scope::root(false),
+            body,
             options: KernelOptions {
                 kernel_name: self.entry.into(),
                 debug_symbols: false,
@@ -99,6 +134,47 @@ impl<C: Compiler> CubeTask<C> for RawCudaKernel {
             debug_info: None,
         })
     }
+}
+
+/// A kernel configuration: `#define` names and values, put in front of the source.
+pub type Defines = Vec<(&'static str, usize)>;
+
+/// `source` after one `#define NAME VALUEu` line per entry of `defines`.
+pub fn with_defines(defines: &Defines, source: &str) -> String {
+    let mut s: String = defines
+        .iter()
+        .map(|(k, v)| format!("#define {k} {v}u\n"))
+        .collect();
+    s.push_str(source);
+    s
+}
+
+/// The kernel `entry` of `source` configured by `defines`, on cubes of `threads` threads with
+/// `dynamic_shared` bytes of dynamic shared memory: built (source and hash) on the
+/// configuration's first call only, since decoding calls the same few configurations once per
+/// layer and token.
+pub fn configured_kernel(
+    source: &'static str,
+    entry: &'static str,
+    defines: Defines,
+    threads: u32,
+    dynamic_shared: usize,
+) -> RawCudaKernel {
+    type Key = (&'static str, Defines, u32, usize);
+    static KERNELS: OnceLock<Mutex<HashMap<Key, RawCudaKernel>>> = OnceLock::new();
+    let mut kernels = KERNELS.get_or_init(Default::default).lock().unwrap();
+    let key = (entry, defines, threads, dynamic_shared);
+    kernels
+        .entry(key)
+        .or_insert_with_key(|(entry, defines, threads, dynamic_shared)| {
+            RawCudaKernel::new(
+                with_defines(defines, source),
+                entry,
+                CubeDim::new_1d(*threads),
+            )
+            .with_dynamic_shared(*dynamic_shared)
+        })
+        .clone()
 }
 
 /// Whether `client` runs CUDA, where a [`RawCudaKernel`] can be launched.
@@ -136,18 +212,22 @@ mod tests {
     use super::*;
     use cubecl::cuda::CudaCompiler;
 
-    #[test]
-    fn raw_kernel_compiles_to_its_own_source_and_entry() {
-        let source = "extern \"C\" __global__ void probe(float* out) { out[0] = 1.0f; }";
-        let kernel = RawCudaKernel::new(source.into(), "probe", CubeDim::new_1d(64));
-        let compiled = CubeTask::<CudaCompiler>::compile(
-            &kernel,
+    fn compile(kernel: &RawCudaKernel) -> CompiledKernel<CudaCompiler> {
+        CubeTask::<CudaCompiler>::compile(
+            kernel,
             &mut CudaCompiler::default(),
             &Default::default(),
             ExecutionMode::Unchecked,
             AddressType::U32.unsigned_type(),
         )
-        .unwrap();
+        .unwrap()
+    }
+
+    #[test]
+    fn raw_kernel_compiles_to_its_own_source_and_entry() {
+        let source = "extern \"C\" __global__ void probe(float* out) { out[0] = 1.0f; }";
+        let kernel = RawCudaKernel::new(source.into(), "probe", CubeDim::new_1d(64));
+        let compiled = compile(&kernel);
         assert_eq!(compiled.source, source);
         assert_eq!(compiled.entrypoint_name, "probe");
         assert_eq!(compiled.cube_dim, CubeDim::new_1d(64));
@@ -156,5 +236,22 @@ mod tests {
         let other =
             RawCudaKernel::new(source.replace("1.0f", "2.0f"), "probe", CubeDim::new_1d(64));
         assert_ne!(kernel.id(), other.id());
+    }
+
+    #[test]
+    fn raw_kernel_reserves_its_dynamic_shared_memory() {
+        let source = "extern \"C\" __global__ void probe(float* out) { out[0] = 1.0f; }";
+        let bytes = 63 * 1024;
+        let kernel = RawCudaKernel::new(source.into(), "probe", CubeDim::new_1d(64))
+            .with_dynamic_shared(bytes);
+        let compiled = compile(&kernel);
+        assert_eq!(compiled.source, source);
+        let reserved = compiled.repr.unwrap().shared_memory_size();
+        assert!(
+            (bytes..bytes + 16).contains(&reserved),
+            "{reserved} bytes reserved"
+        );
+        let plain = RawCudaKernel::new(source.into(), "probe", CubeDim::new_1d(64));
+        assert_ne!(kernel.id(), plain.id());
     }
 }

@@ -1,11 +1,13 @@
-// CPU emulation harness for src/quant/kernels/gemv_mma.cu (driven by gemv_mma_emulate.py,
-// which puts the configuration's #defines and the kernel source, with its two inline-PTX
-// helpers replaced by the emulations below, between the two halves of this file).
+// CPU emulation harness for the CUDA C++ GEMV kernels, src/quant/kernels/gemv_mma.cu (ENTRY 0)
+// and gemv_row.cu (ENTRY 1), driven by gemv_emulate.py, which puts the configuration's
+// #defines and the kernel source, with its inline-PTX helpers replaced by the emulations
+// below, between the two halves of this file.
 //
 // Every CUDA thread of a cube is a std::thread; __syncthreads is a cube-wide barrier, and the
 // warp-wide mma.sync is emulated by exchanging the 32 lanes' fragment registers behind a warp
-// barrier and multiplying with the m16n8k16 fragment layout (PTX ISA, "mma.m16n8k16"). Cubes
-// run one after the other. The data are random NF4 codes, 8-bit scale codes with nested f32
+// barrier and multiplying with the m16n8k16 fragment layout (PTX ISA, "mma.m16n8k16"). Shared
+// memory reached by window address is a byte array whose dynamic part starts at 0x400, as on
+// the GPU; an access outside the cube's DYN bytes fails the run. Cubes run one after the other. The data are random NF4 codes, 8-bit scale codes with nested f32
 // scales and x; the reference is computed in double from the same values.
 //
 // ---- part 1: before the kernel ----
@@ -22,8 +24,40 @@
 #define __forceinline__ inline
 #define __shared__ static
 #define __align__(n) __attribute__((aligned(n)))
-#define __launch_bounds__(n)
+#define __launch_bounds__(...)
 #define __restrict__
+#include <cstdlib>
+inline float __uint_as_float(unsigned u) {
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+[[noreturn]] inline void __trap() {
+    fprintf(stderr, "kernel trapped (shared memory not where it was planned)\n");
+    exit(1);
+}
+// The shared-memory window: the reserved 1 KiB, then the dynamic region.
+alignas(16) unsigned char emulated_window[0x400 + 228 * 1024];
+inline unsigned emulated_window_address(const void* p) {
+    return (unsigned)((const unsigned char*)p - emulated_window);
+}
+inline void emulated_check(unsigned addr, unsigned bytes) {
+    if (addr < 0x400 || addr + bytes > 0x400 + DYN || addr % bytes) {
+        fprintf(stderr, "shared access of %u bytes at 0x%x outside 0x400..0x%x or misaligned\n",
+                bytes, addr, 0x400 + (unsigned)DYN);
+        exit(1);
+    }
+}
+template <class T> T emulated_load(unsigned addr) {
+    emulated_check(addr, sizeof(T));
+    T v;
+    memcpy(&v, emulated_window + addr, sizeof(T));
+    return v;
+}
+template <class T> void emulated_store(unsigned addr, T v) {
+    emulated_check(addr, sizeof(T));
+    memcpy(emulated_window + addr, &v, sizeof(T));
+}
 struct Dim3 { unsigned x, y, z; };
 thread_local Dim3 threadIdx;
 Dim3 blockIdx;
@@ -139,6 +173,7 @@ int main() {
     const unsigned cubes = (n / 16 + TPC - 1) / TPC;
     for (unsigned c = 0; c < cubes; ++c) {
         blockIdx.x = c;
+        memset(emulated_window, 0xA5, sizeof emulated_window);  // stale values from the last cube
         cube_barrier = std::make_unique<std::barrier<>>(NW * 32);
         warp_barriers.clear();
         for (unsigned w = 0; w < NW; ++w)
@@ -147,7 +182,12 @@ int main() {
         for (unsigned t = 0; t < NW * 32; ++t)
             threads.emplace_back([&, t] {
                 threadIdx.x = t;
-                nf4_gemv_mma(xh.data(), (const U32x2*)words.data(), nested.data(),
+#if ENTRY
+                nf4_gemv_row(
+#else
+                nf4_gemv_mma(
+#endif
+                             xh.data(), (const U32x2*)words.data(), nested.data(),
                              scale_words.data(), scale_map.data(), code.data(), out.data(), s);
             });
         for (auto& th : threads) th.join();

@@ -1,0 +1,196 @@
+// NF4 GEMV on tensor cores for one row of x: out[o] = sum_k x[k] * W[o, k], written for memory
+// bandwidth. Configured by the #defines `gemv_row.rs` puts in front of gemv_common.cuh and
+// this file:
+//   K, N        W's input and output widths (K a multiple of 256, N of 16)
+//   NW          warps per cube; BPW absmax blocks per warp (a multiple of 4)
+//   TPC         tiles of 16 W rows per cube
+//   MINB        cubes per multiprocessor the registers are budgeted for
+//   NBS         8-bit scale codes per nested f32 scale (double quantization)
+//   DYN         bytes of dynamic shared memory the cube is launched with
+//   BF16        1 for bf16 values, 0 for f16
+//
+// Every load of W a cube needs is issued first, before the cube stages x and the dequantization
+// table, so a cube waits for memory once. The fragment layout is the one of `gemv_mma.cu`
+// (lane (g, t) dequantizes bytes 8t..8t+7 of a block for W rows g and g + 8), with x as B's
+// column 0: only lanes t = 0 hold results (D[g][0] and D[g + 8][0]); B's other columns are
+// copies of x and never read.
+//
+// Shared memory (dynamic; the region starts at window offset 0x400, after the 1 KiB the
+// hardware reserves): x, the scale map, the code table as 16-bit values and the partial sums,
+// then the pair table at the next 32 KiB boundary, so that a table address is one OR of the
+// byte's offset (bits 7..14) and the lane's copy (bits 2..6) into the aligned base.
+
+// Bytes below the pair table: x, the scale map, the code table, the partial sums.
+#define X_BYTES (K * 2)
+#define SMAP_AT X_BYTES
+#define HCODE_AT (SMAP_AT + 1024)
+#define RED_AT (HCODE_AT + 64)
+#define LOW_BYTES (RED_AT + TPC * NW * 16 * 4)
+
+// Shared-memory loads and stores by window address.
+__device__ __forceinline__ u32 lds32(u32 addr) {
+    u32 v;
+    asm volatile("ld.shared.b32 %0, [%1];" : "=r"(v) : "r"(addr));
+    return v;
+}
+
+__device__ __forceinline__ U32x4 lds128(u32 addr) {
+    U32x4 v;
+    asm volatile("ld.shared.v4.b32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "r"(addr));
+    return v;
+}
+
+__device__ __forceinline__ void sts128(u32 addr, U32x4 v) {
+    asm volatile("st.shared.v4.b32 [%0], {%1,%2,%3,%4};"
+                 :: "r"(addr), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w));
+}
+
+// The shared-window address of `p` (a pointer into shared memory).
+__device__ __forceinline__ u32 window_address(const void* p) {
+    return (u32)__cvta_generic_to_shared(p);
+}
+
+// The pair of a packed byte: `lane_base` (the table's aligned base | lane * 4) OR the byte's
+// offset (byte * 128), the byte taken from `w` by the shift that puts it in bits 7..14.
+#define PAIR0(w) lds32((((w) << 7) & 0x7F80u) | lane_base)
+#define PAIR1(w) lds32((((w) >> 1) & 0x7F80u) | lane_base)
+#define PAIR2(w) lds32((((w) >> 9) & 0x7F80u) | lane_base)
+#define PAIR3(w) lds32((((w) >> 17) & 0x7F80u) | lane_base)
+
+// A tile's loads for one warp: for W rows g and g + 8 (`a`, `b`), the lane's 8 packed bytes of
+// each of the run's blocks, the words of the run's 8-bit scale codes (4 per word) and the
+// nested scales of the run's first and last block.
+struct TileLoads {
+    U32x2 wa[BPW], wb[BPW];
+    u32 ca[BPW / 4], cb[BPW / 4];
+    float na_lo, na_hi, nb_lo, nb_hi;
+};
+
+extern "C" __global__ void __launch_bounds__(NW * 32, MINB) nf4_gemv_row(
+    const u16* __restrict__ x,            // [K]
+    const U32x2* __restrict__ words,      // [N, K / 16] (8 bytes = 16 values each)
+    const float* __restrict__ absmax,     // nested f32 scales
+    const u32* __restrict__ scale_words,  // 8-bit scale codes, 4 per word
+    const float* __restrict__ scale_map,  // [256]
+    const float* __restrict__ code,       // [16]
+    u16* __restrict__ out,                // [N]
+    const GemvScalars s)
+{
+    extern __shared__ __align__(16) unsigned char smem[];
+    const u32 sbase = window_address(smem);
+    const u32 tbase = (sbase + LOW_BYTES + 0x7FFFu) & ~0x7FFFu;
+    if (tbase + 0x8000u > sbase + DYN) __trap();  // the region was not where it was planned
+
+    const u32 tid = threadIdx.x;
+    const u32 lane = tid & 31u;
+    const u32 warp = tid >> 5;
+    const u32 g = lane >> 2;
+    const u32 t = lane & 3u;
+    const u32 first = warp * BPW;  // the warp's run of blocks: first .. first + BPW (below KB)
+    const u32 tile0 = blockIdx.x * TPC;
+
+    // 1. Every W load of the cube, before anything else.
+    TileLoads ld[TPC];
+#pragma unroll
+    for (u32 i = 0; i < TPC; ++i) {
+        const u32 tile = tile0 + i < N / 16u ? tile0 + i : N / 16u - 1u;
+        const u32 r0 = tile * 16u + g;
+        const u32 r1 = r0 + 8u;
+#pragma unroll
+        for (u32 j = 0; j < BPW; ++j) {
+            const u32 blk = first + j < KB ? first + j : KB - 1u;
+            ld[i].wa[j] = words[r0 * (K / 16) + 4u * blk + t];
+            ld[i].wb[j] = words[r1 * (K / 16) + 4u * blk + t];
+        }
+#pragma unroll
+        for (u32 j = 0; j < BPW / 4; ++j) {
+            const u32 blk = first + 4u * j < KB ? first + 4u * j : KB - 4u;
+            ld[i].ca[j] = scale_words[(r0 * KB + blk) >> 2];
+            ld[i].cb[j] = scale_words[(r1 * KB + blk) >> 2];
+        }
+        const u32 lastb = first + BPW - 1u < KB ? first + BPW - 1u : KB - 1u;
+        ld[i].na_lo = absmax[(r0 * KB + first) / NBS];
+        ld[i].na_hi = absmax[(r0 * KB + lastb) / NBS];
+        ld[i].nb_lo = absmax[(r1 * KB + first) / NBS];
+        ld[i].nb_hi = absmax[(r1 * KB + lastb) / NBS];
+    }
+
+    // 2. x, the scale map and the code table; then the pair table from the code table.
+    for (u32 i = tid; i < K / 8u; i += NW * 32u) {
+        sts128(sbase + 16u * i, ((const U32x4*)x)[i]);
+    }
+    for (u32 i = tid; i < 256u; i += NW * 32u) {
+        ((float*)(smem + SMAP_AT))[i] = scale_map[i];
+    }
+    if (tid < 16u) ((u16*)(smem + HCODE_AT))[tid] = to_half(code[tid]);
+    __syncthreads();
+    // 2048 vectors of 4 words: vector q holds copies 4(q % 8) .. +3 of entry q / 8. The pair
+    // of byte b is (value of its high nibble, value of its low nibble), low half first.
+    const u16* hcode = (const u16*)(smem + HCODE_AT);
+    for (u32 q = tid; q < 2048u; q += NW * 32u) {
+        const u32 b = q >> 3;
+        const u32 p = (u32)hcode[b >> 4] | ((u32)hcode[b & 15u] << 16);
+        sts128(tbase + 16u * q, U32x4{p, p, p, p});
+    }
+    __syncthreads();
+
+    // 3. The products. Lane (g, t) reads x[64 blk + 16t .. + 16] (B's column g is x for every g).
+    const u32 lane_base = tbase | (lane << 2);
+    const u32 xlane = sbase + 128u * first + 32u * t;
+    const u32 smap = sbase + SMAP_AT;
+#pragma unroll
+    for (u32 i = 0; i < TPC; ++i) {
+        float acc0 = 0.f, acc2 = 0.f;
+        const u32 tile = tile0 + i;
+        const u32 r0 = tile * 16u + g;
+        const u32 lo_a = (r0 * KB + first) / NBS;
+        const u32 lo_b = ((r0 + 8u) * KB + first) / NBS;
+#pragma unroll
+        for (u32 j = 0; j < BPW; ++j) {
+            if (first + j < KB) {
+                const U32x4 xa = lds128(xlane + 128u * j);
+                const U32x4 xb = lds128(xlane + 128u * j + 16u);
+                // The block's scale codes: byte j % 4 of the run's word j / 4.
+                const u32 ca = ld[i].ca[j / 4] >> (8u * (j % 4u));
+                const u32 cb = ld[i].cb[j / 4] >> (8u * (j % 4u));
+                const float na =
+                    (r0 * KB + first + j) / NBS == lo_a ? ld[i].na_lo : ld[i].na_hi;
+                const float nb =
+                    ((r0 + 8u) * KB + first + j) / NBS == lo_b ? ld[i].nb_lo : ld[i].nb_hi;
+                const float s0 = __uint_as_float(lds32(smap + ((ca & 255u) << 2))) * na + s.offset;
+                const float s1 = __uint_as_float(lds32(smap + ((cb & 255u) << 2))) * nb + s.offset;
+                float d[4] = {0.f, 0.f, 0.f, 0.f};
+                const u32 ax = ld[i].wa[j].x, ay = ld[i].wa[j].y;
+                const u32 bx = ld[i].wb[j].x, by = ld[i].wb[j].y;
+                mma(d, PAIR0(ax), PAIR0(bx), PAIR1(ax), PAIR1(bx), xa.x, xa.y);
+                mma(d, PAIR2(ax), PAIR2(bx), PAIR3(ax), PAIR3(bx), xa.z, xa.w);
+                mma(d, PAIR0(ay), PAIR0(by), PAIR1(ay), PAIR1(by), xb.x, xb.y);
+                mma(d, PAIR2(ay), PAIR2(by), PAIR3(ay), PAIR3(by), xb.z, xb.w);
+                acc0 += s0 * d[0];
+                acc2 += s1 * d[2];
+            }
+        }
+        // Lanes t = 0 hold rows g and g + 8 of the tile for this warp's run.
+        if (t == 0u) {
+            float* red = (float*)(smem + RED_AT) + (i * NW + warp) * 16u;
+            red[g] = acc0;
+            red[g + 8u] = acc2;
+        }
+    }
+    __syncthreads();
+
+    // 4. The cube's sums: one thread per output row.
+    for (u32 o = tid; o < 16u * TPC; o += NW * 32u) {
+        const u32 i = o >> 4;
+        const u32 r = o & 15u;
+        if (tile0 + i < N / 16u) {
+            const float* red = (const float*)(smem + RED_AT) + i * NW * 16u + r;
+            float sum = 0.f;
+#pragma unroll
+            for (u32 w = 0; w < NW; ++w) sum += red[w * 16u];
+            out[(tile0 + i) * 16u + r] = to_half(sum);
+        }
+    }
+}

@@ -1,0 +1,224 @@
+//! The NF4 GEMV for one row of x (decoding one sequence), written for memory bandwidth: a CUDA
+//! C++ kernel (`gemv_row.cu`) on tensor cores, launched through CubeCL's runtime
+//! ([`super::raw_cuda`]).
+//!
+//! At one row the GEMV reads each packed byte once and does little with it, so its time is how
+//! long the reads take. The earlier kernels loaded a few blocks, waited, used them and loaded
+//! again; here a cube issues every load of W it needs before it does anything else, then stages
+//! x and the dequantization table while they are in flight, and the grid is sized so that all
+//! cubes are resident at once where the card allows: the whole weight is requested at the
+//! start. The table sits at a 32 KiB boundary of dynamic shared memory, so a table address
+//! costs a shift and one OR (see the `.cu` file).
+
+use burn_cubecl::tensor::CubeTensor;
+use burn_cubecl::CubeRuntime;
+use cubecl::prelude::ComputeClient;
+
+use super::gemv::overrides;
+use super::gemv_mma::launch_gemv_source;
+use super::raw_cuda::{configured_kernel, Defines};
+use super::Nf4Meta;
+
+/// The kernel's source after its configuration's `#define`s.
+const SOURCE: &str = concat!(include_str!("gemv_common.cuh"), include_str!("gemv_row.cu"));
+/// Most warps per cube.
+const MAX_WARPS: usize = 16;
+/// Dynamic shared memory per cube: from window offset 0x400 (after the 1 KiB the hardware
+/// reserves) to the end of the 32 KiB pair table at 0x8000.
+const DYNAMIC_SHARED: usize = 0x10000 - 0x400;
+/// Bytes below the table: x, the scale map, the code table and the partial sums must fit.
+const LOW_LIMIT: usize = 0x8000 - 0x400;
+/// Cubes per multiprocessor that shared memory allows (228 KiB on sm_90: 3 x (63 + 1) KiB).
+const SMEM_CUBES: usize = 3;
+/// 32-bit registers per multiprocessor.
+const REGISTERS: usize = 65536;
+
+/// How the one-row GEMV is laid out for one call.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RowPlan {
+    /// Warps per cube; warp w takes absmax blocks `w * bpw ..` of every row of the cube's tiles.
+    pub warps: usize,
+    /// Absmax blocks per warp (a multiple of 4: one word of 8-bit scale codes per row).
+    pub bpw: usize,
+    /// Tiles of 16 W rows per cube (all their loads are issued at once).
+    pub tiles: usize,
+    /// Cubes per multiprocessor the registers are budgeted for (`__launch_bounds__`).
+    pub min_cubes: usize,
+}
+
+impl RowPlan {
+    /// The plan for `rows` rows of x against `meta`'s weight on a card of `sms` multiprocessors
+    /// that has `mma` (the m16n8k16 tensor-core product of the compute dtype), or `None` when
+    /// the kernel does not apply: one row, 16-bit compute, double-quantized blocks of 64,
+    /// `d_in` a multiple of 256 (at most ~15,000), `d_out` of 16, and `QWEN3VL_GEMV` unset or
+    /// `row`. `QWEN3VL_GEMV_BPW`, `_TILES` and `_MINB` override the blocks per warp, the tiles
+    /// per cube and the cubes per multiprocessor (for measurements).
+    pub fn for_call(rows: usize, meta: Nf4Meta, mma: bool, sms: usize) -> Option<Self> {
+        let o = overrides();
+        if !mma
+            || rows != 1
+            || !(o.choice.is_empty() || o.choice == "row")
+            || meta.compute.size() != 2
+            || !meta.nested
+            || meta.blocksize != 64
+            || !meta.d_in.is_multiple_of(256)
+            || !meta.d_out.is_multiple_of(16)
+        {
+            return None;
+        }
+        let blocks = meta.d_in / 64;
+        // Runs of a multiple of 4 blocks, at most MAX_WARPS of them per row.
+        let least = blocks.div_ceil(MAX_WARPS).next_multiple_of(4);
+        let bpw = o
+            .bpw
+            .map_or(least, |b| b.next_multiple_of(4))
+            .clamp(least, blocks);
+        let warps = blocks.div_ceil(bpw);
+        // Tiles per cube: enough that the grid fits on the card at once.
+        let cubes_per_sm = SMEM_CUBES.min(2048 / (32 * warps)).max(1);
+        let all_tiles = meta.d_out / 16;
+        let tiles = o
+            .tiles
+            .unwrap_or(all_tiles.div_ceil(cubes_per_sm * sms.max(1)))
+            .clamp(1, all_tiles.min(4));
+        if 2 * meta.d_in + 1024 + 64 + 64 * tiles * warps > LOW_LIMIT {
+            return None;
+        }
+        // About 28 registers plus 4 per block in flight (ptxas reports 54–72 on the 4B
+        // shapes); as many resident cubes as leave that many.
+        let need = 28 + 4 * bpw * tiles;
+        let fitting = (1..=cubes_per_sm)
+            .rev()
+            .find(|&m| REGISTERS / (m * 32 * warps) >= need)
+            .unwrap_or(1);
+        Some(Self {
+            warps,
+            bpw,
+            tiles,
+            min_cubes: o.min_cubes.unwrap_or(fitting).max(1),
+        })
+    }
+
+    /// The `#define`s that configure the kernel for `meta`'s weight.
+    fn defines(&self, meta: Nf4Meta) -> Defines {
+        vec![
+            ("K", meta.d_in),
+            ("N", meta.d_out),
+            ("NW", self.warps),
+            ("BPW", self.bpw),
+            ("TPC", self.tiles),
+            ("MINB", self.min_cubes),
+            ("NBS", meta.nested_blocksize),
+            ("DYN", DYNAMIC_SHARED),
+            (
+                "BF16",
+                usize::from(meta.compute == burn::tensor::DType::BF16),
+            ),
+        ]
+    }
+}
+
+/// Launches the kernel writing `out` [1, out] from x [1, in] (in the compute dtype, 16-byte
+/// aligned) and the weight's tensors: words, nested absmax, scale words, scale map, code.
+pub(super) fn launch_row<R: CubeRuntime>(
+    client: &ComputeClient<R>,
+    x: &CubeTensor<R>,
+    weight: [&CubeTensor<R>; 5],
+    out: &CubeTensor<R>,
+    meta: Nf4Meta,
+    plan: RowPlan,
+) {
+    assert_eq!(x.meta.shape()[0], 1, "the one-row GEMV takes one row of x");
+    let kernel = configured_kernel(
+        SOURCE,
+        "nf4_gemv_row",
+        plan.defines(meta),
+        32 * plan.warps as u32,
+        DYNAMIC_SHARED,
+    );
+    let cubes = (meta.d_out / 16).div_ceil(plan.tiles) as u32;
+    // SAFETY: cube c reads the rows of its tiles of W (clamped below d_out) and their scales,
+    // x's d_in values, and writes out[its rows below d_out]; its shared memory stays inside the
+    // DYNAMIC_SHARED bytes it is launched with (it traps otherwise).
+    unsafe { launch_gemv_source(client, kernel, cubes, x, weight, out, meta) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::raw_cuda::with_defines;
+    use super::*;
+    use burn::tensor::DType;
+
+    fn meta(d_in: usize, d_out: usize) -> Nf4Meta {
+        Nf4Meta::for_plan_test(d_in, d_out, DType::F16)
+    }
+
+    #[test]
+    fn row_plan_fits_the_4b_shapes_on_the_card_at_once() {
+        // (in, out): warps, blocks per warp, tiles per cube, cubes per multiprocessor.
+        for ((d_in, d_out), want) in [
+            ((2560, 4096), (10, 4, 1, 3)),
+            ((2560, 1024), (10, 4, 1, 3)),
+            ((4096, 2560), (16, 4, 1, 2)),
+            ((2560, 9728), (10, 4, 2, 3)),
+            ((9728, 2560), (13, 12, 1, 2)),
+        ] {
+            let plan = RowPlan::for_call(1, meta(d_in, d_out), true, 132).unwrap();
+            assert_eq!(
+                (plan.warps, plan.bpw, plan.tiles, plan.min_cubes),
+                want,
+                "{d_in}->{d_out}"
+            );
+            let cubes = (d_out / 16).div_ceil(plan.tiles);
+            assert!(cubes <= 132 * plan.min_cubes, "{d_in}->{d_out}: one wave");
+            assert!(plan.warps * plan.bpw >= d_in / 64);
+            assert!((plan.warps - 1) * plan.bpw < d_in / 64, "no idle warp");
+        }
+    }
+
+    #[test]
+    fn row_plan_applies_only_where_the_kernel_does() {
+        let m = meta(2560, 1024);
+        assert!(RowPlan::for_call(1, m, true, 132).is_some());
+        assert!(RowPlan::for_call(2, m, true, 132).is_none(), "one row only");
+        assert!(
+            RowPlan::for_call(1, m, false, 132).is_none(),
+            "tensor cores"
+        );
+        let f32 = Nf4Meta::for_plan_test(2560, 1024, DType::F32);
+        assert!(RowPlan::for_call(1, f32, true, 132).is_none());
+        assert!(RowPlan::for_call(1, meta(2560 + 64, 1024), true, 132).is_none());
+        assert!(RowPlan::for_call(1, meta(2560, 1000), true, 132).is_none());
+        assert!(
+            RowPlan::for_call(1, meta(16384, 1024), true, 132).is_none(),
+            "x too big"
+        );
+        let plain = Nf4Meta { nested: false, ..m };
+        assert!(RowPlan::for_call(1, plain, true, 132).is_none());
+        let b128 = Nf4Meta {
+            blocksize: 128,
+            ..m
+        };
+        assert!(RowPlan::for_call(1, b128, true, 132).is_none());
+    }
+
+    #[test]
+    fn row_source_defines_the_configuration_before_the_kernel() {
+        let m = meta(9728, 2560);
+        let src = with_defines(
+            &RowPlan::for_call(1, m, true, 132).unwrap().defines(m),
+            SOURCE,
+        );
+        for line in [
+            "#define K 9728u",
+            "#define N 2560u",
+            "#define NW 13u",
+            "#define BPW 12u",
+            "#define DYN 64512u",
+            "#define BF16 0u",
+        ] {
+            assert!(src.contains(line), "{line}");
+        }
+        assert!(src.find("#define K ").unwrap() < src.find("nf4_gemv_row").unwrap());
+    }
+}
