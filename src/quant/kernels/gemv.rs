@@ -347,6 +347,7 @@ pub struct GroupedPlan {
 /// The measurement overrides (`QWEN3VL_GEMV`, `QWEN3VL_GEMV_WROWS`, `_UNROLL`, `_CUBE_WARPS`,
 /// `_CUBES`, `_NW`, `_BPW`, `_CHUNK`, `_TILES`, `_MINB`; the tiled GEMM's `QWEN3VL_GEMM`, `_TILE`, `_SPLITS`), read once: the plans
 /// are made on every call.
+#[derive(Default)]
 pub(super) struct Overrides {
     pub choice: String,
     pub wrows: Option<usize>,

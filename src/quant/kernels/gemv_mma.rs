@@ -58,7 +58,7 @@ impl MmaPlan {
         if !mma
             || one_row
             || !(1..=8).contains(&rows)
-            || !(o.choice.is_empty() || o.choice == "mma")
+            || !(o.choice.is_empty() || o.choice == "mma" || o.choice == "row")
             || meta.compute.size() != 2
             || !meta.nested
             || meta.blocksize != 64

@@ -14,7 +14,7 @@ use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::CubeRuntime;
 use cubecl::prelude::ComputeClient;
 
-use super::gemv::overrides;
+use super::gemv::{overrides, Overrides};
 use super::gemv_mma::launch_gemv_source;
 use super::raw_cuda::{configured_kernel, Defines};
 use super::Nf4Meta;
@@ -32,6 +32,10 @@ const LOW_LIMIT: usize = 0x8000 - 0x400;
 const SMEM_CUBES: usize = 3;
 /// 32-bit registers per multiprocessor.
 const REGISTERS: usize = 65536;
+/// Whether one row takes this kernel without `QWEN3VL_GEMV=row`: not until it has passed
+/// `bench nf4 --checks gemv` on a GPU (its source passes the CPU emulation,
+/// `tests/gpu/gemv_emulate.py`).
+const BY_DEFAULT: bool = false;
 
 /// How the one-row GEMV is laid out for one call.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -50,14 +54,21 @@ impl RowPlan {
     /// The plan for `rows` rows of x against `meta`'s weight on a card of `sms` multiprocessors
     /// that has `mma` (the m16n8k16 tensor-core product of the compute dtype), or `None` when
     /// the kernel does not apply: one row, 16-bit compute, double-quantized blocks of 64,
-    /// `d_in` a multiple of 256 (at most ~15,000), `d_out` of 16, and `QWEN3VL_GEMV` unset or
-    /// `row`. `QWEN3VL_GEMV_BPW`, `_TILES` and `_MINB` override the blocks per warp, the tiles
+    /// `d_in` a multiple of 256 (at most ~15,000), `d_out` of 16, and `QWEN3VL_GEMV=row` (or
+    /// unset, once [`BY_DEFAULT`]). `QWEN3VL_GEMV_BPW`, `_TILES` and `_MINB` override the blocks per warp, the tiles
     /// per cube and the cubes per multiprocessor (for measurements).
     pub fn for_call(rows: usize, meta: Nf4Meta, mma: bool, sms: usize) -> Option<Self> {
         let o = overrides();
+        if !(o.choice == "row" || (o.choice.is_empty() && BY_DEFAULT)) {
+            return None;
+        }
+        Self::planned(rows, meta, mma, sms, o)
+    }
+
+    /// [`Self::for_call`]'s plan with the overrides `o`, whatever `QWEN3VL_GEMV` says.
+    fn planned(rows: usize, meta: Nf4Meta, mma: bool, sms: usize, o: &Overrides) -> Option<Self> {
         if !mma
             || rows != 1
-            || !(o.choice.is_empty() || o.choice == "row")
             || meta.compute.size() != 2
             || !meta.nested
             || meta.blocksize != 64
@@ -153,6 +164,11 @@ mod tests {
         Nf4Meta::for_plan_test(d_in, d_out, DType::F16)
     }
 
+    /// The plan without overrides, whether or not the kernel is on by default.
+    fn plan(rows: usize, meta: Nf4Meta, mma: bool) -> Option<RowPlan> {
+        RowPlan::planned(rows, meta, mma, 132, &Overrides::default())
+    }
+
     #[test]
     fn row_plan_fits_the_4b_shapes_on_the_card_at_once() {
         // (in, out): warps, blocks per warp, tiles per cube, cubes per multiprocessor.
@@ -163,7 +179,7 @@ mod tests {
             ((2560, 9728), (10, 4, 2, 3)),
             ((9728, 2560), (13, 12, 1, 2)),
         ] {
-            let plan = RowPlan::for_call(1, meta(d_in, d_out), true, 132).unwrap();
+            let plan = plan(1, meta(d_in, d_out), true).unwrap();
             assert_eq!(
                 (plan.warps, plan.bpw, plan.tiles, plan.min_cubes),
                 want,
@@ -179,36 +195,27 @@ mod tests {
     #[test]
     fn row_plan_applies_only_where_the_kernel_does() {
         let m = meta(2560, 1024);
-        assert!(RowPlan::for_call(1, m, true, 132).is_some());
-        assert!(RowPlan::for_call(2, m, true, 132).is_none(), "one row only");
-        assert!(
-            RowPlan::for_call(1, m, false, 132).is_none(),
-            "tensor cores"
-        );
+        assert!(plan(1, m, true).is_some());
+        assert!(plan(2, m, true).is_none(), "one row only");
+        assert!(plan(1, m, false).is_none(), "tensor cores");
         let f32 = Nf4Meta::for_plan_test(2560, 1024, DType::F32);
-        assert!(RowPlan::for_call(1, f32, true, 132).is_none());
-        assert!(RowPlan::for_call(1, meta(2560 + 64, 1024), true, 132).is_none());
-        assert!(RowPlan::for_call(1, meta(2560, 1000), true, 132).is_none());
-        assert!(
-            RowPlan::for_call(1, meta(16384, 1024), true, 132).is_none(),
-            "x too big"
-        );
+        assert!(plan(1, f32, true).is_none());
+        assert!(plan(1, meta(2560 + 64, 1024), true).is_none());
+        assert!(plan(1, meta(2560, 1000), true).is_none());
+        assert!(plan(1, meta(16384, 1024), true).is_none(), "x too big");
         let plain = Nf4Meta { nested: false, ..m };
-        assert!(RowPlan::for_call(1, plain, true, 132).is_none());
+        assert!(plan(1, plain, true).is_none());
         let b128 = Nf4Meta {
             blocksize: 128,
             ..m
         };
-        assert!(RowPlan::for_call(1, b128, true, 132).is_none());
+        assert!(plan(1, b128, true).is_none());
     }
 
     #[test]
     fn row_source_defines_the_configuration_before_the_kernel() {
         let m = meta(9728, 2560);
-        let src = with_defines(
-            &RowPlan::for_call(1, m, true, 132).unwrap().defines(m),
-            SOURCE,
-        );
+        let src = with_defines(&plan(1, m, true).unwrap().defines(m), SOURCE);
         for line in [
             "#define K 9728u",
             "#define N 2560u",
