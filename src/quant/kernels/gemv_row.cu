@@ -91,7 +91,24 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) nf4_gemv_row(
     const u32 first = warp * BPW;  // the warp's run of blocks: first .. first + BPW (below KB)
     const u32 tile0 = blockIdx.x * TPC;
 
-    // 1. Every W load of the cube, before anything else.
+    // 0. The small inputs first (x, the scale map, the code table): the pair table and every
+    // product wait on them, and loads issued after the weight's would queue behind it.
+#define NT (NW * 32u)
+#define XV ((K / 8u + NT - 1u) / NT)
+#define SV ((256u + NT - 1u) / NT)
+    U32x4 xv[XV];
+#pragma unroll
+    for (u32 i = 0; i < XV; ++i) {
+        if (tid + i * NT < K / 8u) xv[i] = ((const U32x4*)x)[tid + i * NT];
+    }
+    float sv[SV];
+#pragma unroll
+    for (u32 i = 0; i < SV; ++i) {
+        if (tid + i * NT < 256u) sv[i] = scale_map[tid + i * NT];
+    }
+    const float cv = code[tid & 15u];
+
+    // 1. Every W load of the cube.
     TileLoads ld[TPC];
 #pragma unroll
     for (u32 i = 0; i < TPC; ++i) {
@@ -117,19 +134,21 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) nf4_gemv_row(
         ld[i].nb_hi = absmax[(r1 * KB + lastb) / NBS];
     }
 
-    // 2. x, the scale map and the code table; then the pair table from the code table.
-    for (u32 i = tid; i < K / 8u; i += NW * 32u) {
-        sts128(sbase + 16u * i, ((const U32x4*)x)[i]);
+    // 2. Stage x, the scale map and the code table; then the pair table from the code table.
+#pragma unroll
+    for (u32 i = 0; i < XV; ++i) {
+        if (tid + i * NT < K / 8u) sts128(sbase + 16u * (tid + i * NT), xv[i]);
     }
-    for (u32 i = tid; i < 256u; i += NW * 32u) {
-        ((float*)(smem + SMAP_AT))[i] = scale_map[i];
+#pragma unroll
+    for (u32 i = 0; i < SV; ++i) {
+        if (tid + i * NT < 256u) ((float*)(smem + SMAP_AT))[tid + i * NT] = sv[i];
     }
-    if (tid < 16u) ((u16*)(smem + HCODE_AT))[tid] = to_half(code[tid]);
+    if (tid < 16u) ((u16*)(smem + HCODE_AT))[tid] = to_half(cv);
     __syncthreads();
     // 2048 vectors of 4 words: vector q holds copies 4(q % 8) .. +3 of entry q / 8. The pair
     // of byte b is (value of its high nibble, value of its low nibble), low half first.
     const u16* hcode = (const u16*)(smem + HCODE_AT);
-    for (u32 q = tid; q < 2048u; q += NW * 32u) {
+    for (u32 q = tid; q < 2048u; q += NT) {
         const u32 b = q >> 3;
         const u32 p = (u32)hcode[b >> 4] | ((u32)hcode[b & 15u] << 16);
         sts128(tbase + 16u * q, U32x4{p, p, p, p});
