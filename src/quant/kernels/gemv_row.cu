@@ -9,8 +9,8 @@
 //   DYN         bytes of dynamic shared memory the cube is launched with
 //   BF16        1 for bf16 values, 0 for f16
 //
-// Every load of W a cube needs is issued first, before the cube stages x and the dequantization
-// table, so a cube waits for memory once. The fragment layout is the one of `gemv_mma.cu`
+// A cube loads x and the small tables first, then issues every load of W it needs, then stages
+// x and the dequantization table, so it waits for memory once. The fragment layout is the one of `gemv_mma.cu`
 // (lane (g, t) dequantizes bytes 8t..8t+7 of a block for W rows g and g + 8), with x as B's
 // column 0: only lanes t = 0 hold results (D[g][0] and D[g + 8][0]); B's other columns are
 // copies of x and never read.

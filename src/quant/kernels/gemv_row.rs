@@ -4,11 +4,12 @@
 //!
 //! At one row the GEMV reads each packed byte once and does little with it, so its time is how
 //! long the reads take. The earlier kernels loaded a few blocks, waited, used them and loaded
-//! again; here a cube issues every load of W it needs before it does anything else, then stages
-//! x and the dequantization table while they are in flight, and the grid is sized so that all
-//! cubes are resident at once where the card allows: the whole weight is requested at the
-//! start. The table sits at a 32 KiB boundary of dynamic shared memory, so a table address
-//! costs a shift and one OR (see the `.cu` file).
+//! again; here a cube loads x and the small tables, issues every load of W it needs, then
+//! stages x and the dequantization table while they are in flight, and the grid is sized so
+//! that all cubes are resident at once where the card allows: the whole weight is requested at
+//! the start. The table sits at a 32 KiB boundary of dynamic shared memory, so a table address
+//! costs a shift and one OR (see the `.cu` file). Opt-in for now (`BY_DEFAULT`): it halves the
+//! instructions per weight but was not faster (H100, tests/NOTES.md "session 20").
 
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::CubeRuntime;
@@ -32,9 +33,10 @@ const LOW_LIMIT: usize = 0x8000 - 0x400;
 const SMEM_CUBES: usize = 3;
 /// 32-bit registers per multiprocessor.
 const REGISTERS: usize = 65536;
-/// Whether one row takes this kernel without `QWEN3VL_GEMV=row`: not until it has passed
-/// `bench nf4 --checks gemv` on a GPU (its source passes the CPU emulation,
-/// `tests/gpu/gemv_emulate.py`).
+/// Whether one row takes this kernel without `QWEN3VL_GEMV=row`. Not yet: its first version
+/// passed the GPU checks but was slower than the sliced kernel on four of the 4B's five shapes
+/// (H100, tests/NOTES.md "session 20"); the current one (small inputs loaded first) passes the
+/// CPU emulation and is not measured.
 const BY_DEFAULT: bool = false;
 
 /// How the one-row GEMV is laid out for one call.
