@@ -39,7 +39,8 @@ pub type CheckCase = (usize, usize, usize);
 /// at its largest), the tiled GEMM with partial tiles on both sides (forward, then its
 /// transposed backward), on a real layer, real layers, and the tensor-core GEMV with a warp of
 /// fewer blocks (640 inputs: 10 blocks over warps of 4), 3, 5 and 8 rows of x, and outputs
-/// whose rows CubeCL pads (48 values).
+/// whose rows CubeCL pads (48 values); with `QWEN3VL_GEMV=row`, the one-row tensor-core GEMV
+/// with 2, 13 and 16 warps, one and two tiles per cube (512, 2560, 4096 and 9728 inputs).
 pub const CHECK_CASES: [CheckCase; 18] = [
     (200, 72, 1),
     (192, 45, 5),

@@ -48,8 +48,9 @@ impl MmaPlan {
     /// that has `mma` (the m16n8k16 tensor-core product of the compute dtype), or `None` when
     /// the kernel does not apply: 2..8 rows (1 with `QWEN3VL_GEMV=mma`), 16-bit compute,
     /// double-quantized blocks of 64, `d_in` a multiple of 64, `d_out` of 16, and
-    /// `QWEN3VL_GEMV` unset or `mma`. `QWEN3VL_GEMV_BPW`, `_CHUNK` and `_TILES` override the
-    /// blocks per warp, the loads in flight and the tiles per cube (for measurements).
+    /// `QWEN3VL_GEMV` unset, `mma` or `row` (which gives one row to `gemv_row`).
+    /// `QWEN3VL_GEMV_BPW`, `_CHUNK` and `_TILES` override the blocks per warp, the loads in
+    /// flight and the tiles per cube (for measurements).
     pub fn for_call(rows: usize, meta: Nf4Meta, mma: bool, sms: usize) -> Option<Self> {
         let o = overrides();
         // One row stays with the sliced kernel unless `QWEN3VL_GEMV=mma`: it was faster there
