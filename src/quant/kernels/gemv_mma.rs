@@ -56,15 +56,10 @@ impl MmaPlan {
         // One row stays with the sliced kernel unless `QWEN3VL_GEMV=mma`: it was faster there
         // on three of the 4B's five shapes (H100, tests/NOTES.md "session 19").
         let one_row = rows == 1 && o.choice != "mma";
-        if !mma
-            || one_row
+        if one_row
             || !(1..=8).contains(&rows)
             || !(o.choice.is_empty() || o.choice == "mma" || o.choice == "row")
-            || meta.compute.size() != 2
-            || !meta.nested
-            || meta.blocksize != 64
-            || !meta.d_in.is_multiple_of(64)
-            || !meta.d_out.is_multiple_of(16)
+            || !fits_mma_tiles(meta, mma, 64)
         {
             return None;
         }
@@ -105,6 +100,17 @@ impl MmaPlan {
             ),
         ]
     }
+}
+
+/// Whether a tensor-core GEMV's tiles fit `meta`'s weight on a card with (`mma`) the m16n8k16
+/// product: 16-bit compute, double-quantized blocks of 64, `d_in` a multiple of `d_in_step`
+/// and `d_out` of 16 (one tile's rows).
+pub(super) fn fits_mma_tiles(meta: Nf4Meta, mma: bool, d_in_step: usize) -> bool {
+    mma && meta.compute.size() == 2
+        && meta.nested
+        && meta.blocksize == 64
+        && meta.d_in.is_multiple_of(d_in_step)
+        && meta.d_out.is_multiple_of(16)
 }
 
 /// Whether `client`'s card runs the m16n8k16 tensor-core product of `compute` values with

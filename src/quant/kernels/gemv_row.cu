@@ -10,17 +10,18 @@
 //   BF16        1 for bf16 values, 0 for f16
 //
 // A cube loads x and the small tables first, then issues every load of W it needs, then stages
-// x and the dequantization table, so it waits for memory once. The fragment layout is the one of `gemv_mma.cu`
-// (lane (g, t) dequantizes bytes 8t..8t+7 of a block for W rows g and g + 8), with x as B's
-// column 0: only lanes t = 0 hold results (D[g][0] and D[g + 8][0]); B's other columns are
-// copies of x and never read.
+// x and the dequantization table, so it waits for memory once. The fragment layout is the one
+// of `gemv_mma.cu` (lane (g, t) dequantizes bytes 8t..8t+7 of a block for W rows g and g + 8),
+// with x as B's column 0: only lanes t = 0 hold results (D[g][0] and D[g + 8][0]); B's other
+// columns are copies of x and never read.
 //
 // Shared memory (dynamic; the region starts at window offset 0x400, after the 1 KiB the
 // hardware reserves): x, the scale map, the code table as 16-bit values and the partial sums,
 // then the pair table at the next 32 KiB boundary, so that a table address is one OR of the
 // byte's offset (bits 7..14) and the lane's copy (bits 2..6) into the aligned base.
 
-// Bytes below the pair table: x, the scale map, the code table, the partial sums.
+// Bytes below the pair table: x, the scale map, the code table, the partial sums (the plan
+// checks the same sum, `low_bytes` in gemv_row.rs).
 #define X_BYTES (K * 2)
 #define SMAP_AT X_BYTES
 #define HCODE_AT (SMAP_AT + 1024)
@@ -201,7 +202,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) nf4_gemv_row(
     __syncthreads();
 
     // 4. The cube's sums: one thread per output row.
-    for (u32 o = tid; o < 16u * TPC; o += NW * 32u) {
+    for (u32 o = tid; o < 16u * TPC; o += NT) {
         const u32 i = o >> 4;
         const u32 r = o & 15u;
         if (tile0 + i < N / 16u) {

@@ -16,7 +16,7 @@ use burn_cubecl::CubeRuntime;
 use cubecl::prelude::ComputeClient;
 
 use super::gemv::{overrides, Overrides};
-use super::gemv_mma::launch_gemv_source;
+use super::gemv_mma::{fits_mma_tiles, launch_gemv_source};
 use super::raw_cuda::{configured_kernel, Defines};
 use super::Nf4Meta;
 
@@ -39,6 +39,13 @@ const REGISTERS: usize = 65536;
 /// CPU emulation and is not measured.
 const BY_DEFAULT: bool = false;
 
+/// Shared-memory bytes below the pair table for `d_in` inputs, `warps` warps and `tiles` tiles
+/// per cube: x (2 bytes a value), the scale map (1 KiB), the code table (64 B) and the partial
+/// sums (16 f32 per warp and tile); the `.cu` file's `LOW_BYTES`.
+fn low_bytes(d_in: usize, warps: usize, tiles: usize) -> usize {
+    2 * d_in + 1024 + 64 + 16 * 4 * warps * tiles
+}
+
 /// How the one-row GEMV is laid out for one call.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct RowPlan {
@@ -57,8 +64,8 @@ impl RowPlan {
     /// that has `mma` (the m16n8k16 tensor-core product of the compute dtype), or `None` when
     /// the kernel does not apply: one row, 16-bit compute, double-quantized blocks of 64,
     /// `d_in` a multiple of 256 (at most ~15,000), `d_out` of 16, and `QWEN3VL_GEMV=row` (or
-    /// unset, once [`BY_DEFAULT`]). `QWEN3VL_GEMV_BPW`, `_TILES` and `_MINB` override the blocks per warp, the tiles
-    /// per cube and the cubes per multiprocessor (for measurements).
+    /// unset, once [`BY_DEFAULT`]). `QWEN3VL_GEMV_BPW`, `_TILES` and `_MINB` override the
+    /// blocks per warp, the tiles per cube and the cubes per multiprocessor (for measurements).
     pub fn for_call(rows: usize, meta: Nf4Meta, mma: bool, sms: usize) -> Option<Self> {
         let o = overrides();
         if !(o.choice == "row" || (o.choice.is_empty() && BY_DEFAULT)) {
@@ -69,14 +76,7 @@ impl RowPlan {
 
     /// [`Self::for_call`]'s plan with the overrides `o`, whatever `QWEN3VL_GEMV` says.
     fn planned(rows: usize, meta: Nf4Meta, mma: bool, sms: usize, o: &Overrides) -> Option<Self> {
-        if !mma
-            || rows != 1
-            || meta.compute.size() != 2
-            || !meta.nested
-            || meta.blocksize != 64
-            || !meta.d_in.is_multiple_of(256)
-            || !meta.d_out.is_multiple_of(16)
-        {
+        if rows != 1 || !fits_mma_tiles(meta, mma, 256) {
             return None;
         }
         let blocks = meta.d_in / 64;
@@ -94,7 +94,7 @@ impl RowPlan {
             .tiles
             .unwrap_or(all_tiles.div_ceil(cubes_per_sm * sms.max(1)))
             .clamp(1, all_tiles.min(4));
-        if 2 * meta.d_in + 1024 + 64 + 64 * tiles * warps > LOW_LIMIT {
+        if low_bytes(meta.d_in, warps, tiles) > LOW_LIMIT {
             return None;
         }
         // About 28 registers plus 4 per block in flight (ptxas reports 54–72 on the 4B
