@@ -58,6 +58,26 @@ template <class T> void emulated_store(unsigned addr, T v) {
     emulated_check(addr, sizeof(T));
     memcpy(emulated_window + addr, &v, sizeof(T));
 }
+// cp.async: a thread's copies wait in groups until a wait_group lets them land, so a slot read
+// before its group's wait still holds the stale bytes of the last cube.
+struct PendingCopy { unsigned addr; const void* src; };
+thread_local std::vector<PendingCopy> open_group;
+thread_local std::vector<std::vector<PendingCopy>> pending_groups;
+inline void emulated_cp_async8(unsigned addr, const void* src) {
+    emulated_check(addr, 8);
+    open_group.push_back({addr, src});
+}
+inline void emulated_commit() {
+    pending_groups.push_back(std::move(open_group));
+    open_group.clear();
+}
+inline void emulated_wait(unsigned most_pending) {
+    while (pending_groups.size() > most_pending) {
+        for (const PendingCopy& c : pending_groups.front())
+            memcpy(emulated_window + c.addr, c.src, 8);
+        pending_groups.erase(pending_groups.begin());
+    }
+}
 struct Dim3 { unsigned x, y, z; };
 thread_local Dim3 threadIdx;
 Dim3 blockIdx;
@@ -212,9 +232,10 @@ int main() {
         for (unsigned o = n; o < OP; ++o) padding_kept &= out[r * OP + o] == 0x7E00;
     const double err = std::sqrt(num / den);
     const bool ok = err <= (BF16 ? 8e-3 : 1e-3) && padding_kept;
-    printf("K=%u N=%u ROWS=%u NW=%u BPW=%u CH=%u TPC=%u XP=%u OP=%u BF16=%u: rel err %.2e%s %s\n",
+    printf("K=%u N=%u ROWS=%u NW=%u BPW=%u CH=%u TPC=%u XP=%u OP=%u BF16=%u STAGES=%u: "
+           "rel err %.2e%s %s\n",
            k, n, rows, (unsigned)NW, (unsigned)BPW, (unsigned)CH, (unsigned)TPC, (unsigned)XP,
-           (unsigned)OP, (unsigned)BF16, err, padding_kept ? "" : " (wrote into row padding)",
+           (unsigned)OP, (unsigned)BF16, (unsigned)STAGES, err, padding_kept ? "" : " (wrote into row padding)",
            ok ? "ok" : "FAILED");
     return ok ? 0 : 1;
 }

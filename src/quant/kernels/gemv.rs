@@ -363,6 +363,8 @@ pub(super) struct Overrides {
     pub tiles: Option<usize>,
     /// `QWEN3VL_GEMV_MINB`: cubes per multiprocessor the one-row GEMV budgets registers for.
     pub min_cubes: Option<usize>,
+    /// `QWEN3VL_GEMV_STAGES`: slots per warp of the one-row GEMV's cp.async ring (0: none).
+    pub stages: Option<usize>,
     /// `QWEN3VL_GEMM`: `dequant`, `tiled` or empty.
     pub gemm: String,
     /// `QWEN3VL_GEMM_TILE`, e.g. `2x1`.
@@ -387,6 +389,7 @@ pub(super) fn overrides() -> &'static Overrides {
             chunk: num("QWEN3VL_GEMV_CHUNK"),
             tiles: num("QWEN3VL_GEMV_TILES"),
             min_cubes: num("QWEN3VL_GEMV_MINB"),
+            stages: num("QWEN3VL_GEMV_STAGES"),
             gemm: std::env::var("QWEN3VL_GEMM").unwrap_or_default(),
             gemm_tile: std::env::var("QWEN3VL_GEMM_TILE").unwrap_or_default(),
             gemm_splits: num("QWEN3VL_GEMM_SPLITS"),

@@ -8,6 +8,9 @@
 //   NBS         8-bit scale codes per nested f32 scale (double quantization)
 //   DYN         bytes of dynamic shared memory the cube is launched with
 //   BF16        1 for bf16 values, 0 for f16
+//   STAGES      0: W is loaded into registers, all at once; S > 0: W streams through a ring of
+//               S slots per warp in shared memory (cp.async), one block of a tile per slot
+//   STAGE_AT    where the ring starts, in bytes from the start of the dynamic region
 //
 // A cube loads x and the small tables first, then issues every load of W it needs, then stages
 // x and the dequantization table, so it waits for memory once. The fragment layout is the one
@@ -27,6 +30,13 @@
 #define HCODE_AT (SMAP_AT + 1024)
 #define RED_AT (HCODE_AT + 64)
 #define LOW_BYTES (RED_AT + TPC * NW * 16 * 4)
+// The ring of staged W blocks (STAGES > 0), below or above the pair table.
+#define RING_BYTES (STAGES * NW * 512)
+#if STAGES && STAGE_AT < 0x7C00
+#define TABLE_FLOOR (STAGE_AT + RING_BYTES)
+#else
+#define TABLE_FLOOR LOW_BYTES
+#endif
 
 // Shared-memory loads and stores by window address.
 __device__ __forceinline__ u32 lds32(u32 addr) {
@@ -41,6 +51,21 @@ __device__ __forceinline__ U32x4 lds128(u32 addr) {
                  : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
                  : "r"(addr));
     return v;
+}
+
+// 8 bytes from global to shared memory without registers (cp.async), one group of them, and a
+// wait until at most N groups of this thread are in flight.
+__device__ __forceinline__ void cp_async8(u32 addr, const void* src) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(addr), "l"(src) : "memory");
+}
+
+__device__ __forceinline__ void cp_async_commit() {
+    asm volatile("cp.async.commit_group;" ::: "memory");
+}
+
+template <u32 PENDING>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(PENDING) : "memory");
 }
 
 __device__ __forceinline__ void sts128(u32 addr, U32x4 v) {
@@ -64,10 +89,30 @@ __device__ __forceinline__ u32 window_address(const void* p) {
 // each of the run's blocks, the words of the run's 8-bit scale codes (4 per word) and the
 // nested scales of the run's first and last block.
 struct TileLoads {
+#if STAGES == 0
     U32x2 wa[BPW], wb[BPW];
+#endif
     u32 ca[BPW / 4], cb[BPW / 4];
     float na_lo, na_hi, nb_lo, nb_hi;
 };
+
+#if STAGES
+// Unit u of a warp is block `first + u % BPW` of its cube's tile `u / BPW`. Its lane's 8 bytes
+// of rows g and g + 8 go to slot u % STAGES of the warp's ring (16 bytes a lane), then the
+// unit's group is committed (also when there is no unit u, so that the groups count units).
+__device__ __forceinline__ void stage_unit(u32 ring, const U32x2* __restrict__ words, u32 tile0,
+                                           u32 first, u32 g, u32 t, u32 u) {
+    if (u < TPC * BPW) {
+        const u32 i = u / BPW, j = u % BPW;
+        const u32 tile = tile0 + i < N / 16u ? tile0 + i : N / 16u - 1u;
+        const u32 blk = first + j < KB ? first + j : KB - 1u;
+        const u32 slot = ring + (u % STAGES) * 512u;
+        cp_async8(slot, &words[(tile * 16u + g) * (K / 16) + 4u * blk + t]);
+        cp_async8(slot + 8u, &words[(tile * 16u + g + 8u) * (K / 16) + 4u * blk + t]);
+    }
+    cp_async_commit();
+}
+#endif
 
 extern "C" __global__ void __launch_bounds__(NW * 32, MINB) nf4_gemv_row(
     const u16* __restrict__ x,            // [K]
@@ -81,8 +126,14 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) nf4_gemv_row(
 {
     extern __shared__ __align__(16) unsigned char smem[];
     const u32 sbase = window_address(smem);
-    const u32 tbase = (sbase + LOW_BYTES + 0x7FFFu) & ~0x7FFFu;
+    const u32 tbase = (sbase + TABLE_FLOOR + 0x7FFFu) & ~0x7FFFu;
     if (tbase + 0x8000u > sbase + DYN) __trap();  // the region was not where it was planned
+#if STAGES
+    // The ring lies above the small inputs, and below the table or above it, within DYN.
+    if (STAGE_AT < LOW_BYTES || sbase + STAGE_AT + RING_BYTES > (STAGE_AT < 0x7C00 ? tbase : sbase + DYN) ||
+        (STAGE_AT >= 0x7C00 && sbase + STAGE_AT < tbase + 0x8000u))
+        __trap();
+#endif
 
     const u32 tid = threadIdx.x;
     const u32 lane = tid & 31u;
@@ -116,12 +167,14 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) nf4_gemv_row(
         const u32 tile = tile0 + i < N / 16u ? tile0 + i : N / 16u - 1u;
         const u32 r0 = tile * 16u + g;
         const u32 r1 = r0 + 8u;
+#if STAGES == 0
 #pragma unroll
         for (u32 j = 0; j < BPW; ++j) {
             const u32 blk = first + j < KB ? first + j : KB - 1u;
             ld[i].wa[j] = words[r0 * (K / 16) + 4u * blk + t];
             ld[i].wb[j] = words[r1 * (K / 16) + 4u * blk + t];
         }
+#endif
 #pragma unroll
         for (u32 j = 0; j < BPW / 4; ++j) {
             const u32 blk = first + 4u * j < KB ? first + 4u * j : KB - 4u;
@@ -134,6 +187,12 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) nf4_gemv_row(
         ld[i].nb_lo = absmax[(r1 * KB + first) / NBS];
         ld[i].nb_hi = absmax[(r1 * KB + lastb) / NBS];
     }
+#if STAGES
+    // The ring's first units (lane-private slots: each lane reads back only what it copied).
+    const u32 ring = sbase + STAGE_AT + warp * (STAGES * 512u) + 16u * lane;
+#pragma unroll
+    for (u32 u = 0; u < STAGES; ++u) stage_unit(ring, words, tile0, first, g, t, u);
+#endif
 
     // 2. Stage x, the scale map and the code table; then the pair table from the code table.
 #pragma unroll
@@ -182,8 +241,16 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) nf4_gemv_row(
                 const float s0 = __uint_as_float(lds32(smap + ((ca & 255u) << 2))) * na + s.offset;
                 const float s1 = __uint_as_float(lds32(smap + ((cb & 255u) << 2))) * nb + s.offset;
                 float d[4] = {0.f, 0.f, 0.f, 0.f};
+#if STAGES
+                // Unit i * BPW + j has landed once at most STAGES - 1 later groups are pending.
+                const u32 u = i * BPW + j;
+                cp_async_wait<STAGES - 1>();
+                const U32x4 w = lds128(ring + (u % STAGES) * 512u);
+                const u32 ax = w.x, ay = w.y, bx = w.z, by = w.w;
+#else
                 const u32 ax = ld[i].wa[j].x, ay = ld[i].wa[j].y;
                 const u32 bx = ld[i].wb[j].x, by = ld[i].wb[j].y;
+#endif
                 mma(d, PAIR0(ax), PAIR0(bx), PAIR1(ax), PAIR1(bx), xa.x, xa.y);
                 mma(d, PAIR2(ax), PAIR2(bx), PAIR3(ax), PAIR3(bx), xa.z, xa.w);
                 mma(d, PAIR0(ay), PAIR0(by), PAIR1(ay), PAIR1(by), xb.x, xb.y);
@@ -191,6 +258,11 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) nf4_gemv_row(
                 acc0 += s0 * d[0];
                 acc2 += s1 * d[2];
             }
+#if STAGES
+            // The slot just read takes the unit STAGES ahead (its registers are in use above,
+            // so the read has completed).
+            stage_unit(ring, words, tile0, first, g, t, i * BPW + j + STAGES);
+#endif
         }
         // Lanes t = 0 hold rows g and g + 8 of the tile for this warp's run.
         if (t == 0u) {

@@ -24,13 +24,19 @@ use super::Nf4Meta;
 const SOURCE: &str = concat!(include_str!("gemv_common.cuh"), include_str!("gemv_row.cu"));
 /// Most warps per cube.
 const MAX_WARPS: usize = 16;
-/// Dynamic shared memory per cube: from window offset 0x400 (after the 1 KiB the hardware
-/// reserves) to the end of the 32 KiB pair table at 0x8000.
+/// Dynamic shared memory per cube without a ring: from window offset 0x400 (after the 1 KiB
+/// the hardware reserves) to the end of the 32 KiB pair table at 0x8000.
 const DYNAMIC_SHARED: usize = 0x10000 - 0x400;
 /// Bytes below the table: x, the scale map, the code table and the partial sums must fit.
 const LOW_LIMIT: usize = 0x8000 - 0x400;
-/// Cubes per multiprocessor that shared memory allows (228 KiB on sm_90: 3 x (63 + 1) KiB).
+/// Cubes per multiprocessor that shared memory allows without a ring (228 KiB on sm_90:
+/// 3 x (63 + 1) KiB).
 const SMEM_CUBES: usize = 3;
+/// Shared memory per multiprocessor on sm_90, and what the hardware reserves per cube.
+const SMEM_PER_SM: usize = 228 * 1024;
+const SMEM_RESERVED: usize = 1024;
+/// Bytes of one ring slot of a warp: 16 per lane (one block of two W rows).
+const SLOT_BYTES: usize = 512;
 /// 32-bit registers per multiprocessor.
 const REGISTERS: usize = 65536;
 /// Whether one row takes this kernel without `QWEN3VL_GEMV=row`. Not yet: its first version
@@ -46,6 +52,21 @@ fn low_bytes(d_in: usize, warps: usize, tiles: usize) -> usize {
     2 * d_in + 1024 + 64 + 16 * 4 * warps * tiles
 }
 
+/// Where the ring of `stages` slots per warp starts (bytes from the start of the dynamic
+/// region; the `.cu` file's `STAGE_AT`) and the dynamic shared memory the cube then needs: below
+/// the pair table where the small inputs leave room, else above it.
+fn ring_layout(d_in: usize, warps: usize, tiles: usize, stages: usize) -> (usize, usize) {
+    let low = low_bytes(d_in, warps, tiles);
+    let ring = stages * warps * SLOT_BYTES;
+    if stages == 0 {
+        (0, DYNAMIC_SHARED)
+    } else if low + ring <= LOW_LIMIT {
+        (low, DYNAMIC_SHARED)
+    } else {
+        (DYNAMIC_SHARED, DYNAMIC_SHARED + ring)
+    }
+}
+
 /// How the one-row GEMV is laid out for one call.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct RowPlan {
@@ -57,6 +78,9 @@ pub struct RowPlan {
     pub tiles: usize,
     /// Cubes per multiprocessor the registers are budgeted for (`__launch_bounds__`).
     pub min_cubes: usize,
+    /// Slots per warp of the ring W streams through (cp.async into shared memory, one wait
+    /// per block); 0 loads W into registers, all of it before the first product.
+    pub stages: usize,
 }
 
 impl RowPlan {
@@ -97,19 +121,32 @@ impl RowPlan {
         if low_bytes(meta.d_in, warps, tiles) > LOW_LIMIT {
             return None;
         }
+        let stages = o.stages.unwrap_or(0).min(tiles * bpw);
         // About 28 registers plus 4 per block in flight (ptxas reports 54–72 on the 4B
-        // shapes); as many resident cubes as leave that many.
+        // shapes); as many resident cubes as leave that many. With a ring, W takes no
+        // registers and shared memory sets the count.
         let need = 28 + 4 * bpw * tiles;
-        let fitting = (1..=cubes_per_sm)
-            .rev()
-            .find(|&m| REGISTERS / (m * 32 * warps) >= need)
-            .unwrap_or(1);
+        let fitting = if stages > 0 {
+            let (_, dynamic) = ring_layout(meta.d_in, warps, tiles, stages);
+            (SMEM_PER_SM / (dynamic + SMEM_RESERVED)).clamp(1, 2048 / (32 * warps))
+        } else {
+            (1..=cubes_per_sm)
+                .rev()
+                .find(|&m| REGISTERS / (m * 32 * warps) >= need)
+                .unwrap_or(1)
+        };
         Some(Self {
             warps,
             bpw,
             tiles,
             min_cubes: o.min_cubes.unwrap_or(fitting).max(1),
+            stages,
         })
+    }
+
+    /// Bytes of dynamic shared memory the cube is launched with.
+    fn dynamic_shared(&self, meta: Nf4Meta) -> usize {
+        ring_layout(meta.d_in, self.warps, self.tiles, self.stages).1
     }
 
     /// The `#define`s that configure the kernel for `meta`'s weight.
@@ -122,7 +159,12 @@ impl RowPlan {
             ("TPC", self.tiles),
             ("MINB", self.min_cubes),
             ("NBS", meta.nested_blocksize),
-            ("DYN", DYNAMIC_SHARED),
+            ("DYN", self.dynamic_shared(meta)),
+            ("STAGES", self.stages),
+            (
+                "STAGE_AT",
+                ring_layout(meta.d_in, self.warps, self.tiles, self.stages).0,
+            ),
             (
                 "BF16",
                 usize::from(meta.compute == burn::tensor::DType::BF16),
@@ -147,12 +189,12 @@ pub(super) fn launch_row<R: CubeRuntime>(
         "nf4_gemv_row",
         plan.defines(meta),
         32 * plan.warps as u32,
-        DYNAMIC_SHARED,
+        plan.dynamic_shared(meta),
     );
     let cubes = (meta.d_out / 16).div_ceil(plan.tiles) as u32;
     // SAFETY: cube c reads the rows of its tiles of W (clamped below d_out) and their scales,
     // x's d_in values, and writes out[its rows below d_out]; its shared memory stays inside the
-    // DYNAMIC_SHARED bytes it is launched with (it traps otherwise).
+    // dynamic shared memory it is launched with (it traps otherwise).
     unsafe { launch_gemv_source(client, kernel, cubes, x, weight, out, meta) };
 }
 
@@ -195,6 +237,36 @@ mod tests {
     }
 
     #[test]
+    fn ring_goes_below_the_table_where_it_fits_else_above_it() {
+        // 2560 inputs, 10 warps, 2 tiles: 7,488 bytes of small inputs + 4 x 10 x 512 of ring.
+        assert_eq!(ring_layout(2560, 10, 2, 4), (7488, DYNAMIC_SHARED));
+        // 9728 inputs leave no room below the table: the ring follows it.
+        let (at, dynamic) = ring_layout(9728, 13, 1, 2);
+        assert_eq!(
+            (at, dynamic),
+            (DYNAMIC_SHARED, DYNAMIC_SHARED + 2 * 13 * 512)
+        );
+        assert_eq!(ring_layout(2560, 10, 2, 0), (0, DYNAMIC_SHARED));
+        // With the ring, shared memory sets the cubes per multiprocessor.
+        let o = Overrides {
+            stages: Some(4),
+            ..Overrides::default()
+        };
+        let p = RowPlan::planned(1, meta(9728, 2560), true, 132, &o).unwrap();
+        assert_eq!(p.stages, 4);
+        let dynamic = p.dynamic_shared(meta(9728, 2560));
+        assert_eq!(dynamic, DYNAMIC_SHARED + 4 * 13 * 512);
+        assert_eq!(p.min_cubes, SMEM_PER_SM / (dynamic + SMEM_RESERVED));
+        // No more slots than blocks a warp takes.
+        let o = Overrides {
+            stages: Some(64),
+            ..Overrides::default()
+        };
+        let p = RowPlan::planned(1, meta(2560, 4096), true, 132, &o).unwrap();
+        assert_eq!(p.stages, p.tiles * p.bpw);
+    }
+
+    #[test]
     fn row_plan_applies_only_where_the_kernel_does() {
         let m = meta(2560, 1024);
         assert!(plan(1, m, true).is_some());
@@ -225,6 +297,7 @@ mod tests {
             "#define BPW 12u",
             "#define DYN 64512u",
             "#define BF16 0u",
+            "#define STAGES 0u",
         ] {
             assert!(src.contains(line), "{line}");
         }
