@@ -78,6 +78,13 @@ inline void emulated_wait(unsigned most_pending) {
         pending_groups.erase(pending_groups.begin());
     }
 }
+// PRMT in its default mode: byte i of the result is byte (s >> 4i) & 7 of {y, x}.
+inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
+    const unsigned long long v = ((unsigned long long)y << 32) | x;
+    unsigned r = 0;
+    for (int i = 0; i < 4; ++i) r |= (unsigned)((v >> (8 * ((s >> (4 * i)) & 7u))) & 0xFFu) << (8 * i);
+    return r;
+}
 struct Dim3 { unsigned x, y, z; };
 thread_local Dim3 threadIdx;
 Dim3 blockIdx;
@@ -232,10 +239,10 @@ int main() {
         for (unsigned o = n; o < OP; ++o) padding_kept &= out[r * OP + o] == 0x7E00;
     const double err = std::sqrt(num / den);
     const bool ok = err <= (BF16 ? 8e-3 : 1e-3) && padding_kept;
-    printf("K=%u N=%u ROWS=%u NW=%u BPW=%u CH=%u TPC=%u XP=%u OP=%u BF16=%u STAGES=%u: "
+    printf("K=%u N=%u ROWS=%u NW=%u BPW=%u CH=%u TPC=%u XP=%u OP=%u BF16=%u STAGES=%u WIDE=%u: "
            "rel err %.2e%s %s\n",
            k, n, rows, (unsigned)NW, (unsigned)BPW, (unsigned)CH, (unsigned)TPC, (unsigned)XP,
-           (unsigned)OP, (unsigned)BF16, (unsigned)STAGES, err, padding_kept ? "" : " (wrote into row padding)",
+           (unsigned)OP, (unsigned)BF16, (unsigned)STAGES, (unsigned)WIDE, err, padding_kept ? "" : " (wrote into row padding)",
            ok ? "ok" : "FAILED");
     return ok ? 0 : 1;
 }

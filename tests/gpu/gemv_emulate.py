@@ -12,7 +12,7 @@ not their speed or their PTX. Exit status 1 if any configuration fails.
 
   tests/gpu/gemv_emulate.py                                   the built-in configurations
   tests/gpu/gemv_emulate.py mma K N ROWS NW BPW CH TPC BF16 [XP OP]
-  tests/gpu/gemv_emulate.py row K N NW BPW TPC BF16 STAGES
+  tests/gpu/gemv_emulate.py row K N NW BPW TPC BF16 STAGES WIDE
 """
 import os
 import re
@@ -23,21 +23,22 @@ import tempfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 KERNELS = os.path.join(HERE, "..", "..", "src", "quant", "kernels")
 MMA_NAMES = ["K", "N", "ROWS", "NW", "BPW", "CH", "TPC", "BF16", "XP", "OP"]
-ROW_NAMES = ["K", "N", "NW", "BPW", "TPC", "BF16", "STAGES"]
-# The row kernel's pair table: from 0x7C00 past the start of the dynamic region (window 0x8000)
-# to 0xFC00 (gemv_row.rs).
-TABLE_AT, TABLE_END = 0x7C00, 0xFC00
+ROW_NAMES = ["K", "N", "NW", "BPW", "TPC", "BF16", "STAGES", "WIDE"]
 
 
-def row_layout(k: int, nw: int, tpc: int, stages: int):
-    """(STAGE_AT, DYN) as gemv_row.rs plans them: the ring below the table where it fits."""
+def row_layout(k: int, nw: int, tpc: int, stages: int, wide: int):
+    """(STAGE_AT, DYN) as gemv_row.rs plans them: the pair table (32 KiB, or 64 KiB when wide)
+    at its first aligned window offset (0x8000 or 0x10000, i.e. 0x7C00 or 0xFC00 from the start
+    of the dynamic region), the ring below it where it fits, else above it."""
+    table = 0x10000 if wide else 0x8000
+    table_at, table_end = table - 0x400, 2 * table - 0x400
     low = 2 * k + 1024 + 64 + 64 * nw * tpc
     ring = stages * nw * 512
     if stages == 0:
-        return 0, TABLE_END
-    if low + ring <= TABLE_AT:
-        return low, TABLE_END
-    return TABLE_END, TABLE_END + ring
+        return 0, table_end
+    if low + ring <= table_at:
+        return low, table_end
+    return table_end, table_end + ring
 
 # gemv_mma.cu (K, N, ROWS, NW, BPW, CH, TPC, BF16, XP, OP): the plan's shapes, a short last
 # warp, partial chunks, several tiles per cube, bf16, and padded pitches (48 outputs: CubeCL
@@ -53,18 +54,21 @@ MMA_CONFIGS = [
 # gemv_row.cu (K, N, NW, BPW, TPC, BF16): the plan's 4B shapes (narrowed in N), a short last
 # warp (152 blocks in 13 runs of 12), runs of 8, a last cube with fewer tiles, bf16.
 # STAGES 0 loads W into registers; S > 0 streams it through a ring of S slots per warp (below
-# the table, or above it when the small inputs leave no room).
+# the table, or above it when the small inputs leave no room). WIDE 1: the 64 KiB pair table.
 ROW_CONFIGS = [
-    (2560, 64, 10, 4, 2, 0, 0),
-    (9728, 32, 13, 12, 1, 0, 0),
-    (4096, 48, 16, 4, 2, 1, 0),
-    (768, 48, 2, 8, 1, 0, 0),
-    (512, 16, 1, 8, 3, 1, 0),
-    (2560, 64, 10, 4, 2, 0, 3),
-    (9728, 32, 13, 12, 1, 0, 4),
-    (4096, 48, 16, 4, 2, 1, 2),
-    (768, 48, 2, 8, 1, 0, 1),
-    (512, 16, 1, 8, 3, 1, 5),
+    (2560, 64, 10, 4, 2, 0, 0, 0),
+    (9728, 32, 13, 12, 1, 0, 0, 0),
+    (4096, 48, 16, 4, 2, 1, 0, 0),
+    (768, 48, 2, 8, 1, 0, 0, 0),
+    (512, 16, 1, 8, 3, 1, 0, 0),
+    (2560, 64, 10, 4, 2, 0, 3, 0),
+    (9728, 32, 13, 12, 1, 0, 4, 0),
+    (4096, 48, 16, 4, 2, 1, 2, 0),
+    (768, 48, 2, 8, 1, 0, 1, 0),
+    (512, 16, 1, 8, 3, 1, 5, 0),
+    (2560, 96, 10, 4, 5, 0, 8, 1),
+    (9728, 32, 13, 12, 2, 1, 6, 1),
+    (512, 48, 1, 8, 2, 0, 0, 1),
 ]
 
 
@@ -102,10 +106,10 @@ def emulated_source(name: str) -> str:
 def defines(kind: str, cfg) -> str:
     if kind == "mma":
         values = dict(zip(MMA_NAMES, cfg))
-        values.update(ENTRY=0, MINB=1, DYN=0, STAGES=0, STAGE_AT=0)
+        values.update(ENTRY=0, MINB=1, DYN=0, STAGES=0, STAGE_AT=0, WIDE=0)
     else:
         values = dict(zip(ROW_NAMES, cfg))
-        stage_at, dyn = row_layout(cfg[0], cfg[2], cfg[4], cfg[6])
+        stage_at, dyn = row_layout(cfg[0], cfg[2], cfg[4], cfg[6], cfg[7])
         values.update(ROWS=1, XP=cfg[0], OP=cfg[1], CH=0, ENTRY=1, MINB=1, DYN=dyn)
         values.update(STAGE_AT=stage_at)
     values["NBS"] = 256

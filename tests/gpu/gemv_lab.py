@@ -14,8 +14,9 @@ median over replays of (graph time / launches): kernel time plus the launch gap 
   tests/gpu/gemv_lab.py --ncu                   one launch each (run under ncu for device time)
 
 Configurations: "plan" is gemv_row.rs's plan (W in registers); "sS" the same with a ring of S
-slots per warp (cp.async); either may be followed by ":NAME=VALUE" overrides (NW, BPW, TPC,
-MINB), e.g. "s4:TPC=1". The read-only pass ("read") reads the weight's bytes 16 at a time;
+slots per warp (cp.async); "pS" one cube per multiprocessor with a ring of S and the 64 KiB
+pair table (WIDE); each may be followed by ":NAME=VALUE" overrides (NW, BPW, TPC, MINB,
+WIDE), e.g. "s4:TPC=1", "p8:WIDE=0". The read-only pass ("read") reads the weight's bytes 16 at a time;
 "copy" is cudaMemcpyAsync of those bytes.
 """
 import argparse
@@ -31,7 +32,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 KERNELS = os.path.join(HERE, "..", "..", "src", "quant", "kernels")
 SHAPES_4B = [(2560, 4096), (2560, 1024), (4096, 2560), (2560, 9728), (9728, 2560)]
 NBS = 256  # 8-bit scale codes per nested f32 scale
-TABLE_AT, TABLE_END = 0x7C00, 0xFC00  # the pair table, from the start of the dynamic region
 SMEM_PER_SM = 228 * 1024  # sm_90; each cube also takes 1 KiB the hardware reserves
 
 READ_SOURCE = r"""
@@ -68,21 +68,28 @@ def plan(k: int, n: int, sms: int) -> dict:
 
 
 def layout(k: int, cfg: dict):
-    """(STAGE_AT, DYN): the ring below the table where it fits, else above it."""
+    """(STAGE_AT, DYN): the pair table (32 KiB, or 64 KiB when WIDE) at its first aligned
+    window offset, the ring below it where it fits, else above it."""
+    table = 0x10000 if cfg["WIDE"] else 0x8000
+    table_at, table_end = table - 0x400, 2 * table - 0x400
     low = 2 * k + 1024 + 64 + 64 * cfg["NW"] * cfg["TPC"]
     ring = cfg["STAGES"] * cfg["NW"] * 512
     if cfg["STAGES"] == 0:
-        return 0, TABLE_END
-    if low + ring <= TABLE_AT:
-        return low, TABLE_END
-    return TABLE_END, TABLE_END + ring
+        return 0, table_end
+    if low + ring <= table_at:
+        return low, table_end
+    return table_end, table_end + ring
 
 
 def config(name: str, k: int, n: int, sms: int) -> dict:
     head, *sets = name.split(":")
     cfg = plan(k, n, sms)
+    cfg["WIDE"] = 0
     if head.startswith("s"):
         cfg["STAGES"] = int(head[1:])
+    elif head.startswith("p"):
+        # One cube per multiprocessor, each streaming its share of the tiles; wide table.
+        cfg.update(STAGES=int(head[1:]), WIDE=1, TPC=-(-(n // 16) // sms), MINB=1)
     elif head != "plan":
         sys.exit(f"unknown configuration {name}")
     for s in sets:

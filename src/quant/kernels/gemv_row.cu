@@ -11,6 +11,10 @@
 //   STAGES      0: W is loaded into registers, all at once; S > 0: W streams through a ring of
 //               S slots per warp in shared memory (cp.async), one block of a tile per slot
 //   STAGE_AT    where the ring starts, in bytes from the start of the dynamic region
+//   WIDE        0: the pair table is 32 KiB (entry stride 128 bytes) on a 32 KiB boundary, a
+//               table address costs a shift and an OR; 1: it is 64 KiB (entry stride 256
+//               bytes, half of each stride unused) on a 64 KiB boundary, and a table address
+//               is one byte permutation (PRMT) of the packed word and the lane's base
 //
 // A cube loads x and the small tables first, then issues every load of W it needs, then stages
 // x and the dequantization table, so it waits for memory once. The fragment layout is the one
@@ -30,9 +34,13 @@
 #define HCODE_AT (SMAP_AT + 1024)
 #define RED_AT (HCODE_AT + 64)
 #define LOW_BYTES (RED_AT + TPC * NW * 16 * 4)
+// The pair table: its bytes, and the offset from the start of the dynamic region where it
+// starts when the small inputs (and a ring below it) leave room (window 0x8000 or 0x10000).
+#define TABLE_BYTES (WIDE ? 0x10000u : 0x8000u)
+#define TABLE_AT (TABLE_BYTES - 0x400u)
 // The ring of staged W blocks (STAGES > 0), below or above the pair table.
 #define RING_BYTES (STAGES * NW * 512)
-#if STAGES && STAGE_AT < 0x7C00
+#if STAGES && STAGE_AT < TABLE_AT
 #define TABLE_FLOOR (STAGE_AT + RING_BYTES)
 #else
 #define TABLE_FLOOR LOW_BYTES
@@ -78,12 +86,21 @@ __device__ __forceinline__ u32 window_address(const void* p) {
     return (u32)__cvta_generic_to_shared(p);
 }
 
+#if WIDE
+// The pair of a packed byte: its address is `lane_base` (the table's aligned base | lane * 4)
+// with byte 1 replaced by the packed byte (entry stride 256).
+#define PAIR0(w) lds32(__byte_perm((w), lane_base, 0x7604u))
+#define PAIR1(w) lds32(__byte_perm((w), lane_base, 0x7614u))
+#define PAIR2(w) lds32(__byte_perm((w), lane_base, 0x7624u))
+#define PAIR3(w) lds32(__byte_perm((w), lane_base, 0x7634u))
+#else
 // The pair of a packed byte: `lane_base` (the table's aligned base | lane * 4) OR the byte's
 // offset (byte * 128), the byte taken from `w` by the shift that puts it in bits 7..14.
 #define PAIR0(w) lds32((((w) << 7) & 0x7F80u) | lane_base)
 #define PAIR1(w) lds32((((w) >> 1) & 0x7F80u) | lane_base)
 #define PAIR2(w) lds32((((w) >> 9) & 0x7F80u) | lane_base)
 #define PAIR3(w) lds32((((w) >> 17) & 0x7F80u) | lane_base)
+#endif
 
 // A tile's loads for one warp: for W rows g and g + 8 (`a`, `b`), the lane's 8 packed bytes of
 // each of the run's blocks, the words of the run's 8-bit scale codes (4 per word) and the
@@ -126,12 +143,13 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) nf4_gemv_row(
 {
     extern __shared__ __align__(16) unsigned char smem[];
     const u32 sbase = window_address(smem);
-    const u32 tbase = (sbase + TABLE_FLOOR + 0x7FFFu) & ~0x7FFFu;
-    if (tbase + 0x8000u > sbase + DYN) __trap();  // the region was not where it was planned
+    const u32 tbase = (sbase + TABLE_FLOOR + TABLE_BYTES - 1u) & ~(TABLE_BYTES - 1u);
+    if (tbase + TABLE_BYTES > sbase + DYN) __trap();  // the region was not where it was planned
 #if STAGES
     // The ring lies above the small inputs, and below the table or above it, within DYN.
-    if (STAGE_AT < LOW_BYTES || sbase + STAGE_AT + RING_BYTES > (STAGE_AT < 0x7C00 ? tbase : sbase + DYN) ||
-        (STAGE_AT >= 0x7C00 && sbase + STAGE_AT < tbase + 0x8000u))
+    if (STAGE_AT < LOW_BYTES ||
+        sbase + STAGE_AT + RING_BYTES > (STAGE_AT < TABLE_AT ? tbase : sbase + DYN) ||
+        (STAGE_AT >= TABLE_AT && sbase + STAGE_AT < tbase + TABLE_BYTES))
         __trap();
 #endif
 
@@ -211,7 +229,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) nf4_gemv_row(
     for (u32 q = tid; q < 2048u; q += NT) {
         const u32 b = q >> 3;
         const u32 p = (u32)hcode[b >> 4] | ((u32)hcode[b & 15u] << 16);
-        sts128(tbase + 16u * q, U32x4{p, p, p, p});
+        sts128(tbase + (WIDE ? 256u * b + 16u * (q & 7u) : 16u * q), U32x4{p, p, p, p});
     }
     __syncthreads();
 

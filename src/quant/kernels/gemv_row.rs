@@ -161,6 +161,7 @@ impl RowPlan {
             ("NBS", meta.nested_blocksize),
             ("DYN", self.dynamic_shared(meta)),
             ("STAGES", self.stages),
+            ("WIDE", 0),
             (
                 "STAGE_AT",
                 ring_layout(meta.d_in, self.warps, self.tiles, self.stages).0,
