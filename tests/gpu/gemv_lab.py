@@ -28,6 +28,8 @@ import sys
 import cupy as cp
 import numpy as np
 
+from gemv_emulate import row_layout  # the shared-memory layout gemv_row.rs plans
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 KERNELS = os.path.join(HERE, "..", "..", "src", "quant", "kernels")
 SHAPES_4B = [(2560, 4096), (2560, 1024), (4096, 2560), (2560, 9728), (9728, 2560)]
@@ -67,20 +69,6 @@ def plan(k: int, n: int, sms: int) -> dict:
     return dict(NW=warps, BPW=bpw, TPC=tiles, MINB=fitting, STAGES=0)
 
 
-def layout(k: int, cfg: dict):
-    """(STAGE_AT, DYN): the pair table (32 KiB, or 64 KiB when WIDE) at its first aligned
-    window offset, the ring below it where it fits, else above it."""
-    table = 0x10000 if cfg["WIDE"] else 0x8000
-    table_at, table_end = table - 0x400, 2 * table - 0x400
-    low = 2 * k + 1024 + 64 + 64 * cfg["NW"] * cfg["TPC"]
-    ring = cfg["STAGES"] * cfg["NW"] * 512
-    if cfg["STAGES"] == 0:
-        return 0, table_end
-    if low + ring <= table_at:
-        return low, table_end
-    return table_end, table_end + ring
-
-
 def config(name: str, k: int, n: int, sms: int) -> dict:
     head, *sets = name.split(":")
     cfg = plan(k, n, sms)
@@ -96,7 +84,7 @@ def config(name: str, k: int, n: int, sms: int) -> dict:
         key, value = s.split("=")
         cfg[key] = int(value)
     cfg["STAGES"] = min(cfg["STAGES"], cfg["TPC"] * cfg["BPW"])
-    stage_at, dyn = layout(k, cfg)
+    stage_at, dyn = row_layout(k, cfg["NW"], cfg["TPC"], cfg["STAGES"], cfg["WIDE"])
     if cfg["STAGES"]:
         # Registers no longer hold W: as many cubes as shared memory allows.
         by_smem = SMEM_PER_SM // (dyn + 1024)
