@@ -365,6 +365,8 @@ pub(super) struct Overrides {
     pub min_cubes: Option<usize>,
     /// `QWEN3VL_GEMV_STAGES`: slots per warp of the one-row GEMV's cp.async ring (0: none).
     pub stages: Option<usize>,
+    /// `QWEN3VL_GEMV_WIDE`: 1 for the one-row GEMV's 64 KiB pair table.
+    pub wide: Option<usize>,
     /// `QWEN3VL_GEMM`: `dequant`, `tiled` or empty.
     pub gemm: String,
     /// `QWEN3VL_GEMM_TILE`, e.g. `2x1`.
@@ -390,6 +392,7 @@ pub(super) fn overrides() -> &'static Overrides {
             tiles: num("QWEN3VL_GEMV_TILES"),
             min_cubes: num("QWEN3VL_GEMV_MINB"),
             stages: num("QWEN3VL_GEMV_STAGES"),
+            wide: num("QWEN3VL_GEMV_WIDE"),
             gemm: std::env::var("QWEN3VL_GEMM").unwrap_or_default(),
             gemm_tile: std::env::var("QWEN3VL_GEMM_TILE").unwrap_or_default(),
             gemm_splits: num("QWEN3VL_GEMM_SPLITS"),

@@ -24,17 +24,12 @@ use super::Nf4Meta;
 const SOURCE: &str = concat!(include_str!("gemv_common.cuh"), include_str!("gemv_row.cu"));
 /// Most warps per cube.
 const MAX_WARPS: usize = 16;
-/// Dynamic shared memory per cube without a ring: from window offset 0x400 (after the 1 KiB
-/// the hardware reserves) to the end of the 32 KiB pair table at 0x8000.
-const DYNAMIC_SHARED: usize = 0x10000 - 0x400;
-/// Bytes below the table: x, the scale map, the code table and the partial sums must fit.
-const LOW_LIMIT: usize = 0x8000 - 0x400;
-/// Cubes per multiprocessor that shared memory allows without a ring (228 KiB on sm_90:
-/// 3 x (63 + 1) KiB).
-const SMEM_CUBES: usize = 3;
-/// Shared memory per multiprocessor on sm_90, and what the hardware reserves per cube.
+/// Most tiles of 16 W rows per cube.
+const MAX_TILES: usize = 8;
+/// Shared memory per multiprocessor on sm_90, and what the hardware reserves per cube (the
+/// first 1 KiB of the shared window: the dynamic region starts at window offset 0x400).
 const SMEM_PER_SM: usize = 228 * 1024;
-const SMEM_RESERVED: usize = 1024;
+const SMEM_RESERVED: usize = 0x400;
 /// Bytes of one ring slot of a warp: 16 per lane (one block of two W rows).
 const SLOT_BYTES: usize = 512;
 /// 32-bit registers per multiprocessor.
@@ -52,18 +47,33 @@ fn low_bytes(d_in: usize, warps: usize, tiles: usize) -> usize {
     2 * d_in + 1024 + 64 + 16 * 4 * warps * tiles
 }
 
+/// Where the pair table starts and ends, in bytes from the start of the dynamic region: at the
+/// first window offset aligned to its size, 32 KiB (0x8000) or 64 KiB when `wide` (0x10000).
+/// Below it go x, the scale map, the code table, the partial sums (and the ring, if it fits).
+fn table_span(wide: bool) -> (usize, usize) {
+    let bytes = if wide { 0x10000 } else { 0x8000 };
+    (bytes - SMEM_RESERVED, 2 * bytes - SMEM_RESERVED)
+}
+
 /// Where the ring of `stages` slots per warp starts (bytes from the start of the dynamic
 /// region; the `.cu` file's `STAGE_AT`) and the dynamic shared memory the cube then needs: below
 /// the pair table where the small inputs leave room, else above it.
-fn ring_layout(d_in: usize, warps: usize, tiles: usize, stages: usize) -> (usize, usize) {
+fn ring_layout(
+    d_in: usize,
+    warps: usize,
+    tiles: usize,
+    stages: usize,
+    wide: bool,
+) -> (usize, usize) {
+    let (table_at, table_end) = table_span(wide);
     let low = low_bytes(d_in, warps, tiles);
     let ring = stages * warps * SLOT_BYTES;
     if stages == 0 {
-        (0, DYNAMIC_SHARED)
-    } else if low + ring <= LOW_LIMIT {
-        (low, DYNAMIC_SHARED)
+        (0, table_end)
+    } else if low + ring <= table_at {
+        (low, table_end)
     } else {
-        (DYNAMIC_SHARED, DYNAMIC_SHARED + ring)
+        (table_end, table_end + ring)
     }
 }
 
@@ -81,6 +91,9 @@ pub struct RowPlan {
     /// Slots per warp of the ring W streams through (cp.async into shared memory, one wait
     /// per block); 0 loads W into registers, all of it before the first product.
     pub stages: usize,
+    /// The 64 KiB pair table (one PRMT per table address) instead of the 32 KiB one (a shift
+    /// and an OR); it leaves room for one cube per multiprocessor.
+    pub wide: bool,
 }
 
 impl RowPlan {
@@ -111,24 +124,27 @@ impl RowPlan {
             .map_or(least, |b| b.next_multiple_of(4))
             .clamp(least, blocks);
         let warps = blocks.div_ceil(bpw);
+        let wide = o.wide.map_or(false, |w| w != 0);
+        let (table_at, table_end) = table_span(wide);
+        let by_smem = |dynamic: usize| (SMEM_PER_SM / (dynamic + SMEM_RESERVED)).max(1);
         // Tiles per cube: enough that the grid fits on the card at once.
-        let cubes_per_sm = SMEM_CUBES.min(2048 / (32 * warps)).max(1);
+        let cubes_per_sm = by_smem(table_end).min(2048 / (32 * warps)).max(1);
         let all_tiles = meta.d_out / 16;
         let tiles = o
             .tiles
             .unwrap_or(all_tiles.div_ceil(cubes_per_sm * sms.max(1)))
-            .clamp(1, all_tiles.min(4));
-        if low_bytes(meta.d_in, warps, tiles) > LOW_LIMIT {
+            .clamp(1, all_tiles.min(MAX_TILES));
+        if low_bytes(meta.d_in, warps, tiles) > table_at {
             return None;
         }
         let stages = o.stages.unwrap_or(0).min(tiles * bpw);
+        let (_, dynamic) = ring_layout(meta.d_in, warps, tiles, stages, wide);
         // About 28 registers plus 4 per block in flight (ptxas reports 54–72 on the 4B
         // shapes); as many resident cubes as leave that many. With a ring, W takes no
         // registers and shared memory sets the count.
         let need = 28 + 4 * bpw * tiles;
         let fitting = if stages > 0 {
-            let (_, dynamic) = ring_layout(meta.d_in, warps, tiles, stages);
-            (SMEM_PER_SM / (dynamic + SMEM_RESERVED)).clamp(1, 2048 / (32 * warps))
+            by_smem(dynamic).min(2048 / (32 * warps)).max(1)
         } else {
             (1..=cubes_per_sm)
                 .rev()
@@ -141,12 +157,13 @@ impl RowPlan {
             tiles,
             min_cubes: o.min_cubes.unwrap_or(fitting).max(1),
             stages,
+            wide,
         })
     }
 
-    /// Bytes of dynamic shared memory the cube is launched with.
-    fn dynamic_shared(&self, meta: Nf4Meta) -> usize {
-        ring_layout(meta.d_in, self.warps, self.tiles, self.stages).1
+    /// Where the ring starts and the bytes of dynamic shared memory the cube is launched with.
+    fn layout(&self, meta: Nf4Meta) -> (usize, usize) {
+        ring_layout(meta.d_in, self.warps, self.tiles, self.stages, self.wide)
     }
 
     /// The `#define`s that configure the kernel for `meta`'s weight.
@@ -159,13 +176,10 @@ impl RowPlan {
             ("TPC", self.tiles),
             ("MINB", self.min_cubes),
             ("NBS", meta.nested_blocksize),
-            ("DYN", self.dynamic_shared(meta)),
+            ("DYN", self.layout(meta).1),
             ("STAGES", self.stages),
-            ("WIDE", 0),
-            (
-                "STAGE_AT",
-                ring_layout(meta.d_in, self.warps, self.tiles, self.stages).0,
-            ),
+            ("STAGE_AT", self.layout(meta).0),
+            ("WIDE", usize::from(self.wide)),
             (
                 "BF16",
                 usize::from(meta.compute == burn::tensor::DType::BF16),
@@ -190,7 +204,7 @@ pub(super) fn launch_row<R: CubeRuntime>(
         "nf4_gemv_row",
         plan.defines(meta),
         32 * plan.warps as u32,
-        plan.dynamic_shared(meta),
+        plan.layout(meta).1,
     );
     let cubes = (meta.d_out / 16).div_ceil(plan.tiles) as u32;
     // SAFETY: cube c reads the rows of its tiles of W (clamped below d_out) and their scales,
@@ -239,15 +253,25 @@ mod tests {
 
     #[test]
     fn ring_goes_below_the_table_where_it_fits_else_above_it() {
-        // 2560 inputs, 10 warps, 2 tiles: 7,488 bytes of small inputs + 4 x 10 x 512 of ring.
-        assert_eq!(ring_layout(2560, 10, 2, 4), (7488, DYNAMIC_SHARED));
-        // 9728 inputs leave no room below the table: the ring follows it.
-        let (at, dynamic) = ring_layout(9728, 13, 1, 2);
+        let (_, narrow_end) = table_span(false);
         assert_eq!(
-            (at, dynamic),
-            (DYNAMIC_SHARED, DYNAMIC_SHARED + 2 * 13 * 512)
+            narrow_end,
+            0x10000 - 0x400,
+            "the 32 KiB table ends at window 0x10000"
         );
-        assert_eq!(ring_layout(2560, 10, 2, 0), (0, DYNAMIC_SHARED));
+        // 2560 inputs, 10 warps, 2 tiles: 7,488 bytes of small inputs + 4 x 10 x 512 of ring.
+        assert_eq!(ring_layout(2560, 10, 2, 4, false), (7488, narrow_end));
+        // 9728 inputs leave no room below the table: the ring follows it.
+        let (at, dynamic) = ring_layout(9728, 13, 1, 2, false);
+        assert_eq!((at, dynamic), (narrow_end, narrow_end + 2 * 13 * 512));
+        assert_eq!(ring_layout(2560, 10, 2, 0, false), (0, narrow_end));
+        // The 64 KiB table leaves 63 KiB below it.
+        let (wide_at, wide_end) = table_span(true);
+        assert_eq!((wide_at, wide_end), (0xFC00, 0x1FC00));
+        assert_eq!(
+            ring_layout(9728, 13, 2, 4, true),
+            (low_bytes(9728, 13, 2), wide_end)
+        );
         // With the ring, shared memory sets the cubes per multiprocessor.
         let o = Overrides {
             stages: Some(4),
@@ -255,8 +279,8 @@ mod tests {
         };
         let p = RowPlan::planned(1, meta(9728, 2560), true, 132, &o).unwrap();
         assert_eq!(p.stages, 4);
-        let dynamic = p.dynamic_shared(meta(9728, 2560));
-        assert_eq!(dynamic, DYNAMIC_SHARED + 4 * 13 * 512);
+        let (_, dynamic) = p.layout(meta(9728, 2560));
+        assert_eq!(dynamic, narrow_end + 4 * 13 * 512);
         assert_eq!(p.min_cubes, SMEM_PER_SM / (dynamic + SMEM_RESERVED));
         // No more slots than blocks a warp takes.
         let o = Overrides {
@@ -265,6 +289,25 @@ mod tests {
         };
         let p = RowPlan::planned(1, meta(2560, 4096), true, 132, &o).unwrap();
         assert_eq!(p.stages, p.tiles * p.bpw);
+    }
+
+    #[test]
+    fn wide_table_plans_one_cube_per_multiprocessor() {
+        let o = Overrides {
+            stages: Some(8),
+            wide: Some(1),
+            ..Overrides::default()
+        };
+        for (d_in, d_out) in [(2560, 4096), (4096, 2560), (2560, 9728), (9728, 2560)] {
+            let p = RowPlan::planned(1, meta(d_in, d_out), true, 132, &o).unwrap();
+            assert!(p.wide && p.min_cubes == 1, "{d_in}->{d_out}: {p:?}");
+            assert!(
+                (d_out / 16).div_ceil(p.tiles) <= 132,
+                "{d_in}->{d_out}: one wave"
+            );
+            let (_, dynamic) = p.layout(meta(d_in, d_out));
+            assert!(dynamic + SMEM_RESERVED <= SMEM_PER_SM, "{d_in}->{d_out}");
+        }
     }
 
     #[test]
@@ -299,6 +342,7 @@ mod tests {
             "#define DYN 64512u",
             "#define BF16 0u",
             "#define STAGES 0u",
+            "#define WIDE 0u",
         ] {
             assert!(src.contains(line), "{line}");
         }
