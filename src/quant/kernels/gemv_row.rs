@@ -3,13 +3,17 @@
 //! ([`super::raw_cuda`]).
 //!
 //! At one row the GEMV reads each packed byte once and does little with it, so its time is how
-//! long the reads take. The earlier kernels loaded a few blocks, waited, used them and loaded
-//! again; here a cube loads x and the small tables, issues every load of W it needs, then
-//! stages x and the dequantization table while they are in flight, and the grid is sized so
-//! that all cubes are resident at once where the card allows: the whole weight is requested at
-//! the start. The table sits at a 32 KiB boundary of dynamic shared memory, so a table address
-//! costs a shift and one OR (see the `.cu` file). Opt-in for now (`BY_DEFAULT`): it halves the
-//! instructions per weight but was not faster (H100, tests/NOTES.md "session 20").
+//! long the reads take. A cube loads x and the small tables, starts the loads of W, then stages
+//! x and the dequantization table while they are in flight; the grid is sized so that all
+//! cubes are resident at once where the card allows. W either goes to registers, all of it
+//! before the first product (ptxas then waits for the last load before any product), or
+//! streams through a ring of `stages` slots per warp in shared memory (cp.async, one wait per
+//! block), so the products of early blocks overlap the transfer of later ones. The pair table
+//! sits at a boundary of dynamic shared memory aligned to its size, so a table address costs a
+//! shift and one OR (32 KiB table) or one byte permutation (64 KiB, `wide`; see the `.cu`
+//! file). Opt-in for now (`BY_DEFAULT`): W in registers halves the instructions per weight but
+//! was not faster (H100, tests/NOTES.md "session 20"); the ring and the wide table pass the CPU
+//! emulation and are not measured on a GPU yet ("session 21").
 
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::CubeRuntime;
@@ -36,8 +40,9 @@ const SLOT_BYTES: usize = 512;
 const REGISTERS: usize = 65536;
 /// Whether one row takes this kernel without `QWEN3VL_GEMV=row`. Not yet: its first version
 /// passed the GPU checks but was slower than the sliced kernel on four of the 4B's five shapes
-/// (H100, tests/NOTES.md "session 20"); the current one (small inputs loaded first) passes the
-/// CPU emulation and is not measured.
+/// (H100, tests/NOTES.md "session 20"); the ring (`QWEN3VL_GEMV_STAGES`) and the wide table
+/// (`QWEN3VL_GEMV_WIDE=1`) pass the CPU emulation and are not measured (session 21: no GPU
+/// machine could be started).
 const BY_DEFAULT: bool = false;
 
 /// Shared-memory bytes below the pair table for `d_in` inputs, `warps` warps and `tiles` tiles
