@@ -16,16 +16,21 @@
 //               bytes, half of each stride unused) on a 64 KiB boundary, and a table address
 //               is one byte permutation (PRMT) of the packed word and the lane's base
 //
-// A cube loads x and the small tables first, then issues every load of W it needs, then stages
-// x and the dequantization table, so it waits for memory once. The fragment layout is the one
-// of `gemv_mma.cu` (lane (g, t) dequantizes bytes 8t..8t+7 of a block for W rows g and g + 8),
-// with x as B's column 0: only lanes t = 0 hold results (D[g][0] and D[g + 8][0]); B's other
-// columns are copies of x and never read.
+// A cube loads x and the small tables first, then starts the loads of W (all of them into
+// registers, or the ring's first STAGES blocks per warp), then stages x and the dequantization
+// table while they are in flight. With W in registers ptxas waits for a warp's last load
+// before its first product; the ring waits for one block at a time and refills its slot after
+// the block's products. The fragment layout is the one of `gemv_mma.cu` (lane (g, t)
+// dequantizes bytes 8t..8t+7 of a block for W rows g and g + 8), with x as B's column 0: only
+// lanes t = 0 hold results (D[g][0] and D[g + 8][0]); B's other columns are copies of x and
+// never read.
 //
 // Shared memory (dynamic; the region starts at window offset 0x400, after the 1 KiB the
-// hardware reserves): x, the scale map, the code table as 16-bit values and the partial sums,
-// then the pair table at the next 32 KiB boundary, so that a table address is one OR of the
-// byte's offset (bits 7..14) and the lane's copy (bits 2..6) into the aligned base.
+// hardware reserves): x, the scale map, the code table as 16-bit values and the partial sums
+// (and the ring where it fits), then the pair table at the next boundary aligned to its size
+// (and the ring after it otherwise). With the 32 KiB table a table address is one OR of the
+// byte's offset (bits 7..14) and the lane's copy (bits 2..6) into the aligned base; with the
+// 64 KiB one the byte itself is bits 8..15 of the address.
 
 // Bytes below the pair table: x, the scale map, the code table, the partial sums (the plan
 // checks the same sum, `low_bytes` in gemv_row.rs).
@@ -61,8 +66,8 @@ __device__ __forceinline__ U32x4 lds128(u32 addr) {
     return v;
 }
 
-// 8 bytes from global to shared memory without registers (cp.async), one group of them, and a
-// wait until at most N groups of this thread are in flight.
+// 8 bytes from global to shared memory without registers (cp.async); the end of a group of
+// them; a wait until at most PENDING groups of this thread are in flight.
 __device__ __forceinline__ void cp_async8(u32 addr, const void* src) {
     asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(addr), "l"(src) : "memory");
 }

@@ -34,6 +34,8 @@ const MAX_TILES: usize = 8;
 /// first 1 KiB of the shared window: the dynamic region starts at window offset 0x400).
 const SMEM_PER_SM: usize = 228 * 1024;
 const SMEM_RESERVED: usize = 0x400;
+/// Most dynamic shared memory one cube may take on sm_90 (227 KiB).
+const MAX_DYNAMIC: usize = 227 * 1024;
 /// Bytes of one ring slot of a warp: 16 per lane (one block of two W rows).
 const SLOT_BYTES: usize = 512;
 /// 32-bit registers per multiprocessor.
@@ -129,7 +131,7 @@ impl RowPlan {
             .map_or(least, |b| b.next_multiple_of(4))
             .clamp(least, blocks);
         let warps = blocks.div_ceil(bpw);
-        let wide = o.wide.map_or(false, |w| w != 0);
+        let wide = o.wide.is_some_and(|w| w != 0);
         let (table_at, table_end) = table_span(wide);
         let by_smem = |dynamic: usize| (SMEM_PER_SM / (dynamic + SMEM_RESERVED)).max(1);
         // Tiles per cube: enough that the grid fits on the card at once.
@@ -142,7 +144,11 @@ impl RowPlan {
         if low_bytes(meta.d_in, warps, tiles) > table_at {
             return None;
         }
-        let stages = o.stages.unwrap_or(0).min(tiles * bpw);
+        // No more slots than blocks a warp takes, nor than a cube's shared memory holds.
+        let mut stages = o.stages.unwrap_or(0).min(tiles * bpw);
+        while stages > 0 && ring_layout(meta.d_in, warps, tiles, stages, wide).1 > MAX_DYNAMIC {
+            stages -= 1;
+        }
         let (_, dynamic) = ring_layout(meta.d_in, warps, tiles, stages, wide);
         // About 28 registers plus 4 per block in flight (ptxas reports 54–72 on the 4B
         // shapes); as many resident cubes as leave that many. With a ring, W takes no
@@ -294,6 +300,17 @@ mod tests {
         };
         let p = RowPlan::planned(1, meta(2560, 4096), true, 132, &o).unwrap();
         assert_eq!(p.stages, p.tiles * p.bpw);
+        // Nor more than a cube's shared memory holds (a ring above the wide table).
+        let o = Overrides {
+            stages: Some(64),
+            wide: Some(1),
+            tiles: Some(8),
+            ..Overrides::default()
+        };
+        let p = RowPlan::planned(1, meta(9728, 2560), true, 132, &o).unwrap();
+        let (_, dynamic) = p.layout(meta(9728, 2560));
+        assert!(p.stages > 0 && dynamic <= MAX_DYNAMIC, "{p:?}: {dynamic}");
+        assert!(ring_layout(9728, p.warps, p.tiles, p.stages + 1, true).1 > MAX_DYNAMIC);
     }
 
     #[test]
