@@ -63,7 +63,7 @@ def plan(k: int, n: int, sms: int) -> dict:
     warps = -(-blocks // bpw)
     cubes_per_sm = max(1, min(3, 2048 // (32 * warps)))
     all_tiles = n // 16
-    tiles = max(1, min(-(-all_tiles // (cubes_per_sm * sms)), min(all_tiles, 4)))
+    tiles = max(1, min(-(-all_tiles // (cubes_per_sm * sms)), min(all_tiles, 8)))  # MAX_TILES
     need = 28 + 4 * bpw * tiles
     fitting = next((m for m in range(cubes_per_sm, 0, -1) if 65536 // (m * 32 * warps) >= need), 1)
     return dict(NW=warps, BPW=bpw, TPC=tiles, MINB=fitting, STAGES=0)

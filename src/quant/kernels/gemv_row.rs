@@ -179,6 +179,7 @@ impl RowPlan {
 
     /// The `#define`s that configure the kernel for `meta`'s weight.
     fn defines(&self, meta: Nf4Meta) -> Defines {
+        let (stage_at, dynamic) = self.layout(meta);
         vec![
             ("K", meta.d_in),
             ("N", meta.d_out),
@@ -187,9 +188,9 @@ impl RowPlan {
             ("TPC", self.tiles),
             ("MINB", self.min_cubes),
             ("NBS", meta.nested_blocksize),
-            ("DYN", self.layout(meta).1),
+            ("DYN", dynamic),
             ("STAGES", self.stages),
-            ("STAGE_AT", self.layout(meta).0),
+            ("STAGE_AT", stage_at),
             ("WIDE", usize::from(self.wide)),
             (
                 "BF16",
