@@ -60,12 +60,12 @@ template <class T> void emulated_store(unsigned addr, T v) {
 }
 // cp.async: a thread's copies wait in groups until a wait_group lets them land, so a slot read
 // before its group's wait still holds the stale bytes of the last cube.
-struct PendingCopy { unsigned addr; const void* src; };
+struct PendingCopy { unsigned addr; const void* src; unsigned bytes; };
 thread_local std::vector<PendingCopy> open_group;
 thread_local std::vector<std::vector<PendingCopy>> pending_groups;
-inline void emulated_cp_async8(unsigned addr, const void* src) {
-    emulated_check(addr, 8);
-    open_group.push_back({addr, src});
+inline void emulated_cp_async(unsigned addr, const void* src, unsigned bytes) {
+    emulated_check(addr, bytes);
+    open_group.push_back({addr, src, bytes});
 }
 inline void emulated_commit() {
     pending_groups.push_back(std::move(open_group));
@@ -74,7 +74,7 @@ inline void emulated_commit() {
 inline void emulated_wait(unsigned most_pending) {
     while (pending_groups.size() > most_pending) {
         for (const PendingCopy& c : pending_groups.front())
-            memcpy(emulated_window + c.addr, c.src, 8);
+            memcpy(emulated_window + c.addr, c.src, c.bytes);
         pending_groups.erase(pending_groups.begin());
     }
 }
@@ -92,6 +92,7 @@ std::unique_ptr<std::barrier<>> cube_barrier;
 std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;
 unsigned fragments[32][32][6];  // [warp][lane][a0..a3, b0, b1]
 inline void __syncthreads() { cube_barrier->arrive_and_wait(); }
+inline void emulated_sync_warp() { warp_barriers[threadIdx.x >> 5]->arrive_and_wait(); }
 
 static float half_bits_to_float(unsigned short h) {
 #if BF16

@@ -12,7 +12,7 @@ not their speed or their PTX. Exit status 1 if any configuration fails.
 
   tests/gpu/gemv_emulate.py                                   the built-in configurations
   tests/gpu/gemv_emulate.py mma K N ROWS NW BPW CH TPC BF16 [XP OP]
-  tests/gpu/gemv_emulate.py row K N NW BPW TPC BF16 STAGES WIDE
+  tests/gpu/gemv_emulate.py row K N NW BPW TPC BF16 STAGES WIDE LINES
 """
 import os
 import re
@@ -23,17 +23,18 @@ import tempfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 KERNELS = os.path.join(HERE, "..", "..", "src", "quant", "kernels")
 MMA_NAMES = ["K", "N", "ROWS", "NW", "BPW", "CH", "TPC", "BF16", "XP", "OP"]
-ROW_NAMES = ["K", "N", "NW", "BPW", "TPC", "BF16", "STAGES", "WIDE"]
+ROW_NAMES = ["K", "N", "NW", "BPW", "TPC", "BF16", "STAGES", "WIDE", "LINES"]
 
 
-def row_layout(k: int, nw: int, tpc: int, stages: int, wide: int):
+def row_layout(k: int, nw: int, tpc: int, stages: int, wide: int, lines: int = 0):
     """(STAGE_AT, DYN) as gemv_row.rs plans them: the pair table (32 KiB, or 64 KiB when wide)
     at its first aligned window offset (0x8000 or 0x10000, i.e. 0x7C00 or 0xFC00 from the start
-    of the dynamic region), the ring below it where it fits, else above it."""
+    of the dynamic region), the ring below it where it fits, else above it. A slot is 512 bytes,
+    or 2048 with whole lines."""
     table = 0x10000 if wide else 0x8000
     table_at, table_end = table - 0x400, 2 * table - 0x400
     low = 2 * k + 1024 + 64 + 64 * nw * tpc
-    ring = stages * nw * 512
+    ring = stages * nw * (2048 if lines else 512)
     if stages == 0:
         return 0, table_end
     if low + ring <= table_at:
@@ -55,20 +56,25 @@ MMA_CONFIGS = [
 # warp (152 blocks in 13 runs of 12), runs of 8, a last cube with fewer tiles, bf16.
 # STAGES 0 loads W into registers; S > 0 streams it through a ring of S slots per warp (below
 # the table, or above it when the small inputs leave no room). WIDE 1: the 64 KiB pair table.
+# LINES 1: slots of 4 blocks, whole 128-byte lines of 16 rows, swizzled.
 ROW_CONFIGS = [
-    (2560, 64, 10, 4, 2, 0, 0, 0),
-    (9728, 32, 13, 12, 1, 0, 0, 0),
-    (4096, 48, 16, 4, 2, 1, 0, 0),
-    (768, 48, 2, 8, 1, 0, 0, 0),
-    (512, 16, 1, 8, 3, 1, 0, 0),
-    (2560, 64, 10, 4, 2, 0, 3, 0),
-    (9728, 32, 13, 12, 1, 0, 4, 0),
-    (4096, 48, 16, 4, 2, 1, 2, 0),
-    (768, 48, 2, 8, 1, 0, 1, 0),
-    (512, 16, 1, 8, 3, 1, 5, 0),
-    (2560, 96, 10, 4, 5, 0, 8, 1),
-    (9728, 32, 13, 12, 2, 1, 6, 1),
-    (512, 48, 1, 8, 2, 0, 0, 1),
+    (2560, 64, 10, 4, 2, 0, 0, 0, 0),
+    (9728, 32, 13, 12, 1, 0, 0, 0, 0),
+    (4096, 48, 16, 4, 2, 1, 0, 0, 0),
+    (768, 48, 2, 8, 1, 0, 0, 0, 0),
+    (512, 16, 1, 8, 3, 1, 0, 0, 0),
+    (2560, 64, 10, 4, 2, 0, 3, 0, 0),
+    (9728, 32, 13, 12, 1, 0, 4, 0, 0),
+    (4096, 48, 16, 4, 2, 1, 2, 0, 0),
+    (768, 48, 2, 8, 1, 0, 1, 0, 0),
+    (512, 16, 1, 8, 3, 1, 5, 0, 0),
+    (2560, 96, 10, 4, 5, 0, 8, 1, 0),
+    (9728, 32, 13, 12, 2, 1, 6, 1, 0),
+    (512, 48, 1, 8, 2, 0, 0, 1, 0),
+    (2560, 64, 10, 4, 2, 0, 2, 0, 1),
+    (9728, 32, 13, 12, 2, 1, 3, 0, 1),
+    (2560, 96, 10, 4, 5, 0, 4, 1, 1),
+    (512, 48, 1, 8, 3, 0, 1, 0, 1),
 ]
 
 
@@ -85,7 +91,10 @@ def emulated_source(name: str) -> str:
         (r"U32x4 lds128\(u32 addr\)", "{ return emulated_load<U32x4>(addr); }"),
         (r"void sts128\(u32 addr, U32x4 v\)", "{ emulated_store(addr, v); }"),
         (r"u32 window_address\(const void\* p\)", "{ return emulated_window_address(p); }"),
-        (r"void cp_async8\(u32 addr, const void\* src\)", "{ emulated_cp_async8(addr, src); }"),
+        (r"void cp_async8\(u32 addr, const void\* src\)", "{ emulated_cp_async(addr, src, 8); }"),
+        (r"void cp_async16\(u32 addr, const void\* src\)", "{ emulated_cp_async(addr, src, 16); }"),
+        (r"U32x2 lds64\(u32 addr\)", "{ return emulated_load<U32x2>(addr); }"),
+        (r"void sync_warp\(\)", "{ emulated_sync_warp(); }"),
         (r"void cp_async_commit\(\)", "{ emulated_commit(); }"),
         (r"void cp_async_wait\(\)", "{ emulated_wait(PENDING); }"),
     ]
@@ -109,7 +118,7 @@ def defines(kind: str, cfg) -> str:
         values.update(ENTRY=0, MINB=1, DYN=0, STAGES=0, STAGE_AT=0, WIDE=0)
     else:
         values = dict(zip(ROW_NAMES, cfg))
-        stage_at, dyn = row_layout(cfg[0], cfg[2], cfg[4], cfg[6], cfg[7])
+        stage_at, dyn = row_layout(*(cfg[i] for i in (0, 2, 4, 6, 7, 8)))
         values.update(ROWS=1, XP=cfg[0], OP=cfg[1], CH=0, ENTRY=1, MINB=1, DYN=dyn)
         values.update(STAGE_AT=stage_at)
     values["NBS"] = 256

@@ -73,31 +73,49 @@ def config(name: str, k: int, n: int, sms: int) -> dict:
     head, *sets = name.split(":")
     cfg = plan(k, n, sms)
     cfg["WIDE"] = 0
-    if head.startswith("s"):
+    cfg["LINES"] = 0
+    if head == "plan":
+        pass
+    elif head.startswith("s"):
         cfg["STAGES"] = int(head[1:])
     elif head.startswith("p"):
         # One cube per multiprocessor, each streaming its share of the tiles; wide table.
         cfg.update(STAGES=int(head[1:]), WIDE=1, TPC=-(-(n // 16) // sms), MINB=1)
-    elif head != "plan":
+    else:
         sys.exit(f"unknown configuration {name}")
     for s in sets:
         key, value = s.split("=")
         cfg[key] = int(value)
-    cfg["STAGES"] = min(cfg["STAGES"], cfg["TPC"] * cfg["BPW"])
-    stage_at, dyn = row_layout(k, cfg["NW"], cfg["TPC"], cfg["STAGES"], cfg["WIDE"])
+    # Lower-case keys are the lab's own ablations (see `source`), not the kernel's defines.
+    ablate = {key: cfg.pop(key) for key in list(cfg) if key.islower()}
+    units = cfg["TPC"] * cfg["BPW"] // (4 if cfg["LINES"] else 1)
+    cfg["STAGES"] = min(cfg["STAGES"], units)
+    stage_at, dyn = row_layout(k, cfg["NW"], cfg["TPC"], cfg["STAGES"], cfg["WIDE"], cfg["LINES"])
     if cfg["STAGES"]:
         # Registers no longer hold W: as many cubes as shared memory allows.
         by_smem = SMEM_PER_SM // (dyn + 1024)
         if "MINB" not in "".join(sets):
             cfg["MINB"] = max(1, min(by_smem, 2048 // (32 * cfg["NW"])))
     cfg.update(K=k, N=n, NBS=NBS, DYN=dyn, STAGE_AT=stage_at, BF16=0)
+    cfg["ablate"] = ablate
     return cfg
 
 
+# `:nomath=1` replaces a block's table lookups and products by one XOR of its words: what is
+# left is the loads, the waits and the bookkeeping (the check fails, as it must).
+PRODUCTS = "                mma(d, PAIR0(ax)"
+NO_MATH = "                d[0] = __uint_as_float((ax ^ bx ^ ay ^ by) & 0x3F800000u);\n"
+
+
 def source(cfg: dict) -> str:
-    text = "".join(f"#define {a} {v}u\n" for a, v in cfg.items())
+    text = "".join(f"#define {a} {v}u\n" for a, v in cfg.items() if a != "ablate")
     for f in ("gemv_common.cuh", "gemv_row.cu"):
         text += open(os.path.join(KERNELS, f)).read()
+    if cfg["ablate"].get("nomath"):
+        lines = text.split("\n")
+        at = next(i for i, line in enumerate(lines) if line.startswith(PRODUCTS))
+        lines[at:at + 4] = [NO_MATH.rstrip("\n")]
+        text = "\n".join(lines)
     return text
 
 
@@ -175,6 +193,7 @@ def main() -> None:
     ap.add_argument("--configs", default="plan,s2,s4")
     ap.add_argument("--reps", type=int, default=25)
     ap.add_argument("--ncu", action="store_true", help="one launch each, no graphs")
+    ap.add_argument("--hot", action="store_true", help="also time with the weight in L2")
     a = ap.parse_args()
     dev = cp.cuda.Device()
     sms = dev.attributes["MultiProcessorCount"]
@@ -210,9 +229,13 @@ def main() -> None:
             else:
                 fns = [launcher(kernel, cfg, wi, x, o) for wi, o in zip(ws, outs)]
                 us = time_graph(fns, a.reps)
-            desc = ",".join(f"{p}={cfg[p]}" for p in ("NW", "BPW", "TPC", "MINB", "STAGES"))
+                if a.hot:  # the same weight every launch: it stays in L2
+                    hot = time_graph([launcher(kernel, cfg, w, x, out)] * len(ws), a.reps)
+                    line[name + " hot"] = hot
+            desc = ",".join(f"{p}={cfg[p]}" for p in ("NW", "BPW", "TPC", "MINB", "STAGES", "LINES"))
+            hot = f" (L2-hot {line[name + ' hot']:.2f} us)" if a.hot and not a.ncu else ""
             print(f"{k}->{n} {name:10s} {desc}: err {err:.2e} {'ok' if ok else 'FAILED'} "
-                  f"{us:7.2f} us {w.bytes / us / 1e3:7.0f} GB/s regs {kernel.num_regs}")
+                  f"{us:7.2f} us {w.bytes / us / 1e3:7.0f} GB/s regs {kernel.num_regs}{hot}")
             line[name] = us
         # The read floor and the copy of the same bytes (words + scale codes, as one buffer each).
         nbytes = (w.bytes + 15) // 16 * 16
@@ -247,6 +270,8 @@ def main() -> None:
         return
     print("\nus per launch (graph of launches over copies, cold weights); GB/s = weight bytes / time")
     keys = [c for c in a.configs.split(",")] + ["read4", "read8", "copy"]
+    if a.hot:
+        keys += [c + " hot" for c in a.configs.split(",")]
     print("| in->out | MB | " + " | ".join(keys) + " |")
     print("|---" * (len(keys) + 2) + "|")
     for r in rows:

@@ -11,6 +11,11 @@
 //   STAGES      0: W is loaded into registers, all at once; S > 0: W streams through a ring of
 //               S slots per warp in shared memory (cp.async), one block of a tile per slot
 //   STAGE_AT    where the ring starts, in bytes from the start of the dynamic region
+//   LINES       0: a ring slot holds one block of a tile, each lane copying its own 8 + 8 bytes
+//               (32-byte pieces of 16 rows); 1: a slot holds 4 blocks of a tile (128 bytes, one
+//               cache line, of each of its 16 rows), copied 16 bytes a lane, 4 whole lines per
+//               copy instruction, and stored swizzled so that the products read it without bank
+//               conflicts (STAGES > 0 only)
 //   WIDE        0: the pair table is 32 KiB (entry stride 128 bytes) on a 32 KiB boundary, a
 //               table address costs a shift and an OR; 1: it is 64 KiB (entry stride 256
 //               bytes, half of each stride unused) on a 64 KiB boundary, and a table address
@@ -44,7 +49,11 @@
 #define TABLE_BYTES (WIDE ? 0x10000u : 0x8000u)
 #define TABLE_AT (TABLE_BYTES - 0x400u)
 // The ring of staged W blocks (STAGES > 0), below or above the pair table.
-#define RING_BYTES (STAGES * NW * 512)
+#ifndef LINES
+#define LINES 0
+#endif
+#define SLOT_BYTES (LINES ? 2048u : 512u)
+#define RING_BYTES (STAGES * NW * SLOT_BYTES)
 #if STAGES && STAGE_AT < TABLE_AT
 #define TABLE_FLOOR (STAGE_AT + RING_BYTES)
 #else
@@ -72,6 +81,10 @@ __device__ __forceinline__ void cp_async8(u32 addr, const void* src) {
     asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(addr), "l"(src) : "memory");
 }
 
+__device__ __forceinline__ void cp_async16(u32 addr, const void* src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(addr), "l"(src) : "memory");
+}
+
 __device__ __forceinline__ void cp_async_commit() {
     asm volatile("cp.async.commit_group;" ::: "memory");
 }
@@ -79,6 +92,17 @@ __device__ __forceinline__ void cp_async_commit() {
 template <u32 PENDING>
 __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;" ::"n"(PENDING) : "memory");
+}
+
+// The warp's lanes meet; their shared-memory accesses before it are seen by all after it.
+__device__ __forceinline__ void sync_warp() {
+    __syncwarp();
+}
+
+__device__ __forceinline__ U32x2 lds64(u32 addr) {
+    U32x2 v;
+    asm volatile("ld.shared.v2.b32 {%0,%1}, [%2];" : "=r"(v.x), "=r"(v.y) : "r"(addr));
+    return v;
 }
 
 __device__ __forceinline__ void sts128(u32 addr, U32x4 v) {
@@ -118,7 +142,30 @@ struct TileLoads {
     float na_lo, na_hi, nb_lo, nb_hi;
 };
 
-#if STAGES
+#if STAGES && LINES
+// Units of 4 blocks: unit u of a warp is blocks first + 4 (u % (BPW / 4)) .. + 3 of its cube's
+// tile u / (BPW / 4): 16 rows of 128 bytes. Lane l copies the 16-byte pieces l, l + 32, l + 64,
+// l + 96 (piece c: row c / 8, part c % 8), part p of row r to position p ^ (r % 8) of the row's
+// 128 bytes in the slot, then commits the unit's group (also when there is no unit u).
+#define UPT (BPW / 4u)
+__device__ __forceinline__ void stage_unit(u32 ring, const unsigned char* __restrict__ bytes,
+                                           u32 tile0, u32 first, u32 lane, u32 u) {
+    if (u < TPC * UPT) {
+        const u32 i = u / UPT, q = u % UPT;
+        const u32 tile = tile0 + i < N / 16u ? tile0 + i : N / 16u - 1u;
+        // A short last run copies the row's last line again (its blocks are never used).
+        const u32 blk = first + 4u * q + 4u <= KB ? first + 4u * q : KB - 4u;
+        const u32 slot = ring + (u % STAGES) * SLOT_BYTES;
+#pragma unroll
+        for (u32 c = lane; c < 128u; c += 32u) {
+            const u32 r = c >> 3, p = c & 7u;
+            cp_async16(slot + 128u * r + 16u * (p ^ (r & 7u)),
+                       bytes + (tile * 16u + r) * (K / 2) + 32u * blk + 16u * p);
+        }
+    }
+    cp_async_commit();
+}
+#elif STAGES
 // Unit u of a warp is block `first + u % BPW` of its cube's tile `u / BPW`. Its lane's 8 bytes
 // of rows g and g + 8 go to slot u % STAGES of the warp's ring (16 bytes a lane), then the
 // unit's group is committed (also when there is no unit u, so that the groups count units).
@@ -212,9 +259,16 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) nf4_gemv_row(
     }
 #if STAGES
     // The ring's first units (lane-private slots: each lane reads back only what it copied).
+#if LINES
+    const u32 ring = sbase + STAGE_AT + warp * (STAGES * SLOT_BYTES);
+    const unsigned char* wbytes = (const unsigned char*)words;
+#pragma unroll
+    for (u32 u = 0; u < STAGES; ++u) stage_unit(ring, wbytes, tile0, first, lane, u);
+#else
     const u32 ring = sbase + STAGE_AT + warp * (STAGES * 512u) + 16u * lane;
 #pragma unroll
     for (u32 u = 0; u < STAGES; ++u) stage_unit(ring, words, tile0, first, g, t, u);
+#endif
 #endif
 
     // 2. Stage x, the scale map and the code table; then the pair table from the code table.
@@ -264,7 +318,20 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) nf4_gemv_row(
                 const float s0 = __uint_as_float(lds32(smap + ((ca & 255u) << 2))) * na + s.offset;
                 const float s1 = __uint_as_float(lds32(smap + ((cb & 255u) << 2))) * nb + s.offset;
                 float d[4] = {0.f, 0.f, 0.f, 0.f};
-#if STAGES
+#if STAGES && LINES
+                // Unit i * UPT + j / 4 has landed once at most STAGES - 1 later groups of each
+                // lane are pending and the warp has met. Lane (g, t) reads bytes 8t .. 8t + 7
+                // of the block (part 2 (j % 4) + t / 2) of rows g and g + 8.
+                const u32 u = i * UPT + j / 4u;
+                if (j % 4u == 0u) {
+                    cp_async_wait<STAGES - 1>();
+                    sync_warp();
+                }
+                const u32 at = ring + (u % STAGES) * SLOT_BYTES + 128u * g +
+                               16u * ((2u * (j % 4u) + (t >> 1)) ^ g) + 8u * (t & 1u);
+                const U32x2 wa = lds64(at), wb = lds64(at + 1024u);
+                const u32 ax = wa.x, ay = wa.y, bx = wb.x, by = wb.y;
+#elif STAGES
                 // Unit i * BPW + j has landed once at most STAGES - 1 later groups are pending.
                 const u32 u = i * BPW + j;
                 cp_async_wait<STAGES - 1>();
@@ -281,7 +348,13 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) nf4_gemv_row(
                 acc0 += s0 * d[0];
                 acc2 += s1 * d[2];
             }
-#if STAGES
+#if STAGES && LINES
+            // Once every lane has read the unit, its slot takes the unit STAGES ahead.
+            if (j % 4u == 3u) {
+                sync_warp();
+                stage_unit(ring, wbytes, tile0, first, lane, i * UPT + j / 4u + STAGES);
+            }
+#elif STAGES
             // The slot just read takes the unit STAGES ahead (its registers are in use above,
             // so the read has completed).
             stage_unit(ring, words, tile0, first, g, t, i * BPW + j + STAGES);

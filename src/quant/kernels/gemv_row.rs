@@ -36,8 +36,15 @@ const SMEM_PER_SM: usize = 228 * 1024;
 const SMEM_RESERVED: usize = 0x400;
 /// Most dynamic shared memory one cube may take on sm_90 (227 KiB).
 const MAX_DYNAMIC: usize = 227 * 1024;
-/// Bytes of one ring slot of a warp: 16 per lane (one block of two W rows).
-const SLOT_BYTES: usize = 512;
+/// Bytes of one ring slot of a warp: one block of 16 W rows (16 bytes a lane), or with
+/// `lines` 4 blocks of them (a 128-byte line of each row).
+fn slot_bytes(lines: bool) -> usize {
+    if lines {
+        2048
+    } else {
+        512
+    }
+}
 /// 32-bit registers per multiprocessor.
 const REGISTERS: usize = 65536;
 /// Whether one row takes this kernel without `QWEN3VL_GEMV=row`. Not yet: its first version
@@ -70,11 +77,11 @@ fn ring_layout(
     warps: usize,
     tiles: usize,
     stages: usize,
-    wide: bool,
+    (wide, lines): (bool, bool),
 ) -> (usize, usize) {
     let (table_at, table_end) = table_span(wide);
     let low = low_bytes(d_in, warps, tiles);
-    let ring = stages * warps * SLOT_BYTES;
+    let ring = stages * warps * slot_bytes(lines);
     if stages == 0 {
         (0, table_end)
     } else if low + ring <= table_at {
@@ -101,6 +108,9 @@ pub struct RowPlan {
     /// The 64 KiB pair table (one PRMT per table address) instead of the 32 KiB one (a shift
     /// and an OR); it leaves room for one cube per multiprocessor.
     pub wide: bool,
+    /// Ring slots of 4 blocks, copied as whole 128-byte lines of the 16 rows and stored
+    /// swizzled, instead of one block copied 8 + 8 bytes a lane (only with `stages`).
+    pub lines: bool,
 }
 
 impl RowPlan {
@@ -132,6 +142,7 @@ impl RowPlan {
             .clamp(least, blocks);
         let warps = blocks.div_ceil(bpw);
         let wide = o.wide.is_some_and(|w| w != 0);
+        let lines = o.lines.is_some_and(|l| l != 0) && o.stages.is_some_and(|s| s > 0);
         let (table_at, table_end) = table_span(wide);
         let by_smem = |dynamic: usize| (SMEM_PER_SM / (dynamic + SMEM_RESERVED)).max(1);
         // Tiles per cube: enough that the grid fits on the card at once.
@@ -144,12 +155,14 @@ impl RowPlan {
         if low_bytes(meta.d_in, warps, tiles) > table_at {
             return None;
         }
-        // No more slots than blocks a warp takes, nor than a cube's shared memory holds.
-        let mut stages = o.stages.unwrap_or(0).min(tiles * bpw);
-        while stages > 0 && ring_layout(meta.d_in, warps, tiles, stages, wide).1 > MAX_DYNAMIC {
+        // No more slots than units a warp takes, nor than a cube's shared memory holds.
+        let units = tiles * if lines { bpw / 4 } else { bpw };
+        let mut stages = o.stages.unwrap_or(0).min(units);
+        let layout = |stages| ring_layout(meta.d_in, warps, tiles, stages, (wide, lines));
+        while stages > 0 && layout(stages).1 > MAX_DYNAMIC {
             stages -= 1;
         }
-        let (_, dynamic) = ring_layout(meta.d_in, warps, tiles, stages, wide);
+        let (_, dynamic) = layout(stages);
         // About 28 registers plus 4 per block in flight (ptxas reports 54–72 on the 4B
         // shapes); as many resident cubes as leave that many. With a ring, W takes no
         // registers and shared memory sets the count.
@@ -169,12 +182,14 @@ impl RowPlan {
             min_cubes: o.min_cubes.unwrap_or(fitting).max(1),
             stages,
             wide,
+            lines,
         })
     }
 
     /// Where the ring starts and the bytes of dynamic shared memory the cube is launched with.
     fn layout(&self, meta: Nf4Meta) -> (usize, usize) {
-        ring_layout(meta.d_in, self.warps, self.tiles, self.stages, self.wide)
+        let kind = (self.wide, self.lines);
+        ring_layout(meta.d_in, self.warps, self.tiles, self.stages, kind)
     }
 
     /// The `#define`s that configure the kernel for `meta`'s weight.
@@ -192,6 +207,7 @@ impl RowPlan {
             ("STAGES", self.stages),
             ("STAGE_AT", stage_at),
             ("WIDE", usize::from(self.wide)),
+            ("LINES", usize::from(self.lines)),
             (
                 "BF16",
                 usize::from(meta.compute == burn::tensor::DType::BF16),
@@ -272,16 +288,19 @@ mod tests {
             "the 32 KiB table ends at window 0x10000"
         );
         // 2560 inputs, 10 warps, 2 tiles: 7,488 bytes of small inputs + 4 x 10 x 512 of ring.
-        assert_eq!(ring_layout(2560, 10, 2, 4, false), (7488, narrow_end));
+        assert_eq!(
+            ring_layout(2560, 10, 2, 4, (false, false)),
+            (7488, narrow_end)
+        );
         // 9728 inputs leave no room below the table: the ring follows it.
-        let (at, dynamic) = ring_layout(9728, 13, 1, 2, false);
+        let (at, dynamic) = ring_layout(9728, 13, 1, 2, (false, false));
         assert_eq!((at, dynamic), (narrow_end, narrow_end + 2 * 13 * 512));
-        assert_eq!(ring_layout(2560, 10, 2, 0, false), (0, narrow_end));
+        assert_eq!(ring_layout(2560, 10, 2, 0, (false, false)), (0, narrow_end));
         // The 64 KiB table leaves 63 KiB below it.
         let (wide_at, wide_end) = table_span(true);
         assert_eq!((wide_at, wide_end), (0xFC00, 0x1FC00));
         assert_eq!(
-            ring_layout(9728, 13, 2, 4, true),
+            ring_layout(9728, 13, 2, 4, (true, false)),
             (low_bytes(9728, 13, 2), wide_end)
         );
         // With the ring, shared memory sets the cubes per multiprocessor.
@@ -311,7 +330,28 @@ mod tests {
         let p = RowPlan::planned(1, meta(9728, 2560), true, 132, &o).unwrap();
         let (_, dynamic) = p.layout(meta(9728, 2560));
         assert!(p.stages > 0 && dynamic <= MAX_DYNAMIC, "{p:?}: {dynamic}");
-        assert!(ring_layout(9728, p.warps, p.tiles, p.stages + 1, true).1 > MAX_DYNAMIC);
+        assert!(ring_layout(9728, p.warps, p.tiles, p.stages + 1, (true, false)).1 > MAX_DYNAMIC);
+    }
+
+    #[test]
+    fn line_slots_hold_four_blocks_of_sixteen_rows() {
+        let o = Overrides {
+            stages: Some(8),
+            lines: Some(1),
+            ..Overrides::default()
+        };
+        // 2560->9728: 2 tiles of 4-block runs are 2 units a warp, so 2 slots of 2 KiB.
+        let m = meta(2560, 9728);
+        let p = RowPlan::planned(1, m, true, 132, &o).unwrap();
+        assert!(p.lines && (p.tiles, p.bpw, p.stages) == (2, 4, 2), "{p:?}");
+        let (at, dynamic) = p.layout(m);
+        assert_eq!(dynamic - at, 2 * 10 * 2048, "a ring above the table");
+        // Lines only stream through a ring.
+        let o = Overrides {
+            lines: Some(1),
+            ..Overrides::default()
+        };
+        assert!(!RowPlan::planned(1, m, true, 132, &o).unwrap().lines);
     }
 
     #[test]
@@ -366,6 +406,7 @@ mod tests {
             "#define BF16 0u",
             "#define STAGES 0u",
             "#define WIDE 0u",
+            "#define LINES 0u",
         ] {
             assert!(src.contains(line), "{line}");
         }
