@@ -90,7 +90,14 @@ def config(name: str, k: int, n: int, sms: int) -> dict:
     ablate = {key: cfg.pop(key) for key in list(cfg) if key.islower()}
     units = cfg["TPC"] * cfg["BPW"] // (4 if cfg["LINES"] else 1)
     cfg["STAGES"] = min(cfg["STAGES"], units)
-    stage_at, dyn = row_layout(k, cfg["NW"], cfg["TPC"], cfg["STAGES"], cfg["WIDE"], cfg["LINES"])
+
+    def layout():
+        return row_layout(k, cfg["NW"], cfg["TPC"], cfg["STAGES"], cfg["WIDE"], cfg["LINES"])
+
+    # No more slots than a cube's shared memory holds (227 KiB, as gemv_row.rs's MAX_DYNAMIC).
+    while cfg["STAGES"] > 0 and layout()[1] > 227 * 1024:
+        cfg["STAGES"] -= 1
+    stage_at, dyn = layout()
     if cfg["STAGES"]:
         # Registers no longer hold W: as many cubes as shared memory allows.
         by_smem = SMEM_PER_SM // (dyn + 1024)

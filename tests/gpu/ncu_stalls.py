@@ -10,6 +10,8 @@ import csv
 import sys
 
 rows = [r for r in csv.reader(l for l in open(sys.argv[1]) if l.startswith('"'))]
+if not rows:
+    sys.exit(f"{sys.argv[1]}: no ncu rows (did the profiled program fail?)")
 hdr = {h: i for i, h in enumerate(rows[0])}
 launches = collections.OrderedDict()
 for r in rows[1:]:
