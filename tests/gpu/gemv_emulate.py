@@ -12,7 +12,7 @@ not their speed or their PTX. Exit status 1 if any configuration fails.
 
   tests/gpu/gemv_emulate.py                                   the built-in configurations
   tests/gpu/gemv_emulate.py mma K N ROWS NW BPW CH TPC BF16 [XP OP]
-  tests/gpu/gemv_emulate.py row K N NW BPW TPC BF16 STAGES WIDE LINES
+  tests/gpu/gemv_emulate.py row K N NW BPW TPC BF16 STAGES WIDE LINES [XZERO]
 """
 import os
 import re
@@ -23,7 +23,7 @@ import tempfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 KERNELS = os.path.join(HERE, "..", "..", "src", "quant", "kernels")
 MMA_NAMES = ["K", "N", "ROWS", "NW", "BPW", "CH", "TPC", "BF16", "XP", "OP"]
-ROW_NAMES = ["K", "N", "NW", "BPW", "TPC", "BF16", "STAGES", "WIDE", "LINES"]
+ROW_NAMES = ["K", "N", "NW", "BPW", "TPC", "BF16", "STAGES", "WIDE", "LINES", "XZERO"]
 
 
 def row_layout(k: int, nw: int, tpc: int, stages: int, wide: int, lines: int = 0):
@@ -57,6 +57,7 @@ MMA_CONFIGS = [
 # STAGES 0 loads W into registers; S > 0 streams it through a ring of S slots per warp (below
 # the table, or above it when the small inputs leave no room). WIDE 1: the 64 KiB pair table.
 # LINES 1: slots of 4 blocks, whole 128-byte lines of 16 rows, swizzled.
+# XZERO 1: only lanes g = 0 read x.
 ROW_CONFIGS = [
     (2560, 64, 10, 4, 2, 0, 0, 0, 0),
     (9728, 32, 13, 12, 1, 0, 0, 0, 0),
@@ -75,6 +76,9 @@ ROW_CONFIGS = [
     (9728, 32, 13, 12, 2, 1, 3, 0, 1),
     (2560, 96, 10, 4, 5, 0, 4, 1, 1),
     (512, 48, 1, 8, 3, 0, 1, 0, 1),
+    (2560, 64, 10, 4, 2, 0, 0, 0, 0, 1),
+    (9728, 32, 13, 12, 2, 1, 0, 1, 0, 1),
+    (2560, 96, 10, 4, 5, 0, 4, 1, 1, 1),
 ]
 
 
@@ -118,6 +122,7 @@ def defines(kind: str, cfg) -> str:
         values.update(ENTRY=0, MINB=1, DYN=0, STAGES=0, STAGE_AT=0, WIDE=0)
     else:
         values = dict(zip(ROW_NAMES, cfg))
+        values.update({name: 0 for name in ROW_NAMES[len(cfg):]})
         stage_at, dyn = row_layout(*(cfg[i] for i in (0, 2, 4, 6, 7, 8)))
         values.update(ROWS=1, XP=cfg[0], OP=cfg[1], CH=0, ENTRY=1, MINB=1, DYN=dyn)
         values.update(STAGE_AT=stage_at)

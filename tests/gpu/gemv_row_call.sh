@@ -3,7 +3,8 @@
 # 1. the lab (tests/gpu/gemv_lab.py, CuPy, no Rust build): W in registers (plan), one cube per SM
 #    with a ring of 8 one-block slots and the wide table (p8), whole-line slots (LINES=1), each
 #    timed with cold weights and with the weight hot in L2, and without the products
-#    (:nomath=1), next to a read-only pass and a copy of the same bytes;
+#    (:nomath=1), and with x read by the lanes g = 0 only (:XZERO=1), next to a read-only pass
+#    and a copy of the same bytes;
 # 2. ncu stall reasons at 2560->9728 (tests/gpu/ncu_stalls.py);
 # 3. the binary's GPU checks with whole-line slots.
 # Needs the stripped binary as .device/qv.xz and the kernel cache in .device/kc
@@ -14,7 +15,7 @@ cd "$(dirname "$0")/../.."
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader
 echo "== lab $(date +%s)"
-C=plan,p8,plan:nomath=1,p8:nomath=1,s1:LINES=1,s2:LINES=1,s2:LINES=1:nomath=1,p4:LINES=1
+C=plan,p8,plan:nomath=1,p8:nomath=1,plan:XZERO=1,p8:XZERO=1,s1:LINES=1,s2:LINES=1,s2:LINES=1:nomath=1,s2:LINES=1:XZERO=1,p4:LINES=1
 timeout 120 python3 tests/gpu/gemv_lab.py --hot --configs $C --reps 7 2>&1 | tee $OUT/lab.txt | grep -vE "^\|"
 echo "== ncu stalls $(date +%s)"
 M=gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,smsp__issue_active.avg.pct_of_peak_sustained_active,sm__warps_active.avg.pct_of_peak_sustained_active,regex:smsp__average_warps_issue_stalled_.*_per_issue_active.ratio

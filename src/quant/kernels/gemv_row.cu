@@ -16,6 +16,9 @@
 //               cache line, of each of its 16 rows), copied 16 bytes a lane, 4 whole lines per
 //               copy instruction, and stored swizzled so that the products read it without bank
 //               conflicts (STAGES > 0 only)
+//   XZERO       1: only the lanes that supply B's column 0 (g = 0) read x; the others give
+//               zeros, so the products' column 0 is unchanged and x costs a quarter of the
+//               shared-memory wavefronts
 //   WIDE        0: the pair table is 32 KiB (entry stride 128 bytes) on a 32 KiB boundary, a
 //               table address costs a shift and an OR; 1: it is 64 KiB (entry stride 256
 //               bytes, half of each stride unused) on a 64 KiB boundary, and a table address
@@ -53,6 +56,9 @@
 #define LINES 0
 #endif
 #define SLOT_BYTES (LINES ? 2048u : 512u)
+#ifndef XZERO
+#define XZERO 0
+#endif
 #define RING_BYTES (STAGES * NW * SLOT_BYTES)
 #if STAGES && STAGE_AT < TABLE_AT
 #define TABLE_FLOOR (STAGE_AT + RING_BYTES)
@@ -306,8 +312,14 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) nf4_gemv_row(
 #pragma unroll
         for (u32 j = 0; j < BPW; ++j) {
             if (first + j < KB) {
+#if XZERO
+                const U32x4 zero = {0u, 0u, 0u, 0u};
+                const U32x4 xa = g == 0u ? lds128(xlane + 128u * j) : zero;
+                const U32x4 xb = g == 0u ? lds128(xlane + 128u * j + 16u) : zero;
+#else
                 const U32x4 xa = lds128(xlane + 128u * j);
                 const U32x4 xb = lds128(xlane + 128u * j + 16u);
+#endif
                 // The block's scale codes: byte j % 4 of the run's word j / 4.
                 const u32 ca = ld[i].ca[j / 4] >> (8u * (j % 4u));
                 const u32 cb = ld[i].cb[j / 4] >> (8u * (j % 4u));
