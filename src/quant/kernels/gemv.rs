@@ -369,6 +369,8 @@ pub(super) struct Overrides {
     pub wide: Option<usize>,
     /// `QWEN3VL_GEMV_LINES`: 1 for ring slots of whole 128-byte lines (4 blocks of 16 rows).
     pub lines: Option<usize>,
+    /// `QWEN3VL_GEMV_XZERO`: 1 for the one-row GEMV's x read by the lanes of B's column 0 only.
+    pub xzero: Option<usize>,
     /// `QWEN3VL_GEMM`: `dequant`, `tiled` or empty.
     pub gemm: String,
     /// `QWEN3VL_GEMM_TILE`, e.g. `2x1`.
@@ -396,6 +398,7 @@ pub(super) fn overrides() -> &'static Overrides {
             stages: num("QWEN3VL_GEMV_STAGES"),
             wide: num("QWEN3VL_GEMV_WIDE"),
             lines: num("QWEN3VL_GEMV_LINES"),
+            xzero: num("QWEN3VL_GEMV_XZERO"),
             gemm: std::env::var("QWEN3VL_GEMM").unwrap_or_default(),
             gemm_tile: std::env::var("QWEN3VL_GEMM_TILE").unwrap_or_default(),
             gemm_splits: num("QWEN3VL_GEMM_SPLITS"),

@@ -11,9 +11,10 @@
 //! block), so the products of early blocks overlap the transfer of later ones. The pair table
 //! sits at a boundary of dynamic shared memory aligned to its size, so a table address costs a
 //! shift and one OR (32 KiB table) or one byte permutation (64 KiB, `wide`; see the `.cu`
-//! file). Opt-in for now (`BY_DEFAULT`): W in registers halves the instructions per weight but
-//! was not faster (H100, tests/NOTES.md "session 20"); the ring and the wide table pass the CPU
-//! emulation and are not measured on a GPU yet ("session 21").
+//! file). Slots of whole 128-byte lines (`lines`) and x read by one lane group (`xzero`) are
+//! further options. Opt-in for now (`BY_DEFAULT`): W in registers halves the instructions per
+//! weight but was not faster (H100, tests/NOTES.md "session 20"), and neither the ring nor the
+//! wide table beat it (H200, "session 22").
 
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::CubeRuntime;
@@ -50,8 +51,8 @@ const REGISTERS: usize = 65536;
 /// Whether one row takes this kernel without `QWEN3VL_GEMV=row`. Not yet: its first version
 /// passed the GPU checks but was slower than the sliced kernel on four of the 4B's five shapes
 /// (H100, tests/NOTES.md "session 20"); the ring (`QWEN3VL_GEMV_STAGES`) and the wide table
-/// (`QWEN3VL_GEMV_WIDE=1`) pass the CPU emulation and are not measured (session 21: no GPU
-/// machine could be started).
+/// (`QWEN3VL_GEMV_WIDE=1`) pass the GPU checks and were no faster (H200, "session 22"); the
+/// whole-line slots (`_LINES=1`) and `_XZERO=1` pass the CPU emulation, unmeasured.
 const BY_DEFAULT: bool = false;
 
 /// Shared-memory bytes below the pair table for `d_in` inputs, `warps` warps and `tiles` tiles
@@ -111,6 +112,9 @@ pub struct RowPlan {
     /// Ring slots of 4 blocks, copied as whole 128-byte lines of the 16 rows and stored
     /// swizzled, instead of one block copied 8 + 8 bytes a lane (only with `stages`).
     pub lines: bool,
+    /// Only the lanes that supply column 0 of the product's B operand read x (the others give
+    /// zeros): a quarter of x's shared-memory traffic.
+    pub xzero: bool,
 }
 
 impl RowPlan {
@@ -183,6 +187,7 @@ impl RowPlan {
             stages,
             wide,
             lines,
+            xzero: o.xzero.is_some_and(|x| x != 0),
         })
     }
 
@@ -208,6 +213,7 @@ impl RowPlan {
             ("STAGE_AT", stage_at),
             ("WIDE", usize::from(self.wide)),
             ("LINES", usize::from(self.lines)),
+            ("XZERO", usize::from(self.xzero)),
             (
                 "BF16",
                 usize::from(meta.compute == burn::tensor::DType::BF16),
@@ -407,6 +413,7 @@ mod tests {
             "#define STAGES 0u",
             "#define WIDE 0u",
             "#define LINES 0u",
+            "#define XZERO 0u",
         ] {
             assert!(src.contains(line), "{line}");
         }
