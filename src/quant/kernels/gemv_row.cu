@@ -16,9 +16,8 @@
 //               cache line, of each of its 16 rows), copied 16 bytes a lane, 4 whole lines per
 //               copy instruction, and stored swizzled so that the products read it without bank
 //               conflicts (STAGES > 0 only)
-//   XZERO       1: only the lanes that supply B's column 0 (g = 0) read x; the others give
-//               zeros, so the products' column 0 is unchanged and x costs a quarter of the
-//               shared-memory wavefronts
+//   XZERO       1: only the 4 lanes that supply B's column 0 (g = 0) read x; the others give
+//               zeros, so the products' column 0 (the only one read) is unchanged
 //   WIDE        0: the pair table is 32 KiB (entry stride 128 bytes) on a 32 KiB boundary, a
 //               table address costs a shift and an OR; 1: it is 64 KiB (entry stride 256
 //               bytes, half of each stride unused) on a 64 KiB boundary, and a table address
@@ -264,7 +263,8 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) nf4_gemv_row(
         ld[i].nb_hi = absmax[(r1 * KB + lastb) / NBS];
     }
 #if STAGES
-    // The ring's first units (lane-private slots: each lane reads back only what it copied).
+    // The ring's first units (whole lines: a slot is the warp's; else lane-private slots,
+    // each lane reading back only what it copied).
 #if LINES
     const u32 ring = sbase + STAGE_AT + warp * (STAGES * SLOT_BYTES);
     const unsigned char* wbytes = (const unsigned char*)words;
