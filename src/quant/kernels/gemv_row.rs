@@ -113,7 +113,7 @@ pub struct RowPlan {
     /// swizzled, instead of one block copied 8 + 8 bytes a lane (only with `stages`).
     pub lines: bool,
     /// Only the lanes that supply column 0 of the product's B operand read x (the others give
-    /// zeros): a quarter of x's shared-memory traffic.
+    /// zeros): 4 lanes read x instead of 32.
     pub xzero: bool,
 }
 
