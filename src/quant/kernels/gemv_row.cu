@@ -29,8 +29,8 @@
 // before its first product; the ring waits for one block at a time and refills its slot after
 // the block's products. The fragment layout is the one of `gemv_mma.cu` (lane (g, t)
 // dequantizes bytes 8t..8t+7 of a block for W rows g and g + 8), with x as B's column 0: only
-// lanes t = 0 hold results (D[g][0] and D[g + 8][0]); B's other columns are copies of x and
-// never read.
+// lanes t = 0 hold results (D[g][0] and D[g + 8][0]); B's other columns are copies of x (zeros
+// with XZERO) and never read.
 //
 // Shared memory (dynamic; the region starts at window offset 0x400, after the 1 KiB the
 // hardware reserves): x, the scale map, the code table as 16-bit values and the partial sums
@@ -80,8 +80,9 @@ __device__ __forceinline__ U32x4 lds128(u32 addr) {
     return v;
 }
 
-// 8 bytes from global to shared memory without registers (cp.async); the end of a group of
-// them; a wait until at most PENDING groups of this thread are in flight.
+// 8 or 16 bytes from global to shared memory without registers (cp.async; the 16-byte copy
+// bypasses L1); the end of a group of them; a wait until at most PENDING groups of this thread
+// are in flight.
 __device__ __forceinline__ void cp_async8(u32 addr, const void* src) {
     asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(addr), "l"(src) : "memory");
 }
