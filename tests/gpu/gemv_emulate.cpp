@@ -93,6 +93,15 @@ std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;
 unsigned fragments[32][32][6];  // [warp][lane][a0..a3, b0, b1]
 inline void __syncthreads() { cube_barrier->arrive_and_wait(); }
 inline void emulated_sync_warp() { warp_barriers[threadIdx.x >> 5]->arrive_and_wait(); }
+// Lane 0's value for the whole warp (__shfl_sync from lane 0), through the fragment registers.
+inline unsigned emulated_from_lane0(unsigned v) {
+    const unsigned lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
+    fragments[warp][lane][0] = v;
+    warp_barriers[warp]->arrive_and_wait();
+    const unsigned got = fragments[warp][0][0];
+    warp_barriers[warp]->arrive_and_wait();
+    return got;
+}
 
 static float half_bits_to_float(unsigned short h) {
 #if BF16
@@ -198,7 +207,19 @@ int main() {
         }
     std::vector<unsigned short> out(rows * OP, 0x7E00);
     const GemvScalars s{offset, 0};
-    const unsigned cubes = (n / 16 + TPC - 1) / TPC;
+#if ENTRY == 2
+    // The split kernel's counts and partial sums: zero before the first call, and again after
+    // each (it puts them back); two calls must give the same bits.
+    std::vector<float> work(N / 16 + N / 16 * QB * 16, 0.0f);
+    std::vector<unsigned short> first_out;
+    const unsigned cubes = WARPS / NW, calls = 2;
+#else
+    const unsigned cubes = (n / 16 + TPC - 1) / TPC, calls = 1;
+#endif
+    for (unsigned call = 0; call < calls; ++call) {
+#if ENTRY == 2
+    if (call == 1) first_out = out;
+#endif
     for (unsigned c = 0; c < cubes; ++c) {
         blockIdx.x = c;
         memset(emulated_window, 0xA5, sizeof emulated_window);  // stale values from the last cube
@@ -210,16 +231,30 @@ int main() {
         for (unsigned t = 0; t < NW * 32; ++t)
             threads.emplace_back([&, t] {
                 threadIdx.x = t;
-#if ENTRY
-                nf4_gemv_row(
-#else
-                nf4_gemv_mma(
-#endif
-                             xh.data(), (const U32x2*)words.data(), nested.data(),
+#if ENTRY == 2
+                nf4_gemv_split(xh.data(), (const U32x2*)words.data(), nested.data(),
+                               scale_words.data(), scale_map.data(), code.data(), out.data(),
+                               work.data(), s);
+#elif ENTRY == 1
+                nf4_gemv_row(xh.data(), (const U32x2*)words.data(), nested.data(),
                              scale_words.data(), scale_map.data(), code.data(), out.data(), s);
+#else
+                nf4_gemv_mma(xh.data(), (const U32x2*)words.data(), nested.data(),
+                             scale_words.data(), scale_map.data(), code.data(), out.data(), s);
+#endif
             });
         for (auto& th : threads) th.join();
     }
+    }
+#if ENTRY == 2
+    bool work_clean = true;
+    for (float v : work) work_clean &= v == 0.0f;
+    if (!work_clean || first_out != out) {
+        printf("split: %s\n", work_clean ? "the second call gave other bits"
+                                          : "the work buffer was not put back to zero");
+        return 1;
+    }
+#endif
     std::vector<double> value(16);  // the kernel's table holds 16-bit code values
     for (int i = 0; i < 16; ++i) value[i] = half_bits_to_float(float_to_half_bits(code[i]));
     double num = 0, den = 0;

@@ -69,8 +69,26 @@ def plan(k: int, n: int, sms: int) -> dict:
     return dict(NW=warps, BPW=bpw, TPC=tiles, MINB=fitting, STAGES=0)
 
 
+def split_config(sets, k: int, n: int, sms: int) -> dict:
+    """gemv_split.cu's configuration: NW warps a cube, MINB cubes a multiprocessor, the grid
+    as many cubes as the card holds at once (GRID overrides), each warp a run of quads."""
+    cfg = dict(NW=10, MINB=3)
+    for s in sets:
+        key, value = s.split("=")
+        cfg[key] = int(value)
+    quads = n // 16 * (k // 256)
+    grid = cfg.pop("GRID", min(sms * cfg["MINB"], -(-quads // cfg["NW"])))
+    cfg.update(WARPS=grid * cfg["NW"], K=k, N=n, NBS=NBS, DYN=0x10000 - 0x400, BF16=0)
+    cfg["QPW"] = -(-quads // cfg["WARPS"])
+    cfg["ablate"] = {key: cfg.pop(key) for key in list(cfg) if key.islower()}
+    cfg["kernel"] = "split"
+    return cfg
+
+
 def config(name: str, k: int, n: int, sms: int) -> dict:
     head, *sets = name.split(":")
+    if head == "split":
+        return split_config(sets, k, n, sms)
     cfg = plan(k, n, sms)
     cfg["WIDE"] = 0
     cfg["LINES"] = 0
@@ -105,6 +123,7 @@ def config(name: str, k: int, n: int, sms: int) -> dict:
             cfg["MINB"] = max(1, min(by_smem, 2048 // (32 * cfg["NW"])))
     cfg.update(K=k, N=n, NBS=NBS, DYN=dyn, STAGE_AT=stage_at, BF16=0)
     cfg["ablate"] = ablate
+    cfg["kernel"] = "row"
     return cfg
 
 
@@ -115,8 +134,8 @@ NO_MATH = "                d[0] = __uint_as_float((ax ^ bx ^ ay ^ by) & 0x3F8000
 
 
 def source(cfg: dict) -> str:
-    text = "".join(f"#define {a} {v}u\n" for a, v in cfg.items() if a != "ablate")
-    for f in ("gemv_common.cuh", "gemv_row.cu"):
+    text = "".join(f"#define {a} {v}u\n" for a, v in cfg.items() if a not in ("ablate", "kernel"))
+    for f in ("gemv_common.cuh", f"gemv_{cfg['kernel']}.cu"):
         text += open(os.path.join(KERNELS, f)).read()
     if cfg["ablate"].get("nomath"):
         lines = text.split("\n")
@@ -164,9 +183,14 @@ def scalars(offset) -> np.uint64:
     return np.uint64(int(np.float32(offset).view(np.uint32)))
 
 
-def launcher(kernel, cfg, w: Weight, x, out):
-    cubes = -(-(cfg["N"] // 16) // cfg["TPC"])
-    args = (x, w.words, w.absmax, w.scale_words, w.scale_map, w.code, out, scalars(w.offset))
+def launcher(kernel, cfg, w: Weight, x, out, work):
+    args = (x, w.words, w.absmax, w.scale_words, w.scale_map, w.code, out)
+    if cfg["kernel"] == "split":
+        cubes = cfg["WARPS"] // cfg["NW"]
+        args += (work, scalars(w.offset))
+    else:
+        cubes = -(-(cfg["N"] // 16) // cfg["TPC"])
+        args += (scalars(w.offset),)
     return lambda: kernel((cubes,), (cfg["NW"] * 32,), args, shared_mem=cfg["DYN"])
 
 
@@ -218,28 +242,38 @@ def main() -> None:
         copies = 1 if a.ncu else max(2, math.ceil(3 * l2 / w.bytes))
         ws = [w] + [w.copy() for _ in range(copies - 1)]
         outs = [cp.empty(n, dtype=np.uint16) for _ in ws]
+        work = cp.zeros(n // 16 * (1 + k // 256 * 16), dtype=np.float32)  # the split kernel's
         line = {"shape": f"{k}->{n}", "MB": w.bytes / 1e6}
         for name in a.configs.split(","):
             cfg = config(name, k, n, sms)
-            kernel = cp.RawKernel(source(cfg), "nf4_gemv_row")
+            kernel = cp.RawKernel(source(cfg), f"nf4_gemv_{cfg['kernel']}")
             kernel.max_dynamic_shared_size_bytes = cfg["DYN"]
             out = outs[0]
             out.fill(0x7E00)  # NaN: every element must be written
-            launcher(kernel, cfg, w, x, out)()
+            launcher(kernel, cfg, w, x, out, work)()
             got = out.view(cp.float16).astype(cp.float64)
             err = float(cp.linalg.norm(got - ref) / cp.linalg.norm(ref))
             ok = err <= 1e-3 and not bool(cp.isnan(got).any())
+            if cfg["kernel"] == "split" and bool(work.any()):
+                print(f"{k}->{n} {name}: the work buffer was not put back to zero")
+                ok = False
             if a.ncu:
-                launcher(kernel, cfg, w, x, out)()
+                launcher(kernel, cfg, w, x, out, work)()
                 cp.cuda.Device().synchronize()
                 us = float("nan")
             else:
-                fns = [launcher(kernel, cfg, wi, x, o) for wi, o in zip(ws, outs)]
+                fns = [launcher(kernel, cfg, wi, x, o, work) for wi, o in zip(ws, outs)]
                 us = time_graph(fns, a.reps)
+                # After hundreds of calls sharing `work`, the first output is still right.
+                again = outs[0].view(cp.float16).astype(cp.float64)
+                if float(cp.linalg.norm(again - ref) / cp.linalg.norm(ref)) > 1e-3:
+                    print(f"{k}->{n} {name}: wrong after repeated calls")
+                    ok = False
                 if a.hot:  # the same weight every launch: it stays in L2
-                    hot = time_graph([launcher(kernel, cfg, w, x, out)] * len(ws), a.reps)
+                    hot = time_graph([launcher(kernel, cfg, w, x, out, work)] * len(ws), a.reps)
                     line[name + " hot"] = hot
-            desc = ",".join(f"{p}={cfg[p]}" for p in ("NW", "BPW", "TPC", "MINB", "STAGES", "LINES"))
+            names = ("NW", "BPW", "TPC", "MINB", "STAGES", "LINES", "WARPS", "QPW")
+            desc = ",".join(f"{p}={cfg[p]}" for p in names if p in cfg)
             hot = f" (L2-hot {line[name + ' hot']:.2f} us)" if a.hot and not a.ncu else ""
             print(f"{k}->{n} {name:10s} {desc}: err {err:.2e} {'ok' if ok else 'FAILED'} "
                   f"{us:7.2f} us {w.bytes / us / 1e3:7.0f} GB/s regs {kernel.num_regs}{hot}")
