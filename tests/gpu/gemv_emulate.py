@@ -13,7 +13,7 @@ not their speed or their PTX. Exit status 1 if any configuration fails.
   tests/gpu/gemv_emulate.py                                   the built-in configurations
   tests/gpu/gemv_emulate.py mma K N ROWS NW BPW CH TPC BF16 [XP OP]
   tests/gpu/gemv_emulate.py row K N NW BPW TPC BF16 STAGES WIDE LINES [XZERO]
-  tests/gpu/gemv_emulate.py split K N NW WARPS BF16
+  tests/gpu/gemv_emulate.py split K N NW WARPS BF16 WIDE
 """
 import os
 import re
@@ -25,7 +25,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 KERNELS = os.path.join(HERE, "..", "..", "src", "quant", "kernels")
 MMA_NAMES = ["K", "N", "ROWS", "NW", "BPW", "CH", "TPC", "BF16", "XP", "OP"]
 ROW_NAMES = ["K", "N", "NW", "BPW", "TPC", "BF16", "STAGES", "WIDE", "LINES", "XZERO"]
-SPLIT_NAMES = ["K", "N", "NW", "WARPS", "BF16"]
+SPLIT_NAMES = ["K", "N", "NW", "WARPS", "BF16", "WIDE"]
 
 
 def row_layout(k: int, nw: int, tpc: int, stages: int, wide: int, lines: int = 0):
@@ -83,22 +83,24 @@ ROW_CONFIGS = [
     (2560, 96, 10, 4, 5, 0, 4, 1, 1, 1),
 ]
 
-# gemv_split.cu (K, N, NW, WARPS, BF16): runs that cross tiles (40 blocks = 10 quads a row,
-# 1.5 quads a warp), more warps than quads (idle warps), one warp a cube, a long row (38
-# quads), bf16.
+# gemv_split.cu (K, N, NW, WARPS, BF16, WIDE): runs that cross tiles (40 blocks = 10 quads a
+# row, 1.5 quads a warp), more warps than quads (idle warps), one warp a cube, a long row (38
+# quads), bf16, the 64 KiB table.
 SPLIT_CONFIGS = [
-    (2560, 48, 4, 20, 0),
-    (2560, 32, 3, 45, 1),
-    (512, 48, 2, 4, 0),
-    (9728, 32, 1, 7, 0),
-    (4096, 32, 5, 15, 1),
+    (2560, 48, 4, 20, 0, 0),
+    (2560, 32, 3, 45, 1, 0),
+    (512, 48, 2, 4, 0, 0),
+    (9728, 32, 1, 7, 0, 0),
+    (4096, 32, 5, 15, 1, 0),
+    (2560, 48, 4, 20, 0, 1),
+    (9728, 32, 3, 9, 1, 1),
 ]
 
 
-def split_layout(k: int) -> int:
-    """DYN as gemv_split.rs plans it: x, the scale map and the code table below window offset
-    0x8000, the 32 KiB pair table above it."""
-    return 0x10000 - 0x400
+def split_layout(wide: int) -> int:
+    """DYN as gemv_split.rs plans it: x, the scale map and the code table below the pair table,
+    which starts at window offset 0x8000 (32 KiB) or 0x10000 (64 KiB, wide)."""
+    return (0x20000 if wide else 0x10000) - 0x400
 
 
 def emulated_source(name: str) -> str:
@@ -151,8 +153,8 @@ def defines(kind: str, cfg) -> str:
     elif kind == "split":
         values = dict(zip(SPLIT_NAMES, cfg))
         quads = cfg[1] // 16 * cfg[0] // 256
-        values.update(QPW=-(-quads // cfg[3]), MINB=1, DYN=split_layout(cfg[0]), ENTRY=2)
-        values.update(ROWS=1, XP=cfg[0], OP=cfg[1], CH=0, BPW=0, TPC=0, STAGES=0, WIDE=0)
+        values.update(QPW=-(-quads // cfg[3]), MINB=1, DYN=split_layout(cfg[5]), ENTRY=2)
+        values.update(ROWS=1, XP=cfg[0], OP=cfg[1], CH=0, BPW=0, TPC=0, STAGES=0)
     else:
         values = dict(zip(ROW_NAMES, cfg))
         values.update({name: 0 for name in ROW_NAMES[len(cfg):]})

@@ -78,7 +78,9 @@ def split_config(sets, k: int, n: int, sms: int) -> dict:
         cfg[key] = int(value)
     quads = n // 16 * (k // 256)
     grid = cfg.pop("GRID", min(sms * cfg["MINB"], -(-quads // cfg["NW"])))
-    cfg.update(WARPS=grid * cfg["NW"], K=k, N=n, NBS=NBS, DYN=0x10000 - 0x400, BF16=0)
+    cfg.setdefault("WIDE", 0)
+    dyn = (0x20000 if cfg["WIDE"] else 0x10000) - 0x400
+    cfg.update(WARPS=grid * cfg["NW"], K=k, N=n, NBS=NBS, DYN=dyn, BF16=0)
     cfg["QPW"] = -(-quads // cfg["WARPS"])
     cfg["ablate"] = {key: cfg.pop(key) for key in list(cfg) if key.islower()}
     cfg["kernel"] = "split"

@@ -8,6 +8,9 @@
 //   NBS         8-bit scale codes per nested f32 scale (a multiple of 4)
 //   DYN         bytes of dynamic shared memory the cube is launched with
 //   BF16        1 for bf16 values, 0 for f16
+//   WIDE        0: the pair table is 32 KiB (entry stride 128 bytes) at window offset 0x8000,
+//               a table address costs a shift and an OR; 1: 64 KiB (entry stride 256 bytes,
+//               half of each stride unused) at 0x10000, one byte permutation (PRMT)
 //
 // Work: a quad is 4 absmax blocks (256 values) of a tile of 16 W rows: 2 KiB of packed weight
 // and one word of 8-bit scale codes per row. The QUADS quads are numbered tile by tile and
@@ -30,15 +33,17 @@
 // zero before the first call, and calls that share it must not overlap.
 //
 // Shared memory (dynamic; it starts at window offset 0x400): x, the scale map and the code
-// table as 16-bit values, then the pair table at window offset 0x8000 (32 KiB, entry stride
-// 128 bytes: a table address is the byte's offset ORed into the aligned base).
+// table as 16-bit values, then the pair table at the window offset aligned to its size.
 
 #define QB (KB / 4u)
 #define QUADS (N / 16u * QB)
 #define SMAP_AT (K * 2u)
 #define HCODE_AT (SMAP_AT + 1024u)
 #define LOW_BYTES (HCODE_AT + 64u)
-#define TABLE_BYTES 0x8000u
+#ifndef WIDE
+#define WIDE 0
+#endif
+#define TABLE_BYTES (WIDE ? 0x10000u : 0x8000u)
 
 __device__ __forceinline__ u32 lds32(u32 addr) {
     u32 v;
@@ -99,12 +104,21 @@ __device__ __forceinline__ void sync_warp() {
     __syncwarp();
 }
 
+#if WIDE
+// The pair of a packed byte: its address is `lane_base` (the table's aligned base | lane * 4)
+// with byte 1 replaced by the packed byte (entry stride 256).
+#define PAIR0(w) lds32(__byte_perm((w), lane_base, 0x7604u))
+#define PAIR1(w) lds32(__byte_perm((w), lane_base, 0x7614u))
+#define PAIR2(w) lds32(__byte_perm((w), lane_base, 0x7624u))
+#define PAIR3(w) lds32(__byte_perm((w), lane_base, 0x7634u))
+#else
 // The pair of a packed byte: `lane_base` (the table's aligned base | lane * 4) OR the byte's
 // offset (byte * 128), the byte taken from `w` by the shift that puts it in bits 7..14.
 #define PAIR0(w) lds32((((w) << 7) & 0x7F80u) | lane_base)
 #define PAIR1(w) lds32((((w) >> 1) & 0x7F80u) | lane_base)
 #define PAIR2(w) lds32((((w) >> 9) & 0x7F80u) | lane_base)
 #define PAIR3(w) lds32((((w) >> 17) & 0x7F80u) | lane_base)
+#endif
 
 // The first quad of warp `w`'s run (w = WARPS gives QUADS).
 __device__ __forceinline__ u32 run_start(u32 w) {
@@ -232,7 +246,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) nf4_gemv_split(
     for (u32 q = tid; q < 2048u; q += NT) {
         const u32 b = q >> 3;
         const u32 p = (u32)hcode[b >> 4] | ((u32)hcode[b & 15u] << 16);
-        sts128(tbase + 16u * q, U32x4{p, p, p, p});
+        sts128(tbase + (WIDE ? 256u * b + 16u * (q & 7u) : 16u * q), U32x4{p, p, p, p});
     }
     __syncthreads();
 
