@@ -34,11 +34,18 @@ const SOURCE: &str = concat!(
     include_str!("gemv_common.cuh"),
     include_str!("gemv_split.cu")
 );
-/// Dynamic shared memory of a cube: x, the scale map and the code table below window offset
-/// 0x8000, the 32 KiB pair table above it (the region starts at window offset 0x400).
-const DYNAMIC: usize = 0x10000 - 0x400;
-/// Bytes the small inputs may take below the pair table: x (2 bytes a value), the scale map
-/// (1 KiB) and the code table (64 bytes).
+/// Dynamic shared memory of a cube (the region starts at window offset 0x400): x, the scale
+/// map and the code table below the pair table, which starts at the window offset aligned to
+/// its size: 32 KiB at 0x8000, or 64 KiB at 0x10000 when `wide` (one cube per multiprocessor).
+fn dynamic(wide: bool) -> usize {
+    if wide {
+        0x20000 - 0x400
+    } else {
+        0x10000 - 0x400
+    }
+}
+/// Bytes the small inputs may take below the 32 KiB pair table: x (2 bytes a value), the
+/// scale map (1 KiB) and the code table (64 bytes).
 const LOW_LIMIT: usize = 0x8000 - 0x400;
 /// Most quads a warp holds in registers (16 registers each); larger weights take more cubes.
 const MAX_QUADS_PER_WARP: usize = 4;
@@ -57,6 +64,9 @@ pub struct SplitPlan {
     pub min_cubes: usize,
     /// Cubes of the grid.
     pub cubes: usize,
+    /// The 64 KiB pair table (one PRMT per table address) instead of the 32 KiB one (a shift
+    /// and an OR); it leaves room for one cube per multiprocessor.
+    pub wide: bool,
 }
 
 /// Quads (4 absmax blocks of a tile of 16 W rows) of `meta`'s weight.
@@ -77,7 +87,7 @@ impl SplitPlan {
     /// (nested blocks a multiple of 4), `d_in` a multiple of 256 (at most ~15,000), `d_out` of
     /// 16, and `QWEN3VL_GEMV=split` (or unset, once [`BY_DEFAULT`]). `QWEN3VL_GEMV_CUBE_WARPS`,
     /// `_MINB` and `_CUBES` override the warps per cube, the cubes per multiprocessor and the
-    /// grid (for measurements).
+    /// grid, `_WIDE=1` takes the 64 KiB table (for measurements).
     pub fn for_call(rows: usize, meta: Nf4Meta, mma: bool, sms: usize) -> Option<Self> {
         let o = overrides();
         if !(o.choice == "split" || (o.choice.is_empty() && BY_DEFAULT)) {
@@ -94,8 +104,10 @@ impl SplitPlan {
         if rows != 1 || !fits {
             return None;
         }
+        let wide = o.wide.is_some_and(|w| w != 0);
         let warps = o.cube_warps.unwrap_or(WARPS).clamp(1, 32);
-        let min_cubes = o.min_cubes.unwrap_or(CUBES_PER_SM).clamp(1, 3);
+        let most = if wide { 1 } else { 3 };
+        let min_cubes = o.min_cubes.unwrap_or(CUBES_PER_SM).clamp(1, most);
         let quads = quads(meta);
         // As many cubes as the card holds at once, more where a warp would hold too many
         // quads, fewer where a warp would get none.
@@ -108,6 +120,7 @@ impl SplitPlan {
             warps,
             min_cubes,
             cubes,
+            wide,
         })
     }
 
@@ -126,8 +139,9 @@ impl SplitPlan {
             ("QPW", self.quads_per_warp(meta)),
             ("MINB", self.min_cubes),
             ("NBS", meta.nested_blocksize),
-            ("DYN", DYNAMIC),
+            ("DYN", dynamic(self.wide)),
             ("BF16", usize::from(meta.compute == DType::BF16)),
+            ("WIDE", usize::from(self.wide)),
         ]
     }
 }
@@ -183,7 +197,7 @@ pub(super) fn launch_split<R: CubeRuntime>(
         "nf4_gemv_split",
         plan.defines(meta),
         32 * plan.warps as u32,
-        DYNAMIC,
+        dynamic(plan.wide),
     );
     // SAFETY: warp w reads the quads QUADS * w / WARPS .. of W (inside the weight) with their
     // scales and x's d_in values, writes its partial sums to its tiles' slots in `work` (sized
@@ -242,6 +256,16 @@ mod tests {
         // A card of 4 multiprocessors takes more cubes than it holds rather than 40 quads a warp.
         let p = SplitPlan::planned(1, meta(2560, 9728), true, 4, &Overrides::default()).unwrap();
         assert_eq!(p.quads_per_warp(meta(2560, 9728)), MAX_QUADS_PER_WARP);
+        // The wide table: one cube of 32 warps per multiprocessor, 127 KiB of shared memory.
+        let o = Overrides {
+            wide: Some(1),
+            cube_warps: Some(32),
+            min_cubes: Some(3),
+            ..Overrides::default()
+        };
+        let p = SplitPlan::planned(1, meta(2560, 9728), true, 132, &o).unwrap();
+        assert_eq!((p.wide, p.min_cubes, p.cubes, p.warps), (true, 1, 132, 32));
+        assert_eq!(dynamic(true) + 0x400, 0x20000);
     }
 
     #[test]
@@ -275,6 +299,7 @@ mod tests {
             "#define QPW 2u",
             "#define MINB 3u",
             "#define DYN 64512u",
+            "#define WIDE 0u",
         ] {
             assert!(src.contains(line), "{line}");
         }
