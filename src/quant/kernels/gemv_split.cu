@@ -136,12 +136,19 @@ __device__ __forceinline__ void finish_run(float* __restrict__ work, u16* __rest
         store_l2(sums + slot * 16u + (lane >> 2), acc0);
         store_l2(sums + slot * 16u + (lane >> 2) + 8u, acc2);
     }
+    // Each lane's sums reach L2 before lane 0 counts them (fence, meet, fence: the CUDA
+    // samples' pattern for the last block of a reduction, by warp); the warp that completes
+    // the count reads the other runs' sums only after it has seen the count.
     fence_card();
     sync_warp();
     u32 last = 0;
-    if (lane == 0u) last = count_add(count + tile, n) + n == QB;
-    if (from_lane0(last)) {
+    if (lane == 0u) {
         fence_card();
+        last = count_add(count + tile, n) + n == QB;
+        fence_card();
+    }
+    sync_warp();
+    if (from_lane0(last)) {
         if (lane < 16u) {
             // Every slot in order, 8 loads in flight at a time; unused slots hold zero.
             float sum = 0.f;
