@@ -2,7 +2,7 @@
 """Runs the CUDA C++ GEMV kernels on the CPU (no GPU needed) against a double reference.
 
 The kernels are src/quant/kernels/gemv_mma.cu (1..8 rows of x), gemv_row.cu and gemv_split.cu
-(one row), each after gemv_common.cuh.
+(one row), each after gemv_common.cuh (and the one-row kernels after gemv_onerow.cuh).
 Each configuration's #defines, the harness's first half, the kernel (its inline-PTX helpers
 swapped for the harness's emulations) and the harness's second half are compiled with g++
 (C++20: std::barrier) and run; see gemv_emulate.cpp for how threads, barriers, shared memory
@@ -105,6 +105,8 @@ def split_layout(wide: int) -> int:
 
 def emulated_source(name: str) -> str:
     src = open(os.path.join(KERNELS, "gemv_common.cuh")).read()
+    if name != "gemv_mma.cu":  # the one-row kernels' shared part
+        src += open(os.path.join(KERNELS, "gemv_onerow.cuh")).read()
     src += open(os.path.join(KERNELS, name)).read()
     swaps = [
         (r"u16 to_half\(float v\)", "{ return emulated_to_half(v); }"),

@@ -129,15 +129,16 @@ def config(name: str, k: int, n: int, sms: int) -> dict:
     return cfg
 
 
-# `:nomath=1` replaces a block's table lookups and products by one XOR of its words: what is
-# left is the loads, the waits and the bookkeeping (the check fails, as it must).
-PRODUCTS = "                mma(d, PAIR0(ax)"
-NO_MATH = "                d[0] = __uint_as_float((ax ^ bx ^ ay ^ by) & 0x3F800000u);\n"
+# `:nomath=1` replaces a block's table lookups and products (gemv_onerow.cuh's
+# `block_products`) by one XOR of its words: what is left is the loads, the waits and the
+# bookkeeping (the check fails, as it must).
+PRODUCTS = "    mma(d, PAIR0(ax)"
+NO_MATH = "    d[0] = __uint_as_float((ax ^ bx ^ ay ^ by) & 0x3F800000u);\n"
 
 
 def source(cfg: dict) -> str:
     text = "".join(f"#define {a} {v}u\n" for a, v in cfg.items() if a not in ("ablate", "kernel"))
-    for f in ("gemv_common.cuh", f"gemv_{cfg['kernel']}.cu"):
+    for f in ("gemv_common.cuh", "gemv_onerow.cuh", f"gemv_{cfg['kernel']}.cu"):
         text += open(os.path.join(KERNELS, f)).read()
     if cfg["ablate"].get("nomath"):
         lines = text.split("\n")

@@ -1,6 +1,6 @@
 // NF4 GEMV on tensor cores for one row of x: out[o] = sum_k x[k] * W[o, k], written for memory
-// bandwidth. Configured by the #defines `gemv_row.rs` puts in front of gemv_common.cuh and
-// this file:
+// bandwidth. Configured by the #defines `gemv_row.rs` puts in front of gemv_common.cuh,
+// gemv_onerow.cuh and this file:
 //   K, N        W's input and output widths (K a multiple of 256, N of 16)
 //   NW          warps per cube; BPW absmax blocks per warp (a multiple of 4)
 //   TPC         tiles of 16 W rows per cube
@@ -33,22 +33,18 @@
 // with XZERO) and never read.
 //
 // Shared memory (dynamic; the region starts at window offset 0x400, after the 1 KiB the
-// hardware reserves): x, the scale map, the code table as 16-bit values and the partial sums
-// (and the ring where it fits), then the pair table at the next boundary aligned to its size
-// (and the ring after it otherwise). With the 32 KiB table a table address is one OR of the
-// byte's offset (bits 7..14) and the lane's copy (bits 2..6) into the aligned base; with the
-// 64 KiB one the byte itself is bits 8..15 of the address.
+// hardware reserves): x, the scale map, the code table as 16-bit values (gemv_onerow.cuh) and
+// the partial sums (and the ring where it fits), then the pair table at the next boundary
+// aligned to its size (and the ring after it otherwise). With the 32 KiB table a table address
+// is one OR of the byte's offset (bits 7..14) and the lane's copy (bits 2..6) into the aligned
+// base; with the 64 KiB one the byte itself is bits 8..15 of the address.
 
 // Bytes below the pair table: x, the scale map, the code table, the partial sums (the plan
 // checks the same sum, `low_bytes` in gemv_row.rs).
-#define X_BYTES (K * 2)
-#define SMAP_AT X_BYTES
-#define HCODE_AT (SMAP_AT + 1024)
 #define RED_AT (HCODE_AT + 64)
 #define LOW_BYTES (RED_AT + TPC * NW * 16 * 4)
-// The pair table: its bytes, and the offset from the start of the dynamic region where it
-// starts when the small inputs (and a ring below it) leave room (window 0x8000 or 0x10000).
-#define TABLE_BYTES (WIDE ? 0x10000u : 0x8000u)
+// Where the pair table starts, from the start of the dynamic region, when the small inputs
+// (and a ring below it) leave room (window 0x8000 or 0x10000).
 #define TABLE_AT (TABLE_BYTES - 0x400u)
 // The ring of staged W blocks (STAGES > 0), below or above the pair table.
 #ifndef LINES
@@ -64,21 +60,6 @@
 #else
 #define TABLE_FLOOR LOW_BYTES
 #endif
-
-// Shared-memory loads and stores by window address.
-__device__ __forceinline__ u32 lds32(u32 addr) {
-    u32 v;
-    asm volatile("ld.shared.b32 %0, [%1];" : "=r"(v) : "r"(addr));
-    return v;
-}
-
-__device__ __forceinline__ U32x4 lds128(u32 addr) {
-    U32x4 v;
-    asm volatile("ld.shared.v4.b32 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                 : "r"(addr));
-    return v;
-}
 
 // 8 or 16 bytes from global to shared memory without registers (cp.async; the 16-byte copy
 // bypasses L1); the end of a group of them; a wait until at most PENDING groups of this thread
@@ -100,42 +81,11 @@ __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;" ::"n"(PENDING) : "memory");
 }
 
-// The warp's lanes meet; their shared-memory accesses before it are seen by all after it.
-__device__ __forceinline__ void sync_warp() {
-    __syncwarp();
-}
-
 __device__ __forceinline__ U32x2 lds64(u32 addr) {
     U32x2 v;
     asm volatile("ld.shared.v2.b32 {%0,%1}, [%2];" : "=r"(v.x), "=r"(v.y) : "r"(addr));
     return v;
 }
-
-__device__ __forceinline__ void sts128(u32 addr, U32x4 v) {
-    asm volatile("st.shared.v4.b32 [%0], {%1,%2,%3,%4};"
-                 :: "r"(addr), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w));
-}
-
-// The shared-window address of `p` (a pointer into shared memory).
-__device__ __forceinline__ u32 window_address(const void* p) {
-    return (u32)__cvta_generic_to_shared(p);
-}
-
-#if WIDE
-// The pair of a packed byte: its address is `lane_base` (the table's aligned base | lane * 4)
-// with byte 1 replaced by the packed byte (entry stride 256).
-#define PAIR0(w) lds32(__byte_perm((w), lane_base, 0x7604u))
-#define PAIR1(w) lds32(__byte_perm((w), lane_base, 0x7614u))
-#define PAIR2(w) lds32(__byte_perm((w), lane_base, 0x7624u))
-#define PAIR3(w) lds32(__byte_perm((w), lane_base, 0x7634u))
-#else
-// The pair of a packed byte: `lane_base` (the table's aligned base | lane * 4) OR the byte's
-// offset (byte * 128), the byte taken from `w` by the shift that puts it in bits 7..14.
-#define PAIR0(w) lds32((((w) << 7) & 0x7F80u) | lane_base)
-#define PAIR1(w) lds32((((w) >> 1) & 0x7F80u) | lane_base)
-#define PAIR2(w) lds32((((w) >> 9) & 0x7F80u) | lane_base)
-#define PAIR3(w) lds32((((w) >> 17) & 0x7F80u) | lane_base)
-#endif
 
 // A tile's loads for one warp: for W rows g and g + 8 (`a`, `b`), the lane's 8 packed bytes of
 // each of the run's blocks, the words of the run's 8-bit scale codes (4 per word) and the
@@ -219,22 +169,8 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) nf4_gemv_row(
     const u32 first = warp * BPW;  // the warp's run of blocks: first .. first + BPW (below KB)
     const u32 tile0 = blockIdx.x * TPC;
 
-    // 0. The small inputs first (x, the scale map, the code table): the pair table and every
-    // product wait on them, and loads issued after the weight's would queue behind it.
-#define NT (NW * 32u)
-#define XV ((K / 8u + NT - 1u) / NT)
-#define SV ((256u + NT - 1u) / NT)
-    U32x4 xv[XV];
-#pragma unroll
-    for (u32 i = 0; i < XV; ++i) {
-        if (tid + i * NT < K / 8u) xv[i] = ((const U32x4*)x)[tid + i * NT];
-    }
-    float sv[SV];
-#pragma unroll
-    for (u32 i = 0; i < SV; ++i) {
-        if (tid + i * NT < 256u) sv[i] = scale_map[tid + i * NT];
-    }
-    const float cv = code[tid & 15u];
+    // 0. The small inputs first (x, the scale map, the code table).
+    const SmallInputs small = load_small_inputs(x, scale_map, code, tid);
 
     // 1. Every W load of the cube.
     TileLoads ld[TPC];
@@ -279,25 +215,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) nf4_gemv_row(
 #endif
 
     // 2. Stage x, the scale map and the code table; then the pair table from the code table.
-#pragma unroll
-    for (u32 i = 0; i < XV; ++i) {
-        if (tid + i * NT < K / 8u) sts128(sbase + 16u * (tid + i * NT), xv[i]);
-    }
-#pragma unroll
-    for (u32 i = 0; i < SV; ++i) {
-        if (tid + i * NT < 256u) ((float*)(smem + SMAP_AT))[tid + i * NT] = sv[i];
-    }
-    if (tid < 16u) ((u16*)(smem + HCODE_AT))[tid] = to_half(cv);
-    __syncthreads();
-    // 2048 vectors of 4 words: vector q holds copies 4(q % 8) .. +3 of entry q / 8. The pair
-    // of byte b is (value of its high nibble, value of its low nibble), low half first.
-    const u16* hcode = (const u16*)(smem + HCODE_AT);
-    for (u32 q = tid; q < 2048u; q += NT) {
-        const u32 b = q >> 3;
-        const u32 p = (u32)hcode[b >> 4] | ((u32)hcode[b & 15u] << 16);
-        sts128(tbase + (WIDE ? 256u * b + 16u * (q & 7u) : 16u * q), U32x4{p, p, p, p});
-    }
-    __syncthreads();
+    stage_tables(small, smem, sbase, tbase, tid);
 
     // 3. The products. Lane (g, t) reads x[64 blk + 16t .. + 16] (B's column g is x for every g).
     const u32 lane_base = tbase | (lane << 2);
@@ -354,10 +272,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) nf4_gemv_row(
                 const u32 ax = ld[i].wa[j].x, ay = ld[i].wa[j].y;
                 const u32 bx = ld[i].wb[j].x, by = ld[i].wb[j].y;
 #endif
-                mma(d, PAIR0(ax), PAIR0(bx), PAIR1(ax), PAIR1(bx), xa.x, xa.y);
-                mma(d, PAIR2(ax), PAIR2(bx), PAIR3(ax), PAIR3(bx), xa.z, xa.w);
-                mma(d, PAIR0(ay), PAIR0(by), PAIR1(ay), PAIR1(by), xb.x, xb.y);
-                mma(d, PAIR2(ay), PAIR2(by), PAIR3(ay), PAIR3(by), xb.z, xb.w);
+                block_products(d, ax, ay, bx, by, xa, xb, lane_base);
                 acc0 += s0 * d[0];
                 acc2 += s1 * d[2];
             }

@@ -26,7 +26,11 @@ use super::raw_cuda::{configured_kernel, Defines};
 use super::Nf4Meta;
 
 /// The kernel's source after its configuration's `#define`s.
-const SOURCE: &str = concat!(include_str!("gemv_common.cuh"), include_str!("gemv_row.cu"));
+const SOURCE: &str = concat!(
+    include_str!("gemv_common.cuh"),
+    include_str!("gemv_onerow.cuh"),
+    include_str!("gemv_row.cu")
+);
 /// Most warps per cube.
 const MAX_WARPS: usize = 16;
 /// Most tiles of 16 W rows per cube.

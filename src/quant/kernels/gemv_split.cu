@@ -1,6 +1,6 @@
 // NF4 GEMV on tensor cores for one row of x, with the weight split evenly over every warp of
 // the card: out[o] = sum_k x[k] * W[o, k]. Configured by the #defines `gemv_split.rs` puts in
-// front of gemv_common.cuh and this file:
+// front of gemv_common.cuh, gemv_onerow.cuh and this file:
 //   K, N        W's input and output widths (K a multiple of 256, N of 16)
 //   NW          warps per cube; WARPS the warps of the whole grid (cubes * NW)
 //   QPW         most quads a warp takes (ceil(QUADS / WARPS))
@@ -8,9 +8,8 @@
 //   NBS         8-bit scale codes per nested f32 scale (a multiple of 4)
 //   DYN         bytes of dynamic shared memory the cube is launched with
 //   BF16        1 for bf16 values, 0 for f16
-//   WIDE        0: the pair table is 32 KiB (entry stride 128 bytes) at window offset 0x8000,
-//               a table address costs a shift and an OR; 1: 64 KiB (entry stride 256 bytes,
-//               half of each stride unused) at 0x10000, one byte permutation (PRMT)
+//   WIDE        0: the 32 KiB pair table (a table address costs a shift and an OR); 1: the
+//               64 KiB one (one byte permutation, PRMT), see gemv_onerow.cuh
 //
 // Work: a quad is 4 absmax blocks (256 values) of a tile of 16 W rows: 2 KiB of packed weight
 // and one word of 8-bit scale codes per row. The QUADS quads are numbered tile by tile and
@@ -32,42 +31,11 @@
 // outputs and puts the slots and the count back to zero for the next call. `work` must be
 // zero before the first call, and calls that share it must not overlap.
 //
-// Shared memory (dynamic; it starts at window offset 0x400): x, the scale map and the code
-// table as 16-bit values, then the pair table at the window offset aligned to its size.
+// Shared memory: x, the scale map and the code table, then the pair table (gemv_onerow.cuh).
 
 #define QB (KB / 4u)
 #define QUADS (N / 16u * QB)
-#define SMAP_AT (K * 2u)
-#define HCODE_AT (SMAP_AT + 1024u)
 #define LOW_BYTES (HCODE_AT + 64u)
-#ifndef WIDE
-#define WIDE 0
-#endif
-#define TABLE_BYTES (WIDE ? 0x10000u : 0x8000u)
-
-__device__ __forceinline__ u32 lds32(u32 addr) {
-    u32 v;
-    asm volatile("ld.shared.b32 %0, [%1];" : "=r"(v) : "r"(addr));
-    return v;
-}
-
-__device__ __forceinline__ U32x4 lds128(u32 addr) {
-    U32x4 v;
-    asm volatile("ld.shared.v4.b32 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                 : "r"(addr));
-    return v;
-}
-
-__device__ __forceinline__ void sts128(u32 addr, U32x4 v) {
-    asm volatile("st.shared.v4.b32 [%0], {%1,%2,%3,%4};"
-                 :: "r"(addr), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w));
-}
-
-// The shared-window address of `p` (a pointer into shared memory).
-__device__ __forceinline__ u32 window_address(const void* p) {
-    return (u32)__cvta_generic_to_shared(p);
-}
 
 // Global memory through L2 only (the partial sums other multiprocessors write and read).
 __device__ __forceinline__ void store_l2(float* p, float v) {
@@ -99,26 +67,6 @@ __device__ __forceinline__ void fence_card() {
 __device__ __forceinline__ u32 from_lane0(u32 v) {
     return __shfl_sync(0xFFFFFFFFu, v, 0);
 }
-
-__device__ __forceinline__ void sync_warp() {
-    __syncwarp();
-}
-
-#if WIDE
-// The pair of a packed byte: its address is `lane_base` (the table's aligned base | lane * 4)
-// with byte 1 replaced by the packed byte (entry stride 256).
-#define PAIR0(w) lds32(__byte_perm((w), lane_base, 0x7604u))
-#define PAIR1(w) lds32(__byte_perm((w), lane_base, 0x7614u))
-#define PAIR2(w) lds32(__byte_perm((w), lane_base, 0x7624u))
-#define PAIR3(w) lds32(__byte_perm((w), lane_base, 0x7634u))
-#else
-// The pair of a packed byte: `lane_base` (the table's aligned base | lane * 4) OR the byte's
-// offset (byte * 128), the byte taken from `w` by the shift that puts it in bits 7..14.
-#define PAIR0(w) lds32((((w) << 7) & 0x7F80u) | lane_base)
-#define PAIR1(w) lds32((((w) >> 1) & 0x7F80u) | lane_base)
-#define PAIR2(w) lds32((((w) >> 9) & 0x7F80u) | lane_base)
-#define PAIR3(w) lds32((((w) >> 17) & 0x7F80u) | lane_base)
-#endif
 
 // The first quad of warp `w`'s run (w = WARPS gives QUADS).
 __device__ __forceinline__ u32 run_start(u32 w) {
@@ -195,22 +143,8 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) nf4_gemv_split(
     const u32 q0 = run_start(w);
     const u32 nq = run_start(w + 1u) - q0;  // at most QPW
 
-    // 0. The small inputs first (x, the scale map, the code table): the pair table and every
-    // product wait on them, and loads issued after the weight's would queue behind it.
-#define NT (NW * 32u)
-#define XV ((K / 8u + NT - 1u) / NT)
-#define SV ((256u + NT - 1u) / NT)
-    U32x4 xv[XV];
-#pragma unroll
-    for (u32 i = 0; i < XV; ++i) {
-        if (tid + i * NT < K / 8u) xv[i] = ((const U32x4*)x)[tid + i * NT];
-    }
-    float sv[SV];
-#pragma unroll
-    for (u32 i = 0; i < SV; ++i) {
-        if (tid + i * NT < 256u) sv[i] = scale_map[tid + i * NT];
-    }
-    const float cv = code[tid & 15u];
+    // 0. The small inputs first (x, the scale map, the code table).
+    const SmallInputs small = load_small_inputs(x, scale_map, code, tid);
 
     // 1. The warp's quads: for W rows g and g + 8 of quad i's tile, the lane's 8 bytes of
     // each of its 4 blocks, the word of their scale codes and their nested scale (a quad
@@ -237,25 +171,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) nf4_gemv_split(
     }
 
     // 2. Stage x, the scale map and the code table; then the pair table from the code table.
-#pragma unroll
-    for (u32 i = 0; i < XV; ++i) {
-        if (tid + i * NT < K / 8u) sts128(sbase + 16u * (tid + i * NT), xv[i]);
-    }
-#pragma unroll
-    for (u32 i = 0; i < SV; ++i) {
-        if (tid + i * NT < 256u) ((float*)(smem + SMAP_AT))[tid + i * NT] = sv[i];
-    }
-    if (tid < 16u) ((u16*)(smem + HCODE_AT))[tid] = to_half(cv);
-    __syncthreads();
-    // 2048 vectors of 4 words: vector q holds copies 4(q % 8) .. +3 of entry q / 8. The pair
-    // of byte b is (value of its high nibble, value of its low nibble), low half first.
-    const u16* hcode = (const u16*)(smem + HCODE_AT);
-    for (u32 q = tid; q < 2048u; q += NT) {
-        const u32 b = q >> 3;
-        const u32 p = (u32)hcode[b >> 4] | ((u32)hcode[b & 15u] << 16);
-        sts128(tbase + (WIDE ? 256u * b + 16u * (q & 7u) : 16u * q), U32x4{p, p, p, p});
-    }
-    __syncthreads();
+    stage_tables(small, smem, sbase, tbase, tid);
 
     // 3. The products; then each run's sums go to `work` (a warp's quads span at most RUNS
     // tiles). Lane (g, t) reads x[64 blk + 16t .. + 16] (B's column g is x for every g).
@@ -282,10 +198,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) nf4_gemv_split(
                 const float s1 = __uint_as_float(lds32(smap + ((c1 & 255u) << 2))) * nb[i] + s.offset;
                 const u32 ax = wa[i][j].x, ay = wa[i][j].y, bx = wb[i][j].x, by = wb[i][j].y;
                 float d[4] = {0.f, 0.f, 0.f, 0.f};
-                mma(d, PAIR0(ax), PAIR0(bx), PAIR1(ax), PAIR1(bx), xa.x, xa.y);
-                mma(d, PAIR2(ax), PAIR2(bx), PAIR3(ax), PAIR3(bx), xa.z, xa.w);
-                mma(d, PAIR0(ay), PAIR0(by), PAIR1(ay), PAIR1(by), xb.x, xb.y);
-                mma(d, PAIR2(ay), PAIR2(by), PAIR3(ay), PAIR3(by), xb.z, xb.w);
+                block_products(d, ax, ay, bx, by, xa, xb, lane_base);
                 sum0 += s0 * d[0];
                 sum2 += s1 * d[2];
             }

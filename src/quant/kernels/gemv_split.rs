@@ -32,6 +32,7 @@ use super::Nf4Meta;
 /// The kernel's source after its configuration's `#define`s.
 const SOURCE: &str = concat!(
     include_str!("gemv_common.cuh"),
+    include_str!("gemv_onerow.cuh"),
     include_str!("gemv_split.cu")
 );
 /// Dynamic shared memory of a cube (the region starts at window offset 0x400): x, the scale
