@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""Times configurations of the one-row NF4 GEMV (src/quant/kernels/gemv_row.cu) on the GPU
-through CuPy, next to a read-only pass and a device-to-device copy of the same bytes.
+"""Times configurations of the one-row NF4 GEMVs (src/quant/kernels/gemv_row.cu and
+gemv_split.cu) on the GPU through CuPy, next to a read-only pass and a device-to-device copy of
+the same bytes.
 
 Needs CuPy and a CUDA GPU (the device machine has both); no Rust build. Each shape gets a fresh
 random NF4 weight (8-bit scale codes, nested f32 scales); every configuration is first checked
@@ -16,8 +17,12 @@ median over replays of (graph time / launches): kernel time plus the launch gap 
 Configurations: "plan" is gemv_row.rs's plan (W in registers); "sS" the same with a ring of S
 slots per warp (cp.async); "pS" one cube per multiprocessor with a ring of S and the 64 KiB
 pair table (WIDE); each may be followed by ":NAME=VALUE" overrides (NW, BPW, TPC, MINB,
-WIDE), e.g. "s4:TPC=1", "p8:WIDE=0". The read-only pass ("read") reads the weight's bytes 16 at a time;
-"copy" is cudaMemcpyAsync of those bytes.
+WIDE), e.g. "s4:TPC=1", "p8:WIDE=0". "split" is gemv_split.cu (every warp of the card an
+equal run of quads; overrides NW, MINB, GRID, WIDE, e.g. "split:NW=32:MINB=1:WIDE=1"); its
+work buffer is checked to be back at zero after a call, and its output still right after the
+timed replays. Lower-case overrides are the lab's ablations: ":nomath=1" (see NO_MATH). The
+read-only pass ("read") reads the weight's bytes 16 at a time; "copy" is cudaMemcpyAsync of
+those bytes.
 """
 import argparse
 import math
