@@ -82,7 +82,10 @@ def split_config(sets, k: int, n: int, sms: int) -> dict:
         key, value = s.split("=")
         cfg[key] = int(value)
     quads = n // 16 * (k // 256)
-    grid = cfg.pop("GRID", min(sms * cfg["MINB"], -(-quads // cfg["NW"])))
+    # gemv_split.rs's grid: the cubes the card holds at once, more where a warp would hold more
+    # than 4 quads (MAX_QUADS_PER_WARP), fewer where a warp would get none.
+    resident = max(sms * cfg["MINB"], -(-quads // (cfg["NW"] * 4)))
+    grid = cfg.pop("GRID", min(resident, -(-quads // cfg["NW"])))
     cfg.setdefault("WIDE", 0)
     dyn = (0x20000 if cfg["WIDE"] else 0x10000) - 0x400
     cfg.update(WARPS=grid * cfg["NW"], K=k, N=n, NBS=NBS, DYN=dyn, BF16=0)

@@ -16,7 +16,7 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader
 echo "== lab $(date +%s)"
 C=plan,split,split:NW=4,split:NW=8,split:NW=16:MINB=2,split:NW=32:MINB=1,split:NW=32:MINB=1:WIDE=1
-C=$C,split:NW=24:MINB=1:WIDE=1,split:NW=8:nomath=1
+C=$C,split:NW=24:MINB=1:WIDE=1,split:NW=5:MINB=1,split:NW=8:nomath=1
 timeout 150 python3 tests/gpu/gemv_lab.py --hot --configs $C --reps 9 2>&1 | tee $OUT/lab.txt | grep -vE "^\|"
 echo "== ncu stalls $(date +%s)"
 M=gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,smsp__issue_active.avg.pct_of_peak_sustained_active,sm__warps_active.avg.pct_of_peak_sustained_active,regex:smsp__average_warps_issue_stalled_.*_per_issue_active.ratio
