@@ -102,6 +102,16 @@ inline unsigned emulated_from_lane0(unsigned v) {
     warp_barriers[warp]->arrive_and_wait();
     return got;
 }
+// v + lane (l ^ 16)'s v (v + __shfl_xor_sync(~0u, v, 16)).
+inline float emulated_add_halves(float v) {
+    const unsigned lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
+    memcpy(&fragments[warp][lane][0], &v, 4);
+    warp_barriers[warp]->arrive_and_wait();
+    float other;
+    memcpy(&other, &fragments[warp][lane ^ 16u][0], 4);
+    warp_barriers[warp]->arrive_and_wait();
+    return v + other;
+}
 
 static float half_bits_to_float(unsigned short h) {
 #if BF16

@@ -133,6 +133,7 @@ def emulated_source(name: str) -> str:
         (r"void count_reset\(u32\* p\)", "{ __atomic_store_n(p, 0u, __ATOMIC_SEQ_CST); }"),
         (r"void fence_card\(\)", "{ __atomic_thread_fence(__ATOMIC_SEQ_CST); }"),
         (r"u32 from_lane0\(u32 v\)", "{ return emulated_from_lane0(v); }"),
+        (r"float add_halves\(float v\)", "{ return emulated_add_halves(v); }"),
     ]
     for signature, body in swaps:
         pattern = r"(__device__ __forceinline__ " + signature + r") \{.*?\n\}\n"

@@ -68,6 +68,11 @@ __device__ __forceinline__ u32 from_lane0(u32 v) {
     return __shfl_sync(0xFFFFFFFFu, v, 0);
 }
 
+// `v` plus lane (l ^ 16)'s `v`: the same bits in both lanes (a + b == b + a).
+__device__ __forceinline__ float add_halves(float v) {
+    return v + __shfl_xor_sync(0xFFFFFFFFu, v, 16);
+}
+
 // The first quad of warp `w`'s run (w = WARPS gives QUADS).
 __device__ __forceinline__ u32 run_start(u32 w) {
     return (u32)((unsigned long long)QUADS * w / WARPS);
@@ -97,24 +102,27 @@ __device__ __forceinline__ void finish_run(float* __restrict__ work, u16* __rest
     }
     sync_warp();
     if (from_lane0(last)) {
-        if (lane < 16u) {
-            // Every slot in order, 8 loads in flight at a time; unused slots hold zero.
-            float sum = 0.f;
-            for (u32 s0 = 0; s0 < QB; s0 += 8u) {
-                float v[8];
+        // Lane l takes row l % 16 of the even slots (l < 16) or the odd ones, all its loads in
+        // flight at once; unused slots hold zero. Each half adds its slots in order, then the
+        // two halves are added: a fixed order whichever warp came last.
+        const u32 row = lane & 15u, odd = lane >> 4;
+        float v[(QB + 1u) / 2u];
 #pragma unroll
-                for (u32 s = 0; s < 8u; ++s)
-                    v[s] = s0 + s < QB ? load_l2(sums + (s0 + s) * 16u + lane) : 0.f;
-#pragma unroll
-                for (u32 s = 0; s < 8u; ++s) {
-                    if (s0 + s < QB) {
-                        sum += v[s];
-                        store_l2(sums + (s0 + s) * 16u + lane, 0.f);
-                    }
-                }
-            }
-            out[tile * 16u + lane] = to_half(sum);
+        for (u32 i = 0; i < (QB + 1u) / 2u; ++i) {
+            const u32 slot_i = 2u * i + odd;
+            v[i] = slot_i < QB ? load_l2(sums + slot_i * 16u + row) : 0.f;
         }
+        float sum = 0.f;
+#pragma unroll
+        for (u32 i = 0; i < (QB + 1u) / 2u; ++i) {
+            const u32 slot_i = 2u * i + odd;
+            if (slot_i < QB) {
+                sum += v[i];
+                store_l2(sums + slot_i * 16u + row, 0.f);
+            }
+        }
+        sum = add_halves(sum);
+        if (lane < 16u) out[tile * 16u + lane] = to_half(sum);
         if (lane == 0u) count_reset(count + tile);
     }
 }
