@@ -33,7 +33,7 @@ import sys
 import cupy as cp
 import numpy as np
 
-from gemv_emulate import row_layout  # the shared-memory layout gemv_row.rs plans
+from gemv_emulate import row_layout, split_layout  # the shared-memory layouts Rust plans
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 KERNELS = os.path.join(HERE, "..", "..", "src", "quant", "kernels")
@@ -87,8 +87,7 @@ def split_config(sets, k: int, n: int, sms: int) -> dict:
     resident = max(sms * cfg["MINB"], -(-quads // (cfg["NW"] * 4)))
     grid = cfg.pop("GRID", min(resident, -(-quads // cfg["NW"])))
     cfg.setdefault("WIDE", 0)
-    dyn = (0x20000 if cfg["WIDE"] else 0x10000) - 0x400
-    cfg.update(WARPS=grid * cfg["NW"], K=k, N=n, NBS=NBS, DYN=dyn, BF16=0)
+    cfg.update(WARPS=grid * cfg["NW"], K=k, N=n, NBS=NBS, DYN=split_layout(cfg["WIDE"]), BF16=0)
     cfg["QPW"] = -(-quads // cfg["WARPS"])
     cfg["ablate"] = {key: cfg.pop(key) for key in list(cfg) if key.islower()}
     cfg["kernel"] = "split"

@@ -17,6 +17,7 @@ use std::sync::{Mutex, OnceLock};
 use std::thread::ThreadId;
 
 use burn::prelude::Shape;
+use burn::tensor::backend::{DeviceId, DeviceOps};
 use burn::tensor::DType;
 use burn_cubecl::ops::numeric::zeros_client;
 use burn_cubecl::tensor::CubeTensor;
@@ -155,13 +156,9 @@ fn work_buffer<R: CubeRuntime>(
     device: &R::Device,
     words: usize,
 ) -> CubeTensor<R> {
-    type Key = (TypeId, String, ThreadId);
+    type Key = (TypeId, DeviceId, ThreadId);
     static BUFFERS: OnceLock<Mutex<HashMap<Key, Box<dyn Any + Send>>>> = OnceLock::new();
-    let key = (
-        TypeId::of::<R>(),
-        format!("{device:?}"),
-        std::thread::current().id(),
-    );
+    let key = (TypeId::of::<R>(), device.id(), std::thread::current().id());
     let mut buffers = BUFFERS.get_or_init(Default::default).lock().unwrap();
     if let Some(b) = buffers
         .get(&key)
