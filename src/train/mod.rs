@@ -20,6 +20,7 @@ pub mod bench;
 pub mod checkpoint;
 pub mod data;
 pub mod devices;
+mod grads;
 pub mod host_profile;
 pub mod memory;
 pub mod metrics;
