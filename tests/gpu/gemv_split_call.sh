@@ -17,11 +17,15 @@ nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader
 echo "== lab $(date +%s)"
 C=plan,split,split:NW=4,split:NW=8,split:NW=16:MINB=2,split:NW=32:MINB=1,split:NW=32:MINB=1:WIDE=1
 C=$C,split:NW=24:MINB=1:WIDE=1,split:NW=5:MINB=1,split:NW=8:nomath=1
+# LEAN=1 (a short device budget): fewer layouts and no ncu.
+[ -n "$LEAN" ] && C=plan,split,split:NW=8,split:NW=16:MINB=2,split:NW=32:MINB=1:WIDE=1,split:NW=8:nomath=1
 timeout 150 python3 tests/gpu/gemv_lab.py --hot --configs $C --reps 9 2>&1 | tee $OUT/lab.txt | grep -vE "^\|"
+if [ -z "$LEAN" ]; then
 echo "== ncu stalls $(date +%s)"
 M=gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,smsp__issue_active.avg.pct_of_peak_sustained_active,sm__warps_active.avg.pct_of_peak_sustained_active,regex:smsp__average_warps_issue_stalled_.*_per_issue_active.ratio
 timeout 60 ncu --clock-control none -k regex:nf4_gemv --metrics $M --csv python3 tests/gpu/gemv_lab.py --ncu --shapes 2560x9728,9728x2560 --configs split,split:NW=8,split:NW=32:MINB=1:WIDE=1 > $OUT/ncu_stalls.csv 2>&1; echo "rc $?"
 python3 tests/gpu/ncu_stalls.py $OUT/ncu_stalls.csv
+fi
 if [ -f .device/qv.xz ]; then
   xz -dc .device/qv.xz > /tmp/qv && chmod +x /tmp/qv
   eval "$(tests/gpu/kernel_cache.sh env)"
