@@ -30,7 +30,7 @@ use cubecl::prelude::{ComputeClient, TensorArg};
 use cubecl::{CubeCount, CubeDim};
 
 use super::cube::WARP;
-use super::gemv::overrides;
+use super::overrides::overrides;
 use super::Nf4Meta;
 
 /// Values of `in` per step (one shared tile's width).

@@ -16,7 +16,7 @@ use cubecl::prelude::{ComputeClient, StorageType};
 use cubecl::CubeCount;
 
 use super::gemm_tiled::f32_accumulated;
-use super::gemv::overrides;
+use super::overrides::overrides;
 use super::raw_cuda::{configured_kernel, is_cuda, launch_raw, Defines, RawCudaKernel};
 use super::Nf4Meta;
 

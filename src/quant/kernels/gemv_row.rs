@@ -20,8 +20,8 @@ use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::CubeRuntime;
 use cubecl::prelude::ComputeClient;
 
-use super::gemv::{overrides, Overrides};
 use super::gemv_mma::{fits_mma_tiles, launch_gemv_source};
+use super::overrides::{overrides, Overrides};
 use super::raw_cuda::{configured_kernel, Defines};
 use super::Nf4Meta;
 

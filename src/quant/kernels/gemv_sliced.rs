@@ -23,7 +23,7 @@ use cubecl::prelude::{ComputeClient, TensorArg};
 use cubecl::{CubeCount, CubeDim};
 
 use super::cube::WARP;
-use super::gemv::overrides;
+use super::overrides::overrides;
 use super::Nf4Meta;
 
 /// Rows of W a cube takes at a time (one per lane group after the warp's fold).

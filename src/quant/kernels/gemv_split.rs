@@ -25,8 +25,8 @@ use burn_cubecl::CubeRuntime;
 use cubecl::prelude::ComputeClient;
 use cubecl::CubeCount;
 
-use super::gemv::{overrides, Overrides};
 use super::gemv_mma::fits_mma_tiles;
+use super::overrides::{overrides, Overrides};
 use super::raw_cuda::{configured_kernel, launch_raw, Defines};
 use super::Nf4Meta;
 

@@ -43,6 +43,7 @@ pub mod grad_norm;
 pub mod layer_grads;
 pub mod layer_ops;
 pub mod layer_steps;
+mod overrides;
 pub mod raw_cuda;
 pub mod routing;
 
