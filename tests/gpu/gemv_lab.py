@@ -77,11 +77,12 @@ def plan(k: int, n: int, sms: int) -> dict:
 def split_config(sets, k: int, n: int, sms: int) -> dict:
     """gemv_split.cu's configuration: NW warps a cube, MINB cubes a multiprocessor, the grid
     as many cubes as the card holds at once (GRID overrides), each warp a run of quads."""
-    cfg = dict(NW=10, MINB=3)
+    quads = n // 16 * (k // 256)
+    # Fewer warps a cube where 10 would not reach every multiprocessor (as gemv_split.rs).
+    cfg = dict(NW=min(max(-(-quads // sms), 1), 10), MINB=3)
     for s in sets:
         key, value = s.split("=")
         cfg[key] = int(value)
-    quads = n // 16 * (k // 256)
     # gemv_split.rs's grid: the cubes the card holds at once, more where a warp would hold more
     # than 4 quads (MAX_QUADS_PER_WARP), fewer where a warp would get none.
     resident = max(sms * cfg["MINB"], -(-quads // (cfg["NW"] * 4)))

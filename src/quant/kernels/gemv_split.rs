@@ -51,7 +51,8 @@ fn dynamic(wide: bool) -> usize {
 const LOW_LIMIT: usize = 0x8000 - 0x400;
 /// Most quads a warp holds in registers (16 registers each); larger weights take more cubes.
 const MAX_QUADS_PER_WARP: usize = 4;
-/// Warps per cube and cubes per multiprocessor without overrides.
+/// Most warps per cube (fewer where the quads would not reach every multiprocessor) and cubes
+/// per multiprocessor, without overrides.
 const WARPS: usize = 10;
 const CUBES_PER_SM: usize = 3;
 /// Whether one row takes this kernel without `QWEN3VL_GEMV=split`. Not yet: unmeasured.
@@ -107,10 +108,13 @@ impl SplitPlan {
             return None;
         }
         let wide = o.wide.is_some_and(|w| w != 0);
-        let warps = o.cube_warps.unwrap_or(WARPS).clamp(1, 32);
+        let quads = quads(meta);
+        // Fewer warps a cube where the quads would not reach every multiprocessor otherwise
+        // (2560->1024: 640 quads, 5 warps a cube on 128 multiprocessors, not 10 on 64).
+        let spread = quads.div_ceil(sms.max(1)).clamp(1, WARPS);
+        let warps = o.cube_warps.unwrap_or(spread).clamp(1, 32);
         let most = if wide { 1 } else { 3 };
         let min_cubes = o.min_cubes.unwrap_or(CUBES_PER_SM).clamp(1, most);
-        let quads = quads(meta);
         // As many cubes as the card holds at once, more where a warp would hold too many
         // quads, fewer where a warp would get none.
         let resident = (sms.max(1) * min_cubes).max(quads.div_ceil(warps * MAX_QUADS_PER_WARP));
@@ -245,9 +249,11 @@ mod tests {
             assert!(p.quads_per_warp(m) <= MAX_QUADS_PER_WARP);
             assert_eq!(work_words(m), d_out / 16 + d_out * (d_in / 256));
         }
-        // 2560->1024 has 640 quads: 64 cubes of 10 warps, one quad each.
+        // 2560->1024 has 640 quads: 128 cubes of 5 warps, one quad each (10 warps a cube
+        // would leave half the multiprocessors idle).
         let p = plan(1, meta(2560, 1024), true).unwrap();
-        assert_eq!((p.cubes, p.quads_per_warp(meta(2560, 1024))), (64, 1));
+        let one_quad = p.quads_per_warp(meta(2560, 1024));
+        assert_eq!((p.cubes, p.warps, one_quad), (128, 5, 1));
         // 2560->9728: 6,080 quads over 396 cubes of 10 warps.
         let p = plan(1, meta(2560, 9728), true).unwrap();
         assert_eq!((p.cubes, p.quads_per_warp(meta(2560, 9728))), (396, 2));
