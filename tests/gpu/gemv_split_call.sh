@@ -19,6 +19,8 @@ C=plan,split,split:NW=4,split:NW=8,split:NW=16:MINB=2,split:NW=32:MINB=1,split:N
 C=$C,split:NW=24:MINB=1:WIDE=1,split:NW=5:MINB=1,split:NW=8:nomath=1
 # LEAN=1 (a short device budget): fewer layouts and no ncu.
 [ -n "$LEAN" ] && C=plan,split,split:NW=8,split:NW=16:MINB=2,split:NW=32:MINB=1:WIDE=1,split:NW=8:nomath=1
+# LEAN=2 (a minimal budget): three layouts, the f16 checks, no bench.
+[ "$LEAN" = 2 ] && C=plan,split,split:NW=16:MINB=2
 timeout 150 python3 tests/gpu/gemv_lab.py --hot --configs $C --reps 9 2>&1 | tee $OUT/lab.txt | grep -vE "^\|"
 if [ -z "$LEAN" ]; then
 echo "== ncu stalls $(date +%s)"
@@ -32,9 +34,9 @@ if [ -f .device/qv.xz ]; then
   tests/gpu/kernel_cache.sh unpack .device/kc >/dev/null
   echo "== checks split $(date +%s)"
   QWEN3VL_GEMV=split timeout 40 /tmp/qv bench nf4 --check-only --device cuda --checks gemv --dtype f16 2>&1 | grep -E "forward|FAIL|error|panic" | grep -v "backward" | grep -E "rows   1|FAIL|error|panic"
-  QWEN3VL_GEMV=split QWEN3VL_GEMV_WIDE=1 QWEN3VL_GEMV_CUBE_WARPS=32 timeout 40 /tmp/qv bench nf4 --check-only --device cuda --checks gemv --dtype bf16 2>&1 | grep -E "forward|FAIL|error|panic" | grep -v "backward" | grep -E "rows   1|FAIL|error|panic"
+  [ "$LEAN" = 2 ] || QWEN3VL_GEMV=split QWEN3VL_GEMV_WIDE=1 QWEN3VL_GEMV_CUBE_WARPS=32 timeout 40 /tmp/qv bench nf4 --check-only --device cuda --checks gemv --dtype bf16 2>&1 | grep -E "forward|FAIL|error|panic" | grep -v "backward" | grep -E "rows   1|FAIL|error|panic"
   echo "== bench one row $(date +%s)"
-  for g in split sliced; do
+  [ "$LEAN" = 2 ] || for g in split sliced; do
     QWEN3VL_GEMV=$g timeout 60 /tmp/qv bench nf4 --device cuda --checks none --gemv-rows 1 --gemm-rows none 2>&1 | grep -E "rows    1|copy" | sed "s/^/$g /"
   done
 fi
