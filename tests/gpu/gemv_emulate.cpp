@@ -94,23 +94,25 @@ std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;
 unsigned fragments[32][32][6];  // [warp][lane][a0..a3, b0, b1]
 inline void __syncthreads() { cube_barrier->arrive_and_wait(); }
 inline void emulated_sync_warp() { warp_barriers[threadIdx.x >> 5]->arrive_and_wait(); }
-// Lane 0's value for the whole warp (__shfl_sync from lane 0), through the fragment registers.
-inline unsigned emulated_from_lane0(unsigned v) {
+// Lane `src`'s `v` (__shfl_sync), through the fragment registers: every lane writes its `v`,
+// the warp meets, each lane reads its source's, and the warp meets again before any reuse.
+inline unsigned emulated_shfl(unsigned v, unsigned src) {
     const unsigned lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
     fragments[warp][lane][0] = v;
     warp_barriers[warp]->arrive_and_wait();
-    const unsigned got = fragments[warp][0][0];
+    const unsigned got = fragments[warp][src][0];
     warp_barriers[warp]->arrive_and_wait();
     return got;
 }
+// Lane 0's value for the whole warp (__shfl_sync from lane 0).
+inline unsigned emulated_from_lane0(unsigned v) { return emulated_shfl(v, 0); }
 // v + lane (l ^ 16)'s v (v + __shfl_xor_sync(~0u, v, 16)).
 inline float emulated_add_halves(float v) {
-    const unsigned lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
-    memcpy(&fragments[warp][lane][0], &v, 4);
-    warp_barriers[warp]->arrive_and_wait();
+    unsigned bits, other_bits;
+    memcpy(&bits, &v, 4);
+    other_bits = emulated_shfl(bits, (threadIdx.x & 31u) ^ 16u);
     float other;
-    memcpy(&other, &fragments[warp][lane ^ 16u][0], 4);
-    warp_barriers[warp]->arrive_and_wait();
+    memcpy(&other, &other_bits, 4);
     return v + other;
 }
 
