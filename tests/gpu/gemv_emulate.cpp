@@ -1,7 +1,7 @@
-// CPU emulation harness for the CUDA C++ GEMV kernels, src/quant/kernels/gemv_mma.cu (ENTRY 0),
-// gemv_row.cu (ENTRY 1) and gemv_split.cu (ENTRY 2, called twice), driven by gemv_emulate.py,
-// which puts the configuration's #defines and the kernel source, with its inline-PTX helpers
-// replaced by the emulations below, between the two halves of this file.
+// CPU emulation harness for the CUDA C++ GEMV kernels, src/quant/kernels/gemv_mma.cu (ENTRY 0)
+// and gemv_row.cu (ENTRY 1), driven by gemv_emulate.py, which puts the configuration's
+// #defines and the kernel source, with its inline-PTX helpers replaced by the emulations
+// below, between the two halves of this file.
 //
 // Every CUDA thread of a cube is a std::thread; __syncthreads is a cube-wide barrier, and the
 // warp-wide mma.sync is emulated by exchanging the 32 lanes' fragment registers behind a warp
@@ -94,27 +94,6 @@ std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;
 unsigned fragments[32][32][6];  // [warp][lane][a0..a3, b0, b1]
 inline void __syncthreads() { cube_barrier->arrive_and_wait(); }
 inline void emulated_sync_warp() { warp_barriers[threadIdx.x >> 5]->arrive_and_wait(); }
-// Lane `src`'s `v` (__shfl_sync), through the fragment registers: every lane writes its `v`,
-// the warp meets, each lane reads its source's, and the warp meets again before any reuse.
-inline unsigned emulated_shfl(unsigned v, unsigned src) {
-    const unsigned lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
-    fragments[warp][lane][0] = v;
-    warp_barriers[warp]->arrive_and_wait();
-    const unsigned got = fragments[warp][src][0];
-    warp_barriers[warp]->arrive_and_wait();
-    return got;
-}
-// Lane 0's value for the whole warp (__shfl_sync from lane 0).
-inline unsigned emulated_from_lane0(unsigned v) { return emulated_shfl(v, 0); }
-// v + lane (l ^ 16)'s v (v + __shfl_xor_sync(~0u, v, 16)).
-inline float emulated_add_halves(float v) {
-    unsigned bits, other_bits;
-    memcpy(&bits, &v, 4);
-    other_bits = emulated_shfl(bits, (threadIdx.x & 31u) ^ 16u);
-    float other;
-    memcpy(&other, &other_bits, 4);
-    return v + other;
-}
 
 static float half_bits_to_float(unsigned short h) {
 #if BF16
@@ -220,23 +199,7 @@ int main() {
         }
     std::vector<unsigned short> out(rows * OP, 0x7E00);
     const GemvScalars s{offset, 0};
-#if ENTRY == 2
-    // The split kernel's counts and partial sums: zero before the first call, and again after
-    // each (it puts them back); two calls must give the same bits.
-    std::vector<float> work(N / 16 + N / 16 * QB * 16, 0.0f);
-    std::vector<unsigned short> first_out;
-    const unsigned cubes = WARPS / NW, calls = 2;
-#else
-    const unsigned cubes = (n / 16 + TPC - 1) / TPC, calls = 1;
-#endif
-    for (unsigned call = 0; call < calls; ++call) {
-#if ENTRY == 2
-    // The second call starts from a poisoned output again: it must write every row itself.
-    if (call == 1) {
-        first_out = out;
-        std::fill(out.begin(), out.end(), (unsigned short)0x7E00);
-    }
-#endif
+    const unsigned cubes = (n / 16 + TPC - 1) / TPC;
     for (unsigned c = 0; c < cubes; ++c) {
         blockIdx.x = c;
         memset(emulated_window, 0xA5, sizeof emulated_window);  // stale values from the last cube
@@ -248,11 +211,7 @@ int main() {
         for (unsigned t = 0; t < NW * 32; ++t)
             threads.emplace_back([&, t] {
                 threadIdx.x = t;
-#if ENTRY == 2
-                nf4_gemv_split(xh.data(), (const U32x2*)words.data(), nested.data(),
-                               scale_words.data(), scale_map.data(), code.data(), out.data(),
-                               work.data(), s);
-#elif ENTRY == 1
+#if ENTRY == 1
                 nf4_gemv_row(xh.data(), (const U32x2*)words.data(), nested.data(),
                              scale_words.data(), scale_map.data(), code.data(), out.data(), s);
 #else
@@ -262,16 +221,6 @@ int main() {
             });
         for (auto& th : threads) th.join();
     }
-    }
-#if ENTRY == 2
-    bool work_clean = true;
-    for (float v : work) work_clean &= v == 0.0f;
-    if (!work_clean || first_out != out) {
-        printf("split: %s\n", work_clean ? "the second call gave other bits"
-                                          : "the work buffer was not put back to zero");
-        return 1;
-    }
-#endif
     std::vector<double> value(16);  // the kernel's table holds 16-bit code values
     for (int i = 0; i < 16; ++i) value[i] = half_bits_to_float(float_to_half_bits(code[i]));
     double num = 0, den = 0;

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Runs the CUDA C++ GEMV kernels on the CPU (no GPU needed) against a double reference.
 
-The kernels are src/quant/kernels/gemv_mma.cu (1..8 rows of x), gemv_row.cu and gemv_split.cu
-(one row), each after gemv_common.cuh (and the one-row kernels after gemv_onerow.cuh).
+The kernels are src/quant/kernels/gemv_mma.cu (1..8 rows of x) and gemv_row.cu (one row), each
+after gemv_common.cuh (and the one-row kernel after gemv_onerow.cuh).
 Each configuration's #defines, the harness's first half, the kernel (its inline-PTX helpers
 swapped for the harness's emulations) and the harness's second half are compiled with g++
 (C++20: std::barrier) and run; see gemv_emulate.cpp for how threads, barriers, shared memory
@@ -13,7 +13,6 @@ not their speed or their PTX. Exit status 1 if any configuration fails.
   tests/gpu/gemv_emulate.py                                   the built-in configurations
   tests/gpu/gemv_emulate.py mma K N ROWS NW BPW CH TPC BF16 [XP OP]
   tests/gpu/gemv_emulate.py row K N NW BPW TPC BF16 STAGES WIDE LINES [XZERO]
-  tests/gpu/gemv_emulate.py split K N NW WARPS BF16 WIDE
 """
 import os
 import re
@@ -25,7 +24,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 KERNELS = os.path.join(HERE, "..", "..", "src", "quant", "kernels")
 MMA_NAMES = ["K", "N", "ROWS", "NW", "BPW", "CH", "TPC", "BF16", "XP", "OP"]
 ROW_NAMES = ["K", "N", "NW", "BPW", "TPC", "BF16", "STAGES", "WIDE", "LINES", "XZERO"]
-SPLIT_NAMES = ["K", "N", "NW", "WARPS", "BF16", "WIDE"]
 
 
 def row_layout(k: int, nw: int, tpc: int, stages: int, wide: int, lines: int = 0):
@@ -83,26 +81,6 @@ ROW_CONFIGS = [
     (2560, 96, 10, 4, 5, 0, 4, 1, 1, 1),
 ]
 
-# gemv_split.cu (K, N, NW, WARPS, BF16, WIDE): runs that cross tiles (40 blocks = 10 quads a
-# row, 1.5 quads a warp), more warps than quads (idle warps), one warp a cube, a long row (38
-# quads), bf16, the 64 KiB table.
-SPLIT_CONFIGS = [
-    (2560, 48, 4, 20, 0, 0),
-    (2560, 32, 3, 45, 1, 0),
-    (512, 48, 2, 4, 0, 0),
-    (9728, 32, 1, 7, 0, 0),
-    (4096, 32, 5, 15, 1, 0),
-    (2560, 48, 4, 20, 0, 1),
-    (9728, 32, 3, 9, 1, 1),
-]
-
-
-def split_layout(wide: int) -> int:
-    """DYN as gemv_split.rs plans it: x, the scale map and the code table below the pair table,
-    which starts at window offset 0x8000 (32 KiB) or 0x10000 (64 KiB, wide)."""
-    return (0x20000 if wide else 0x10000) - 0x400
-
-
 def emulated_source(name: str) -> str:
     src = open(os.path.join(KERNELS, "gemv_common.cuh")).read()
     if name != "gemv_mma.cu":  # the one-row kernels' shared part
@@ -124,16 +102,6 @@ def emulated_source(name: str) -> str:
         (r"void sync_warp\(\)", "{ emulated_sync_warp(); }"),
         (r"void cp_async_commit\(\)", "{ emulated_commit(); }"),
         (r"void cp_async_wait\(\)", "{ emulated_wait(PENDING); }"),
-        (r"void store_l2\(float\* p, float v\)", "{ __atomic_store(p, &v, __ATOMIC_RELAXED); }"),
-        (
-            r"float load_l2\(const float\* p\)",
-            "{ float v; __atomic_load(p, &v, __ATOMIC_RELAXED); return v; }",
-        ),
-        (r"u32 count_add\(u32\* p, u32 n\)", "{ return __atomic_fetch_add(p, n, __ATOMIC_SEQ_CST); }"),
-        (r"void count_reset\(u32\* p\)", "{ __atomic_store_n(p, 0u, __ATOMIC_SEQ_CST); }"),
-        (r"void fence_card\(\)", "{ __atomic_thread_fence(__ATOMIC_SEQ_CST); }"),
-        (r"u32 from_lane0\(u32 v\)", "{ return emulated_from_lane0(v); }"),
-        (r"float add_halves\(float v\)", "{ return emulated_add_halves(v); }"),
     ]
     for signature, body in swaps:
         pattern = r"(__device__ __forceinline__ " + signature + r") \{.*?\n\}\n"
@@ -153,11 +121,6 @@ def defines(kind: str, cfg) -> str:
     if kind == "mma":
         values = dict(zip(MMA_NAMES, cfg))
         values.update(ENTRY=0, MINB=1, DYN=0, STAGES=0, STAGE_AT=0, WIDE=0)
-    elif kind == "split":
-        values = dict(zip(SPLIT_NAMES, cfg))
-        quads = cfg[1] // 16 * cfg[0] // 256
-        values.update(QPW=-(-quads // cfg[3]), MINB=1, DYN=split_layout(cfg[5]), ENTRY=2)
-        values.update(ROWS=1, XP=cfg[0], OP=cfg[1], CH=0, BPW=0, TPC=0, STAGES=0)
     else:
         values = dict(zip(ROW_NAMES, cfg))
         values.update({name: 0 for name in ROW_NAMES[len(cfg):]})
@@ -189,7 +152,6 @@ def run(kind: str, cfg, kernel: str, harness: str, tmp: str) -> bool:
 
 def main() -> None:
     jobs = [("mma", c) for c in MMA_CONFIGS] + [("row", c) for c in ROW_CONFIGS]
-    jobs += [("split", c) for c in SPLIT_CONFIGS]
     if len(sys.argv) > 1:
         kind, v = sys.argv[1], [int(a) for a in sys.argv[2:]]
         if kind == "mma" and len(v) == 8:
@@ -198,7 +160,6 @@ def main() -> None:
     sources = {
         "mma": emulated_source("gemv_mma.cu"),
         "row": emulated_source("gemv_row.cu"),
-        "split": emulated_source("gemv_split.cu"),
     }
     harness = open(os.path.join(HERE, "gemv_emulate.cpp")).read()
     with tempfile.TemporaryDirectory() as tmp:

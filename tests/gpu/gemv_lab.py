@@ -1,7 +1,6 @@
 #!/usr/bin/env python3
-"""Times configurations of the one-row NF4 GEMVs (src/quant/kernels/gemv_row.cu and
-gemv_split.cu) on the GPU through CuPy, next to a read-only pass and a device-to-device copy of
-the same bytes.
+"""Times configurations of the one-row NF4 GEMV (src/quant/kernels/gemv_row.cu) on the GPU
+through CuPy, next to a read-only pass and a device-to-device copy of the same bytes.
 
 Needs CuPy and a CUDA GPU (the device machine has both); no Rust build. Each shape gets a fresh
 random NF4 weight (8-bit scale codes, nested f32 scales); every configuration is first checked
@@ -17,10 +16,8 @@ median over replays of (graph time / launches): kernel time plus the launch gap 
 Configurations: "plan" is gemv_row.rs's plan (W in registers); "sS" the same with a ring of S
 slots per warp (cp.async); "pS" one cube per multiprocessor with a ring of S and the 64 KiB
 pair table (WIDE); each may be followed by ":NAME=VALUE" overrides (NW, BPW, TPC, MINB,
-WIDE), e.g. "s4:TPC=1", "p8:WIDE=0". "split" is gemv_split.cu (every warp of the card an
-equal run of quads; overrides NW, MINB, GRID, WIDE, e.g. "split:NW=32:MINB=1:WIDE=1"); its
-work buffer is checked to be back at zero after a call, and its output still right after the
-timed replays. Lower-case overrides are the lab's ablations: ":nomath=1" (see NO_MATH). The
+WIDE), e.g. "s4:TPC=1", "p8:WIDE=0". Lower-case overrides are the lab's ablations:
+":nomath=1" (see NO_MATH). The
 read-only pass ("read") reads the weight's bytes 16 at a time; "copy" is cudaMemcpyAsync of
 those bytes.
 """
@@ -33,7 +30,7 @@ import sys
 import cupy as cp
 import numpy as np
 
-from gemv_emulate import row_layout, split_layout  # the shared-memory layouts Rust plans
+from gemv_emulate import row_layout  # the shared-memory layout Rust plans
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 KERNELS = os.path.join(HERE, "..", "..", "src", "quant", "kernels")
@@ -74,31 +71,8 @@ def plan(k: int, n: int, sms: int) -> dict:
     return dict(NW=warps, BPW=bpw, TPC=tiles, MINB=fitting, STAGES=0)
 
 
-def split_config(sets, k: int, n: int, sms: int) -> dict:
-    """gemv_split.cu's configuration: NW warps a cube, MINB cubes a multiprocessor, the grid
-    as many cubes as the card holds at once (GRID overrides), each warp a run of quads."""
-    quads = n // 16 * (k // 256)
-    # Fewer warps a cube where 10 would not reach every multiprocessor (as gemv_split.rs).
-    cfg = dict(NW=min(max(-(-quads // sms), 1), 10), MINB=3)
-    for s in sets:
-        key, value = s.split("=")
-        cfg[key] = int(value)
-    # gemv_split.rs's grid: the cubes the card holds at once, more where a warp would hold more
-    # than 4 quads (MAX_QUADS_PER_WARP), fewer where a warp would get none.
-    resident = max(sms * cfg["MINB"], -(-quads // (cfg["NW"] * 4)))
-    grid = cfg.pop("GRID", min(resident, -(-quads // cfg["NW"])))
-    cfg.setdefault("WIDE", 0)
-    cfg.update(WARPS=grid * cfg["NW"], K=k, N=n, NBS=NBS, DYN=split_layout(cfg["WIDE"]), BF16=0)
-    cfg["QPW"] = -(-quads // cfg["WARPS"])
-    cfg["ablate"] = {key: cfg.pop(key) for key in list(cfg) if key.islower()}
-    cfg["kernel"] = "split"
-    return cfg
-
-
 def config(name: str, k: int, n: int, sms: int) -> dict:
     head, *sets = name.split(":")
-    if head == "split":
-        return split_config(sets, k, n, sms)
     cfg = plan(k, n, sms)
     cfg["WIDE"] = 0
     cfg["LINES"] = 0
@@ -194,14 +168,9 @@ def scalars(offset) -> np.uint64:
     return np.uint64(int(np.float32(offset).view(np.uint32)))
 
 
-def launcher(kernel, cfg, w: Weight, x, out, work):
-    args = (x, w.words, w.absmax, w.scale_words, w.scale_map, w.code, out)
-    if cfg["kernel"] == "split":
-        cubes = cfg["WARPS"] // cfg["NW"]
-        args += (work, scalars(w.offset))
-    else:
-        cubes = -(-(cfg["N"] // 16) // cfg["TPC"])
-        args += (scalars(w.offset),)
+def launcher(kernel, cfg, w: Weight, x, out):
+    args = (x, w.words, w.absmax, w.scale_words, w.scale_map, w.code, out, scalars(w.offset))
+    cubes = -(-(cfg["N"] // 16) // cfg["TPC"])
     return lambda: kernel((cubes,), (cfg["NW"] * 32,), args, shared_mem=cfg["DYN"])
 
 
@@ -253,7 +222,6 @@ def main() -> None:
         copies = 1 if a.ncu else max(2, math.ceil(3 * l2 / w.bytes))
         ws = [w] + [w.copy() for _ in range(copies - 1)]
         outs = [cp.empty(n, dtype=np.uint16) for _ in ws]
-        work = cp.zeros(n // 16 * (1 + k // 256 * 16), dtype=np.float32)  # the split kernel's
         line = {"shape": f"{k}->{n}", "MB": w.bytes / 1e6}
         for name in a.configs.split(","):
             cfg = config(name, k, n, sms)
@@ -261,29 +229,26 @@ def main() -> None:
             kernel.max_dynamic_shared_size_bytes = cfg["DYN"]
             out = outs[0]
             out.fill(0x7E00)  # NaN: every element must be written
-            launcher(kernel, cfg, w, x, out, work)()
+            launcher(kernel, cfg, w, x, out)()
             got = out.view(cp.float16).astype(cp.float64)
             err = float(cp.linalg.norm(got - ref) / cp.linalg.norm(ref))
             ok = err <= 1e-3 and not bool(cp.isnan(got).any())
-            if cfg["kernel"] == "split" and bool(work.any()):
-                print(f"{k}->{n} {name}: the work buffer was not put back to zero")
-                ok = False
             if a.ncu:
-                launcher(kernel, cfg, w, x, out, work)()
+                launcher(kernel, cfg, w, x, out)()
                 cp.cuda.Device().synchronize()
                 us = float("nan")
             else:
-                fns = [launcher(kernel, cfg, wi, x, o, work) for wi, o in zip(ws, outs)]
+                fns = [launcher(kernel, cfg, wi, x, o) for wi, o in zip(ws, outs)]
                 us = time_graph(fns, a.reps)
-                # After hundreds of calls sharing `work`, the first output is still right.
+                # After hundreds of calls, the first output is still right.
                 again = outs[0].view(cp.float16).astype(cp.float64)
                 if float(cp.linalg.norm(again - ref) / cp.linalg.norm(ref)) > 1e-3:
                     print(f"{k}->{n} {name}: wrong after repeated calls")
                     ok = False
                 if a.hot:  # the same weight every launch: it stays in L2
-                    hot = time_graph([launcher(kernel, cfg, w, x, out, work)] * len(ws), a.reps)
+                    hot = time_graph([launcher(kernel, cfg, w, x, out)] * len(ws), a.reps)
                     line[name + " hot"] = hot
-            names = ("NW", "BPW", "TPC", "MINB", "STAGES", "LINES", "WARPS", "QPW")
+            names = ("NW", "BPW", "TPC", "MINB", "STAGES", "LINES")
             desc = ",".join(f"{p}={cfg[p]}" for p in names if p in cfg)
             hot = f" (L2-hot {line[name + ' hot']:.2f} us)" if a.hot and not a.ncu else ""
             print(f"{k}->{n} {name:10s} {desc}: err {err:.2e} {'ok' if ok else 'FAILED'} "

@@ -17,7 +17,6 @@ use super::gemv::{launch_flat, launch_grouped, FlatPlan, GroupedPlan};
 use super::gemv_mma::{has_mma_m16n8k16, launch_mma, MmaPlan};
 use super::gemv_row::{launch_row, RowPlan};
 use super::gemv_sliced::{launch_sliced, SlicedPlan};
-use super::gemv_split::{launch_split, SplitPlan};
 use super::{gemv_or_dequantized_matmul, Nf4Backend, Nf4Meta, Nf4Parts, GEMV_MAX_ROWS};
 
 /// Warps per cube of the GEMV kernel (each warp computes one row of W against every x row).
@@ -392,11 +391,6 @@ pub(super) fn gemv<R: CubeRuntime>(
     let sms = client.properties().hardware.num_streaming_multiprocessors;
     let sms = sms.unwrap_or(1) as usize;
     let mma = has_mma_m16n8k16(&client, meta.compute.into());
-    if let Some(plan) = SplitPlan::for_call(rows, meta, mma, sms) {
-        let parts = p.into_contiguous();
-        launch_split(&client, &x, parts.each_ref(), &out, meta, plan);
-        return out;
-    }
     if let Some(plan) = RowPlan::for_call(rows, meta, mma, sms) {
         let parts = p.into_contiguous();
         launch_row(&client, &x, parts.each_ref(), &out, meta, plan);

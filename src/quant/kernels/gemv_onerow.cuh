@@ -1,8 +1,8 @@
-// What the one-row GEMVs (gemv_row.cu, gemv_split.cu) share; put after gemv_common.cuh and
-// before each of them. Their configuration's #defines come first: K, NW, WIDE (0 when left
-// out).
+// The one-row GEMV's (gemv_row.cu) shared-memory layout, helpers and per-block products; put
+// after gemv_common.cuh and before it. The configuration's #defines come first: K, NW, WIDE
+// (0 when left out).
 //
-// The start of their dynamic shared memory (which starts at window offset 0x400): x (2 bytes a
+// The start of its dynamic shared memory (which starts at window offset 0x400): x (2 bytes a
 // value), the scale map (256 f32) and the code table (16 values of 16 bits, 64 bytes kept);
 // above them the pair table, at the window offset aligned to its size: 32 KiB (entry stride 128
 // bytes, at 0x8000 at the earliest), or 64 KiB when WIDE (entry stride 256, half of each stride

@@ -38,7 +38,6 @@ pub mod gemv;
 pub mod gemv_mma;
 pub mod gemv_row;
 pub mod gemv_sliced;
-pub mod gemv_split;
 pub mod grad_norm;
 pub mod layer_grads;
 pub mod layer_ops;
