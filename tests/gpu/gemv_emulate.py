@@ -57,8 +57,12 @@ MMA_CONFIGS = [
 # STAGES 0 loads W into registers; S > 0 streams it through a ring of S slots per warp (below
 # the table, or above it when the small inputs leave no room). WIDE 1: the 64 KiB pair table.
 # LINES 1: slots of 4 blocks, whole 128-byte lines of 16 rows, swizzled.
-# XZERO 1: only lanes g = 0 read x.
+# XZERO 1: only lanes g = 0 read x. The first three are the defaults (session 25): one tile
+# a cube, W in registers for 4-block runs, one slot of whole lines for 12-block runs.
 ROW_CONFIGS = [
+    (2560, 48, 10, 4, 1, 0, 0, 0, 0),
+    (9728, 32, 13, 12, 1, 0, 1, 0, 1),
+    (9728, 48, 13, 12, 1, 1, 1, 0, 1),
     (2560, 64, 10, 4, 2, 0, 0, 0, 0),
     (9728, 32, 13, 12, 1, 0, 0, 0, 0),
     (4096, 48, 16, 4, 2, 1, 0, 0, 0),

@@ -13,12 +13,12 @@ median over replays of (graph time / launches): kernel time plus the launch gap 
   tests/gpu/gemv_lab.py --shapes 2560x9728 --configs plan,s2,s4 --reps 30
   tests/gpu/gemv_lab.py --ncu                   one launch each (run under ncu for device time)
 
-Configurations: "plan" is gemv_row.rs's plan (W in registers); "sS" the same with a ring of S
-slots per warp (cp.async); "pS" one cube per multiprocessor with a ring of S and the 64 KiB
-pair table (WIDE); each may be followed by ":NAME=VALUE" overrides (NW, BPW, TPC, MINB,
-WIDE), e.g. "s4:TPC=1", "p8:WIDE=0". Lower-case overrides are the lab's ablations:
-":nomath=1" (see NO_MATH). The
-read-only pass ("read") reads the weight's bytes 16 at a time; "copy" is cudaMemcpyAsync of
+Configurations: "plan" is gemv_row.rs's plan (one tile per cube; W in registers, or through one
+slot of whole lines for runs over 8 blocks); "sS" the same with a ring of S one-block slots per
+warp (cp.async; "s0": W in registers whatever the run); "pS" one cube per multiprocessor with a
+ring of S and the 64 KiB pair table (WIDE); each may be followed by ":NAME=VALUE" overrides
+(NW, BPW, TPC, MINB, WIDE, LINES), e.g. "s4:TPC=2", "p8:WIDE=0". Lower-case overrides are the
+lab's ablations: ":nomath=1" (see NO_MATH). The read-only pass ("read") reads the weight's bytes 16 at a time; "copy" is cudaMemcpyAsync of
 those bytes.
 """
 import argparse
@@ -64,25 +64,25 @@ def plan(k: int, n: int, sms: int) -> dict:
     bpw = min(least, blocks)
     warps = -(-blocks // bpw)
     cubes_per_sm = max(1, min(3, 2048 // (32 * warps)))
-    all_tiles = n // 16
-    tiles = max(1, min(-(-all_tiles // (cubes_per_sm * sms)), min(all_tiles, 8)))  # MAX_TILES
+    tiles = 1  # one tile per cube
     need = 28 + 4 * bpw * tiles
     fitting = next((m for m in range(cubes_per_sm, 0, -1) if 65536 // (m * 32 * warps) >= need), 1)
-    return dict(NW=warps, BPW=bpw, TPC=tiles, MINB=fitting, STAGES=0)
+    streamed = int(bpw > 8)  # REGISTER_RUN: longer runs stream through one slot of whole lines
+    # (with a ring, `config` sets the cubes per multiprocessor from shared memory)
+    return dict(NW=warps, BPW=bpw, TPC=tiles, MINB=fitting, STAGES=streamed, LINES=streamed)
 
 
 def config(name: str, k: int, n: int, sms: int) -> dict:
     head, *sets = name.split(":")
     cfg = plan(k, n, sms)
     cfg["WIDE"] = 0
-    cfg["LINES"] = 0
     if head == "plan":
         pass
     elif head.startswith("s"):
-        cfg["STAGES"] = int(head[1:])
+        cfg.update(STAGES=int(head[1:]), LINES=0)
     elif head.startswith("p"):
         # One cube per multiprocessor, each streaming its share of the tiles; wide table.
-        cfg.update(STAGES=int(head[1:]), WIDE=1, TPC=-(-(n // 16) // sms), MINB=1)
+        cfg.update(STAGES=int(head[1:]), WIDE=1, TPC=-(-(n // 16) // sms), MINB=1, LINES=0)
     else:
         sys.exit(f"unknown configuration {name}")
     for s in sets:

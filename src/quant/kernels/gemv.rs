@@ -1,5 +1,6 @@
-//! Two NF4 GEMV kernels for decoding (the sliced one-row kernel in `gemv_sliced.rs` comes
-//! first where it applies; the one-warp-per-row kernel in `cube.rs` takes the rest):
+//! Two NF4 GEMV kernels for decoding (the one-row kernels in `gemv_row.rs` and
+//! `gemv_sliced.rs` come first where they apply; the one-warp-per-row kernel in `cube.rs` takes
+//! the rest):
 //! * grouped (2..8 rows of x): each warp computes `wrows` rows of W at once, so every x value it
 //!   reads (and converts to f32) serves `wrows` weights, and each lane has `wrows · unroll`
 //!   128-bit weight loads in flight before it uses any.

@@ -53,8 +53,9 @@ impl MmaPlan {
     /// flight and the tiles per cube (for measurements).
     pub fn for_call(rows: usize, meta: Nf4Meta, mma: bool, sms: usize) -> Option<Self> {
         let o = overrides();
-        // One row stays with the sliced kernel unless `QWEN3VL_GEMV=mma`: it was faster there
-        // on three of the 4B's five shapes (H100, tests/NOTES.md "session 19").
+        // One row goes to `gemv_row` (or the sliced kernel where that does not apply) unless
+        // `QWEN3VL_GEMV=mma`: the sliced kernel was already faster than this one there on three
+        // of the 4B's five shapes (H100, tests/NOTES.md "session 19").
         let one_row = rows == 1 && o.choice != "mma";
         if one_row
             || !(1..=8).contains(&rows)
@@ -209,7 +210,7 @@ mod tests {
         // 608 tiles of 2560 -> 9728: two per cube on 132 multiprocessors.
         let plan = MmaPlan::for_call(8, meta(2560, 9728, DType::F16), true, 132).unwrap();
         assert_eq!(plan.tiles, 2);
-        // One row (it goes to the sliced kernel unless `QWEN3VL_GEMV=mma`), no tensor cores,
+        // One row (it goes to the one-row kernels unless `QWEN3VL_GEMV=mma`), no tensor cores,
         // 9 rows, f32, d_in or d_out off the tile, plain scales, block 128.
         let m = meta(2560, 1024, DType::F16);
         assert!(MmaPlan::for_call(1, m, true, 132).is_none());

@@ -4,17 +4,16 @@
 //!
 //! At one row the GEMV reads each packed byte once and does little with it, so its time is how
 //! long the reads take. A cube loads x and the small tables, starts the loads of W, then stages
-//! x and the dequantization table while they are in flight; the grid is sized so that all
-//! cubes are resident at once where the card allows. W either goes to registers, all of it
+//! x and the dequantization table while they are in flight. W either goes to registers, all of it
 //! before the first product (ptxas then waits for the last load before any product), or
 //! streams through a ring of `stages` slots per warp in shared memory (cp.async, one wait per
 //! block), so the products of early blocks overlap the transfer of later ones. The pair table
 //! sits at a boundary of dynamic shared memory aligned to its size, so a table address costs a
 //! shift and one OR (32 KiB table) or one byte permutation (64 KiB, `wide`; see the `.cu`
 //! file). Slots of whole 128-byte lines (`lines`) and x read by one lane group (`xzero`) are
-//! further options. Opt-in for now (`BY_DEFAULT`): W in registers halves the instructions per
-//! weight but was not faster (H100, tests/NOTES.md "session 20"), and neither the ring nor the
-//! wide table beat it (H200, "session 22").
+//! further options. The default (`BY_DEFAULT`, since session 25): one tile of 16 rows per cube
+//! (the card then spreads the cubes evenly over its multiprocessors), W in registers for runs
+//! of up to 8 blocks a warp, one slot of whole lines for longer runs.
 
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::CubeRuntime;
@@ -52,12 +51,14 @@ fn slot_bytes(lines: bool) -> usize {
 }
 /// 32-bit registers per multiprocessor.
 const REGISTERS: usize = 65536;
-/// Whether one row takes this kernel without `QWEN3VL_GEMV=row`. Not yet: its first version
-/// passed the GPU checks but was slower than the sliced kernel on four of the 4B's five shapes
-/// (H100, tests/NOTES.md "session 20"); the ring (`QWEN3VL_GEMV_STAGES`) and the wide table
-/// (`QWEN3VL_GEMV_WIDE=1`) pass the GPU checks and were no faster (H200, "session 22"); the
-/// whole-line slots (`_LINES=1`) and `_XZERO=1` pass the CPU emulation, unmeasured.
-const BY_DEFAULT: bool = false;
+/// Whether one row takes this kernel without `QWEN3VL_GEMV=row`: yes since session 25, when
+/// one tile per cube (and one slot of whole lines for long runs) made it faster than the
+/// sliced kernel on all five 4B shapes (H100, ncu, tests/NOTES.md "session 25").
+const BY_DEFAULT: bool = true;
+/// Longest run of blocks a warp keeps in registers. Longer runs (9728 inputs: 12 blocks) made
+/// ptxas spill and were faster streamed through one ring slot of whole lines (H100, lab,
+/// "session 25": 11.98 against 14.06 µs at 9728->2560).
+const REGISTER_RUN: usize = 8;
 
 /// Shared-memory bytes below the pair table for `d_in` inputs, `warps` warps and `tiles` tiles
 /// per cube: x (2 bytes a value), the scale map (1 KiB), the code table (64 B) and the partial
@@ -150,22 +151,31 @@ impl RowPlan {
             .clamp(least, blocks);
         let warps = blocks.div_ceil(bpw);
         let wide = o.wide.is_some_and(|w| w != 0);
-        let lines = o.lines.is_some_and(|l| l != 0) && o.stages.is_some_and(|s| s > 0);
+        // Runs longer than REGISTER_RUN blocks stream W through one slot of whole lines.
+        let streamed = bpw > REGISTER_RUN;
+        let lines = match o.lines {
+            Some(l) => l != 0 && o.stages.is_some_and(|s| s > 0),
+            None => streamed && o.stages.is_none(),
+        };
         let (table_at, table_end) = table_span(wide);
         let by_smem = |dynamic: usize| (SMEM_PER_SM / (dynamic + SMEM_RESERVED)).max(1);
-        // Tiles per cube: enough that the grid fits on the card at once.
         let cubes_per_sm = by_smem(table_end).min(2048 / (32 * warps)).max(1);
         let all_tiles = meta.d_out / 16;
-        let tiles = o
-            .tiles
-            .unwrap_or(all_tiles.div_ceil(cubes_per_sm * sms.max(1)))
-            .clamp(1, all_tiles.min(MAX_TILES));
+        // One tile per cube: the card hands the next cube to whichever multiprocessor frees
+        // a slot, so the work evens out over them. With the wide table (one cube per
+        // multiprocessor), enough tiles per cube that the grid fits on the card at once.
+        let spread = if wide {
+            all_tiles.div_ceil(cubes_per_sm * sms.max(1))
+        } else {
+            1
+        };
+        let tiles = o.tiles.unwrap_or(spread).clamp(1, all_tiles.min(MAX_TILES));
         if low_bytes(meta.d_in, warps, tiles) > table_at {
             return None;
         }
         // No more slots than units a warp takes, nor than a cube's shared memory holds.
         let units = tiles * if lines { bpw / 4 } else { bpw };
-        let mut stages = o.stages.unwrap_or(0).min(units);
+        let mut stages = o.stages.unwrap_or(usize::from(lines)).min(units);
         let layout = |stages| ring_layout(meta.d_in, warps, tiles, stages, (wide, lines));
         while stages > 0 && layout(stages).1 > MAX_DYNAMIC {
             stages -= 1;
@@ -267,26 +277,39 @@ mod tests {
     }
 
     #[test]
-    fn row_plan_fits_the_4b_shapes_on_the_card_at_once() {
-        // (in, out): warps, blocks per warp, tiles per cube, cubes per multiprocessor.
+    fn row_plan_gives_each_cube_one_tile_and_streams_long_runs() {
+        // (in, out): warps, blocks per warp, tiles per cube, cubes per multiprocessor, slots.
         for ((d_in, d_out), want) in [
-            ((2560, 4096), (10, 4, 1, 3)),
-            ((2560, 1024), (10, 4, 1, 3)),
-            ((4096, 2560), (16, 4, 1, 2)),
-            ((2560, 9728), (10, 4, 2, 3)),
-            ((9728, 2560), (13, 12, 1, 2)),
+            ((2560, 4096), (10, 4, 1, 3, 0)),
+            ((2560, 1024), (10, 4, 1, 3, 0)),
+            ((4096, 2560), (16, 4, 1, 2, 0)),
+            ((2560, 9728), (10, 4, 1, 3, 0)),
+            ((9728, 2560), (13, 12, 1, 2, 1)),
         ] {
             let plan = plan(1, meta(d_in, d_out), true).unwrap();
-            assert_eq!(
-                (plan.warps, plan.bpw, plan.tiles, plan.min_cubes),
-                want,
-                "{d_in}->{d_out}"
+            let got = (
+                plan.warps,
+                plan.bpw,
+                plan.tiles,
+                plan.min_cubes,
+                plan.stages,
             );
-            let cubes = (d_out / 16).div_ceil(plan.tiles);
-            assert!(cubes <= 132 * plan.min_cubes, "{d_in}->{d_out}: one wave");
+            assert_eq!(got, want, "{d_in}->{d_out}");
+            assert_eq!(plan.lines, plan.stages > 0, "{d_in}->{d_out}: whole lines");
             assert!(plan.warps * plan.bpw >= d_in / 64);
             assert!((plan.warps - 1) * plan.bpw < d_in / 64, "no idle warp");
         }
+        // 12-block runs stream through one slot of 13 warps x 2 KiB above the 32 KiB table.
+        let m = meta(9728, 2560);
+        let (at, dynamic) = plan(1, m, true).unwrap().layout(m);
+        assert_eq!((at, dynamic), (0xFC00, 0xFC00 + 13 * 2048));
+        // An explicit STAGES=0 keeps W in registers, whatever the run.
+        let o = Overrides {
+            stages: Some(0),
+            ..Overrides::default()
+        };
+        let p = RowPlan::planned(1, m, true, 132, &o).unwrap();
+        assert!(p.stages == 0 && !p.lines, "{p:?}");
     }
 
     #[test]
@@ -348,6 +371,7 @@ mod tests {
         let o = Overrides {
             stages: Some(8),
             lines: Some(1),
+            tiles: Some(2),
             ..Overrides::default()
         };
         // 2560->9728: 2 tiles of 4-block runs are 2 units a warp, so 2 slots of 2 KiB.
@@ -412,11 +436,11 @@ mod tests {
             "#define N 2560u",
             "#define NW 13u",
             "#define BPW 12u",
-            "#define DYN 64512u",
+            "#define DYN 91136u",
             "#define BF16 0u",
-            "#define STAGES 0u",
+            "#define STAGES 1u",
             "#define WIDE 0u",
-            "#define LINES 0u",
+            "#define LINES 1u",
             "#define XZERO 0u",
         ] {
             assert!(src.contains(line), "{line}");
