@@ -241,10 +241,10 @@ int main() {
         for (unsigned o = n; o < OP; ++o) padding_kept &= out[r * OP + o] == 0x7E00;
     const double err = std::sqrt(num / den);
     const bool ok = err <= (BF16 ? 8e-3 : 1e-3) && padding_kept;
-    printf("K=%u N=%u ROWS=%u NW=%u BPW=%u CH=%u TPC=%u XP=%u OP=%u BF16=%u STAGES=%u WIDE=%u: "
+    printf("K=%u N=%u ROWS=%u NW=%u BPW=%u CH=%u TPC=%u XP=%u OP=%u BF16=%u STAGES=%u: "
            "rel err %.2e%s %s\n",
            k, n, rows, (unsigned)NW, (unsigned)BPW, (unsigned)CH, (unsigned)TPC, (unsigned)XP,
-           (unsigned)OP, (unsigned)BF16, (unsigned)STAGES, (unsigned)WIDE, err, padding_kept ? "" : " (wrote into row padding)",
+           (unsigned)OP, (unsigned)BF16, (unsigned)STAGES, err, padding_kept ? "" : " (wrote into row padding)",
            ok ? "ok" : "FAILED");
     return ok ? 0 : 1;
 }

@@ -2,7 +2,7 @@
 """Runs the CUDA C++ GEMV kernels on the CPU (no GPU needed) against a double reference.
 
 The kernels are src/quant/kernels/gemv_mma.cu (1..8 rows of x) and gemv_row.cu (one row), each
-after gemv_common.cuh (and the one-row kernel after gemv_onerow.cuh).
+after gemv_common.cuh.
 Each configuration's #defines, the harness's first half, the kernel (its inline-PTX helpers
 swapped for the harness's emulations) and the harness's second half are compiled with g++
 (C++20: std::barrier) and run; see gemv_emulate.cpp for how threads, barriers, shared memory
@@ -12,7 +12,7 @@ not their speed or their PTX. Exit status 1 if any configuration fails.
 
   tests/gpu/gemv_emulate.py                                   the built-in configurations
   tests/gpu/gemv_emulate.py mma K N ROWS NW BPW CH TPC BF16 [XP OP]
-  tests/gpu/gemv_emulate.py row K N NW BPW TPC BF16 STAGES WIDE LINES [XZERO]
+  tests/gpu/gemv_emulate.py row K N NW BPW TPC BF16 STAGES
 """
 import os
 import re
@@ -23,18 +23,16 @@ import tempfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 KERNELS = os.path.join(HERE, "..", "..", "src", "quant", "kernels")
 MMA_NAMES = ["K", "N", "ROWS", "NW", "BPW", "CH", "TPC", "BF16", "XP", "OP"]
-ROW_NAMES = ["K", "N", "NW", "BPW", "TPC", "BF16", "STAGES", "WIDE", "LINES", "XZERO"]
+ROW_NAMES = ["K", "N", "NW", "BPW", "TPC", "BF16", "STAGES"]
 
 
-def row_layout(k: int, nw: int, tpc: int, stages: int, wide: int, lines: int = 0):
-    """(STAGE_AT, DYN) as gemv_row.rs plans them: the pair table (32 KiB, or 64 KiB when wide)
-    at its first aligned window offset (0x8000 or 0x10000, i.e. 0x7C00 or 0xFC00 from the start
-    of the dynamic region), the ring below it where it fits, else above it. A slot is 512 bytes,
-    or 2048 with whole lines."""
-    table = 0x10000 if wide else 0x8000
-    table_at, table_end = table - 0x400, 2 * table - 0x400
+def row_layout(k: int, nw: int, tpc: int, stages: int):
+    """(STAGE_AT, DYN) as gemv_row.rs plans them: the 32 KiB pair table at window offset 0x8000
+    (0x7C00 from the start of the dynamic region), the ring of 2 KiB slots below it where it
+    fits, else above it."""
+    table_at, table_end = 0x8000 - 0x400, 0x10000 - 0x400
     low = 2 * k + 1024 + 64 + 64 * nw * tpc
-    ring = stages * nw * (2048 if lines else 512)
+    ring = stages * nw * 2048
     if stages == 0:
         return 0, table_end
     if low + ring <= table_at:
@@ -52,43 +50,30 @@ MMA_CONFIGS = [
     (256, 32, 3, 1, 4, 4, 2, 0, 256, 32),
     (1024, 16, 2, 16, 1, 1, 1, 1, 1032, 24),
 ]
-# gemv_row.cu (K, N, NW, BPW, TPC, BF16): the plan's 4B shapes (narrowed in N), a short last
-# warp (152 blocks in 13 runs of 12), runs of 8, a last cube with fewer tiles, bf16.
-# STAGES 0 loads W into registers; S > 0 streams it through a ring of S slots per warp (below
-# the table, or above it when the small inputs leave no room). WIDE 1: the 64 KiB pair table.
-# LINES 1: slots of 4 blocks, whole 128-byte lines of 16 rows, swizzled.
-# XZERO 1: only lanes g = 0 read x. The first three are the defaults (session 25): one tile
-# a cube, W in registers for 4-block runs, one slot of whole lines for 12-block runs.
+# gemv_row.cu (K, N, NW, BPW, TPC, BF16, STAGES): the plan's 4B shapes (narrowed in N), a
+# short last warp (152 blocks in 13 runs of 12), runs of 8, a last cube with fewer tiles, bf16.
+# STAGES 0 loads W into registers; S > 0 streams it through a ring of S slots per warp, each 4
+# blocks (whole 128-byte lines of the 16 rows, swizzled), below the table or above it when the
+# small inputs leave no room. The first three are the defaults (session 25): one tile a cube,
+# W in registers for 4-block runs, one slot for 12-block runs.
 ROW_CONFIGS = [
-    (2560, 48, 10, 4, 1, 0, 0, 0, 0),
-    (9728, 32, 13, 12, 1, 0, 1, 0, 1),
-    (9728, 48, 13, 12, 1, 1, 1, 0, 1),
-    (2560, 64, 10, 4, 2, 0, 0, 0, 0),
-    (9728, 32, 13, 12, 1, 0, 0, 0, 0),
-    (4096, 48, 16, 4, 2, 1, 0, 0, 0),
-    (768, 48, 2, 8, 1, 0, 0, 0, 0),
-    (512, 16, 1, 8, 3, 1, 0, 0, 0),
-    (2560, 64, 10, 4, 2, 0, 3, 0, 0),
-    (9728, 32, 13, 12, 1, 0, 4, 0, 0),
-    (4096, 48, 16, 4, 2, 1, 2, 0, 0),
-    (768, 48, 2, 8, 1, 0, 1, 0, 0),
-    (512, 16, 1, 8, 3, 1, 5, 0, 0),
-    (2560, 96, 10, 4, 5, 0, 8, 1, 0),
-    (9728, 32, 13, 12, 2, 1, 6, 1, 0),
-    (512, 48, 1, 8, 2, 0, 0, 1, 0),
-    (2560, 64, 10, 4, 2, 0, 2, 0, 1),
-    (9728, 32, 13, 12, 2, 1, 3, 0, 1),
-    (2560, 96, 10, 4, 5, 0, 4, 1, 1),
-    (512, 48, 1, 8, 3, 0, 1, 0, 1),
-    (2560, 64, 10, 4, 2, 0, 0, 0, 0, 1),
-    (9728, 32, 13, 12, 2, 1, 0, 1, 0, 1),
-    (2560, 96, 10, 4, 5, 0, 4, 1, 1, 1),
+    (2560, 48, 10, 4, 1, 0, 0),
+    (9728, 32, 13, 12, 1, 0, 1),
+    (9728, 48, 13, 12, 1, 1, 1),
+    (2560, 64, 10, 4, 2, 0, 0),
+    (9728, 32, 13, 12, 1, 0, 0),
+    (4096, 48, 16, 4, 2, 1, 0),
+    (768, 48, 2, 8, 1, 0, 0),
+    (512, 16, 1, 8, 3, 1, 0),
+    (2560, 64, 10, 4, 2, 0, 2),
+    (9728, 32, 13, 12, 2, 1, 3),
+    (2560, 96, 10, 4, 5, 0, 4),
+    (512, 48, 1, 8, 3, 0, 1),
 ]
+
 
 def emulated_source(name: str) -> str:
     src = open(os.path.join(KERNELS, "gemv_common.cuh")).read()
-    if name != "gemv_mma.cu":  # the one-row kernels' shared part
-        src += open(os.path.join(KERNELS, "gemv_onerow.cuh")).read()
     src += open(os.path.join(KERNELS, name)).read()
     swaps = [
         (r"u16 to_half\(float v\)", "{ return emulated_to_half(v); }"),
@@ -100,7 +85,6 @@ def emulated_source(name: str) -> str:
         (r"U32x4 lds128\(u32 addr\)", "{ return emulated_load<U32x4>(addr); }"),
         (r"void sts128\(u32 addr, U32x4 v\)", "{ emulated_store(addr, v); }"),
         (r"u32 window_address\(const void\* p\)", "{ return emulated_window_address(p); }"),
-        (r"void cp_async8\(u32 addr, const void\* src\)", "{ emulated_cp_async(addr, src, 8); }"),
         (r"void cp_async16\(u32 addr, const void\* src\)", "{ emulated_cp_async(addr, src, 16); }"),
         (r"U32x2 lds64\(u32 addr\)", "{ return emulated_load<U32x2>(addr); }"),
         (r"void sync_warp\(\)", "{ emulated_sync_warp(); }"),
@@ -124,11 +108,10 @@ def emulated_source(name: str) -> str:
 def defines(kind: str, cfg) -> str:
     if kind == "mma":
         values = dict(zip(MMA_NAMES, cfg))
-        values.update(ENTRY=0, MINB=1, DYN=0, STAGES=0, STAGE_AT=0, WIDE=0)
+        values.update(ENTRY=0, MINB=1, DYN=0, STAGES=0, STAGE_AT=0)
     else:
         values = dict(zip(ROW_NAMES, cfg))
-        values.update({name: 0 for name in ROW_NAMES[len(cfg):]})
-        stage_at, dyn = row_layout(*(cfg[i] for i in (0, 2, 4, 6, 7, 8)))
+        stage_at, dyn = row_layout(*(cfg[i] for i in (0, 2, 4, 6)))
         values.update(ROWS=1, XP=cfg[0], OP=cfg[1], CH=0, ENTRY=1, MINB=1, DYN=dyn)
         values.update(STAGE_AT=stage_at)
     values["NBS"] = 256

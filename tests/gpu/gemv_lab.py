@@ -14,10 +14,9 @@ median over replays of (graph time / launches): kernel time plus the launch gap 
   tests/gpu/gemv_lab.py --ncu                   one launch each (run under ncu for device time)
 
 Configurations: "plan" is gemv_row.rs's plan (one tile per cube; W in registers, or through one
-slot of whole lines for runs over 8 blocks); "sS" the same with a ring of S one-block slots per
-warp (cp.async; "s0": W in registers whatever the run); "pS" one cube per multiprocessor with a
-ring of S and the 64 KiB pair table (WIDE); each may be followed by ":NAME=VALUE" overrides
-(NW, BPW, TPC, MINB, WIDE, LINES), e.g. "s4:TPC=2", "p8:WIDE=0". Lower-case overrides are the
+slot of whole lines for runs over 8 blocks); "sS" the same with a ring of S slots per warp
+(cp.async of whole lines; "s0": W in registers whatever the run); each may be followed by
+":NAME=VALUE" overrides (NW, BPW, TPC, MINB), e.g. "s2:TPC=2". Lower-case overrides are the
 lab's ablations: ":nomath=1" (see NO_MATH). The read-only pass ("read") reads the weight's bytes 16 at a time; "copy" is cudaMemcpyAsync of
 those bytes.
 """
@@ -56,7 +55,7 @@ extern "C" __global__ void read_floor(const uint4* __restrict__ p, unsigned n, u
 """
 
 
-def plan(k: int, n: int, sms: int) -> dict:
+def plan(k: int) -> dict:
     """gemv_row.rs's RowPlan::planned without overrides."""
     blocks = k // 64
     least = -(-blocks // 16)
@@ -67,22 +66,18 @@ def plan(k: int, n: int, sms: int) -> dict:
     tiles = 1  # one tile per cube
     need = 28 + 4 * bpw * tiles
     fitting = next((m for m in range(cubes_per_sm, 0, -1) if 65536 // (m * 32 * warps) >= need), 1)
-    streamed = int(bpw > 8)  # REGISTER_RUN: longer runs stream through one slot of whole lines
+    streamed = int(bpw > 8)  # REGISTER_RUN: longer runs stream through one slot
     # (with a ring, `config` sets the cubes per multiprocessor from shared memory)
-    return dict(NW=warps, BPW=bpw, TPC=tiles, MINB=fitting, STAGES=streamed, LINES=streamed)
+    return dict(NW=warps, BPW=bpw, TPC=tiles, MINB=fitting, STAGES=streamed)
 
 
-def config(name: str, k: int, n: int, sms: int) -> dict:
+def config(name: str, k: int, n: int) -> dict:
     head, *sets = name.split(":")
-    cfg = plan(k, n, sms)
-    cfg["WIDE"] = 0
+    cfg = plan(k)
     if head == "plan":
         pass
     elif head.startswith("s"):
-        cfg.update(STAGES=int(head[1:]), LINES=0)
-    elif head.startswith("p"):
-        # One cube per multiprocessor, each streaming its share of the tiles; wide table.
-        cfg.update(STAGES=int(head[1:]), WIDE=1, TPC=-(-(n // 16) // sms), MINB=1, LINES=0)
+        cfg["STAGES"] = int(head[1:])
     else:
         sys.exit(f"unknown configuration {name}")
     for s in sets:
@@ -90,11 +85,11 @@ def config(name: str, k: int, n: int, sms: int) -> dict:
         cfg[key] = int(value)
     # Lower-case keys are the lab's own ablations (see `source`), not the kernel's defines.
     ablate = {key: cfg.pop(key) for key in list(cfg) if key.islower()}
-    units = cfg["TPC"] * cfg["BPW"] // (4 if cfg["LINES"] else 1)
+    units = cfg["TPC"] * cfg["BPW"] // 4
     cfg["STAGES"] = min(cfg["STAGES"], units)
 
     def layout():
-        return row_layout(k, cfg["NW"], cfg["TPC"], cfg["STAGES"], cfg["WIDE"], cfg["LINES"])
+        return row_layout(k, cfg["NW"], cfg["TPC"], cfg["STAGES"])
 
     # No more slots than a cube's shared memory holds (227 KiB, as gemv_row.rs's MAX_DYNAMIC).
     while cfg["STAGES"] > 0 and layout()[1] > 227 * 1024:
@@ -111,7 +106,7 @@ def config(name: str, k: int, n: int, sms: int) -> dict:
     return cfg
 
 
-# `:nomath=1` replaces a block's table lookups and products (gemv_onerow.cuh's
+# `:nomath=1` replaces a block's table lookups and products (gemv_row.cu's
 # `block_products`) by one XOR of its words: what is left is the loads, the waits and the
 # bookkeeping (the check fails, as it must).
 PRODUCTS = "    mma(d, PAIR0(ax)"
@@ -120,7 +115,7 @@ NO_MATH = "    d[0] = __uint_as_float((ax ^ bx ^ ay ^ by) & 0x3F800000u);\n"
 
 def source(cfg: dict) -> str:
     text = "".join(f"#define {a} {v}u\n" for a, v in cfg.items() if a not in ("ablate", "kernel"))
-    for f in ("gemv_common.cuh", "gemv_onerow.cuh", f"gemv_{cfg['kernel']}.cu"):
+    for f in ("gemv_common.cuh", "gemv_row.cu"):
         text += open(os.path.join(KERNELS, f)).read()
     if cfg["ablate"].get("nomath"):
         lines = text.split("\n")
@@ -224,7 +219,7 @@ def main() -> None:
         outs = [cp.empty(n, dtype=np.uint16) for _ in ws]
         line = {"shape": f"{k}->{n}", "MB": w.bytes / 1e6}
         for name in a.configs.split(","):
-            cfg = config(name, k, n, sms)
+            cfg = config(name, k, n)
             kernel = cp.RawKernel(source(cfg), f"nf4_gemv_{cfg['kernel']}")
             kernel.max_dynamic_shared_size_bytes = cfg["DYN"]
             out = outs[0]
@@ -248,7 +243,7 @@ def main() -> None:
                 if a.hot:  # the same weight every launch: it stays in L2
                     hot = time_graph([launcher(kernel, cfg, w, x, out)] * len(ws), a.reps)
                     line[name + " hot"] = hot
-            names = ("NW", "BPW", "TPC", "MINB", "STAGES", "LINES")
+            names = ("NW", "BPW", "TPC", "MINB", "STAGES")
             desc = ",".join(f"{p}={cfg[p]}" for p in names if p in cfg)
             hot = f" (L2-hot {line[name + ' hot']:.2f} us)" if a.hot and not a.ncu else ""
             print(f"{k}->{n} {name:10s} {desc}: err {err:.2e} {'ok' if ok else 'FAILED'} "

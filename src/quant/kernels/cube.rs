@@ -391,7 +391,7 @@ pub(super) fn gemv<R: CubeRuntime>(
     let sms = client.properties().hardware.num_streaming_multiprocessors;
     let sms = sms.unwrap_or(1) as usize;
     let mma = has_mma_m16n8k16(&client, meta.compute.into());
-    if let Some(plan) = RowPlan::for_call(rows, meta, mma, sms) {
+    if let Some(plan) = RowPlan::for_call(rows, meta, mma) {
         let parts = p.into_contiguous();
         launch_row(&client, &x, parts.each_ref(), &out, meta, plan);
         return out;

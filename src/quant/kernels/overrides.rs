@@ -2,9 +2,8 @@
 //! measurements (`QWEN3VL_GEMV*`, `QWEN3VL_GEMM*`): read once, in one place.
 
 /// The measurement overrides (`QWEN3VL_GEMV`, `QWEN3VL_GEMV_WROWS`, `_UNROLL`, `_CUBE_WARPS`,
-/// `_CUBES`, `_NW`, `_BPW`, `_CHUNK`, `_TILES`, `_MINB`, `_STAGES`, `_WIDE`, `_LINES`,
-/// `_XZERO`; the tiled GEMM's `QWEN3VL_GEMM`, `_TILE`, `_SPLITS`), read once: the plans are
-/// made on every call.
+/// `_CUBES`, `_NW`, `_BPW`, `_CHUNK`, `_TILES`, `_MINB`, `_STAGES`; the tiled GEMM's
+/// `QWEN3VL_GEMM`, `_TILE`, `_SPLITS`), read once: the plans are made on every call.
 #[derive(Default)]
 pub struct Overrides {
     pub choice: String,
@@ -21,14 +20,9 @@ pub struct Overrides {
     pub tiles: Option<usize>,
     /// `QWEN3VL_GEMV_MINB`: cubes per multiprocessor the one-row GEMV budgets registers for.
     pub min_cubes: Option<usize>,
-    /// `QWEN3VL_GEMV_STAGES`: slots per warp of the one-row GEMV's cp.async ring (0: none).
+    /// `QWEN3VL_GEMV_STAGES`: slots per warp of the one-row GEMV's cp.async ring of whole lines
+    /// (0: W in registers).
     pub stages: Option<usize>,
-    /// `QWEN3VL_GEMV_WIDE`: 1 for the one-row GEMV's 64 KiB pair table.
-    pub wide: Option<usize>,
-    /// `QWEN3VL_GEMV_LINES`: 1 for ring slots of whole 128-byte lines (4 blocks of 16 rows).
-    pub lines: Option<usize>,
-    /// `QWEN3VL_GEMV_XZERO`: 1 for the one-row GEMV's x read by the lanes of B's column 0 only.
-    pub xzero: Option<usize>,
     /// `QWEN3VL_GEMM`: `dequant`, `tiled` or empty.
     pub gemm: String,
     /// `QWEN3VL_GEMM_TILE`, e.g. `2x1`.
@@ -54,9 +48,6 @@ pub fn overrides() -> &'static Overrides {
             tiles: num("QWEN3VL_GEMV_TILES"),
             min_cubes: num("QWEN3VL_GEMV_MINB"),
             stages: num("QWEN3VL_GEMV_STAGES"),
-            wide: num("QWEN3VL_GEMV_WIDE"),
-            lines: num("QWEN3VL_GEMV_LINES"),
-            xzero: num("QWEN3VL_GEMV_XZERO"),
             gemm: std::env::var("QWEN3VL_GEMM").unwrap_or_default(),
             gemm_tile: std::env::var("QWEN3VL_GEMM_TILE").unwrap_or_default(),
             gemm_splits: num("QWEN3VL_GEMM_SPLITS"),
