@@ -34,13 +34,15 @@ pub type CheckCase = (usize, usize, usize);
 
 /// The kernel checks' (in, out, rows): odd sizes, an input width that is not a multiple of 8
 /// (no GEMV), rows on both sides of the GEMV limit, the grouped GEMV (several rows) with 1 and 2
-/// W rows per warp, the sliced one-row GEMV with 1 and 2 words per lane and 3, 8 and 19 warps
-/// (with `QWEN3VL_GEMV=flat`, the flat one with 1 and 2 W rows per warp and x in shared memory
+/// W rows per warp, the one-row tensor-core GEMV (the default for one row since session 25)
+/// with 2, 10, 13 and 16 warps, W in registers or through one ring slot (512, 2560, 4096 and
+/// 9728 inputs), the sliced one-row GEMV where that one does not fit (200 inputs, 40 outputs;
+/// with `QWEN3VL_GEMV=sliced` on all one-row cases: 1 and 2 words per lane, 3, 8 and 19 warps;
+/// with `QWEN3VL_GEMV=flat`, the flat one with 1 and 2 W rows per warp and x in shared memory
 /// at its largest), the tiled GEMM with partial tiles on both sides (forward, then its
 /// transposed backward), on a real layer, real layers, and the tensor-core GEMV with a warp of
 /// fewer blocks (640 inputs: 10 blocks over warps of 4), 3, 5 and 8 rows of x, and outputs
-/// whose rows CubeCL pads (48 values); with `QWEN3VL_GEMV=row`, the one-row tensor-core GEMV
-/// with 2, 13 and 16 warps, one and two tiles per cube (512, 2560, 4096 and 9728 inputs).
+/// whose rows CubeCL pads (48 values).
 pub const CHECK_CASES: [CheckCase; 18] = [
     (200, 72, 1),
     (192, 45, 5),

@@ -94,12 +94,12 @@ pub struct RowPlan {
 }
 
 impl RowPlan {
-    /// The plan for `rows` rows of x against `meta`'s weight on a card that has `mma` (the m16n8k16 tensor-core product of the compute dtype), or `None` when
-    /// the kernel does not apply: one row, 16-bit compute, double-quantized blocks of 64,
-    /// `d_in` a multiple of 256 (at most ~15,000), `d_out` of 16, and `QWEN3VL_GEMV=row` (or
-    /// unset, once [`BY_DEFAULT`]). `QWEN3VL_GEMV_BPW`, `_TILES`, `_MINB` and `_STAGES`
-    /// override the blocks per warp, the tiles per cube, the cubes per multiprocessor and the
-    /// ring's slots (for measurements).
+    /// The plan for `rows` rows of x against `meta`'s weight on a card that has `mma` (the
+    /// m16n8k16 tensor-core product of the compute dtype), or `None` when the kernel does not
+    /// apply: one row, 16-bit compute, double-quantized blocks of 64, `d_in` a multiple of 256
+    /// (at most ~15,000), `d_out` of 16, and `QWEN3VL_GEMV` unset ([`BY_DEFAULT`]) or `row`.
+    /// `QWEN3VL_GEMV_BPW`, `_TILES`, `_MINB` and `_STAGES` override the blocks per warp, the
+    /// tiles per cube, the cubes per multiprocessor and the ring's slots (for measurements).
     pub fn for_call(rows: usize, meta: Nf4Meta, mma: bool) -> Option<Self> {
         let o = overrides();
         if !(o.choice == "row" || (o.choice.is_empty() && BY_DEFAULT)) {
