@@ -17,8 +17,8 @@ Configurations: "plan" is gemv_row.rs's plan (one tile per cube; W in registers,
 slot of whole lines for runs over 8 blocks); "sS" the same with a ring of S slots per warp
 (cp.async of whole lines; "s0": W in registers whatever the run); each may be followed by
 ":NAME=VALUE" overrides (NW, BPW, TPC, MINB), e.g. "s2:TPC=2". Lower-case overrides are the
-lab's ablations: ":nomath=1" (see NO_MATH). The read-only pass ("read") reads the weight's bytes 16 at a time; "copy" is cudaMemcpyAsync of
-those bytes.
+lab's ablations: ":nomath=1" (see NO_MATH). The read-only pass ("read") reads the weight's
+bytes 16 at a time; "copy" is cudaMemcpyAsync of those bytes.
 """
 import argparse
 import math

@@ -55,10 +55,12 @@ fn low_bytes(d_in: usize, warps: usize, tiles: usize) -> usize {
     2 * d_in + 1024 + 64 + 16 * 4 * warps * tiles
 }
 
-/// Where the 32 KiB pair table starts and ends, in bytes from the start of the dynamic region:
-/// at the first window offset aligned to its size (0x8000). Below it go x, the scale map, the
-/// code table, the partial sums (and the ring, if it fits).
+/// Where the 32 KiB pair table starts, in bytes from the start of the dynamic region: at the
+/// first window offset aligned to its size (0x8000). Below it go x, the scale map, the code
+/// table, the partial sums (and the ring, if it fits).
 const TABLE_AT: usize = 0x8000 - SMEM_RESERVED;
+/// Where the pair table ends (window offset 0x10000); a ring that does not fit below it
+/// starts here.
 const TABLE_END: usize = 0x10000 - SMEM_RESERVED;
 
 /// Where the ring of `stages` slots per warp starts (bytes from the start of the dynamic
