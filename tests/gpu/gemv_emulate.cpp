@@ -11,7 +11,6 @@
 // scales and x; the reference is computed in double from the same values.
 //
 // ---- part 1: before the kernel ----
-#include <algorithm>
 #include <barrier>
 #include <cmath>
 #include <cstdio>

@@ -102,7 +102,6 @@ def config(name: str, k: int, n: int) -> dict:
             cfg["MINB"] = max(1, min(by_smem, 2048 // (32 * cfg["NW"])))
     cfg.update(K=k, N=n, NBS=NBS, DYN=dyn, STAGE_AT=stage_at, BF16=0)
     cfg["ablate"] = ablate
-    cfg["kernel"] = "row"
     return cfg
 
 
@@ -114,7 +113,7 @@ NO_MATH = "    d[0] = __uint_as_float((ax ^ bx ^ ay ^ by) & 0x3F800000u);\n"
 
 
 def source(cfg: dict) -> str:
-    text = "".join(f"#define {a} {v}u\n" for a, v in cfg.items() if a not in ("ablate", "kernel"))
+    text = "".join(f"#define {a} {v}u\n" for a, v in cfg.items() if a != "ablate")
     for f in ("gemv_common.cuh", "gemv_row.cu"):
         text += open(os.path.join(KERNELS, f)).read()
     if cfg["ablate"].get("nomath"):
@@ -220,7 +219,7 @@ def main() -> None:
         line = {"shape": f"{k}->{n}", "MB": w.bytes / 1e6}
         for name in a.configs.split(","):
             cfg = config(name, k, n)
-            kernel = cp.RawKernel(source(cfg), f"nf4_gemv_{cfg['kernel']}")
+            kernel = cp.RawKernel(source(cfg), "nf4_gemv_row")
             kernel.max_dynamic_shared_size_bytes = cfg["DYN"]
             out = outs[0]
             out.fill(0x7E00)  # NaN: every element must be written
