@@ -11,9 +11,9 @@ python3 tests/gpu/read_floor.py --size $i > r$i.csv; done
   tests/gpu/ncu_summary.py r0.csv r1.csv r2.csv r3.csv
 
 Kernels: `read_floor` (gemv_lab.py's grid-stride loop, 4 loads of 16 bytes in flight per
-thread) at several grids and block sizes, `read_once` (every thread reads U x 16 bytes and exits: no loop, as many
-threads as the buffer needs) for U = 1, 2, 4, 8, and `copy16` (16 bytes per thread read and
-written). Each is launched LAUNCHES times per size; the 256 MiB buffer gives the card's copy
+thread) at several grids and block sizes, `read_once` (every thread reads U x 16 bytes and
+exits: no loop, as many threads as the buffer needs) for U = 1, 2, 4, 8, and `copy16` (16 bytes
+per thread read and written). Each is launched LAUNCHES times per size; the 256 MiB buffer gives the card's copy
 bandwidth (read + write counted) that the GEMV goal is stated against.
 """
 import argparse
@@ -36,18 +36,28 @@ __device__ void read_once(const uint4* __restrict__ p, unsigned n, unsigned* out
     uint4 v[U];
 #pragma unroll
     for (int j = 0; j < U; ++j)
-        v[j] = base + j * blockDim.x < n ? __ldg(p + base + j * blockDim.x) : make_uint4(0, 0, 0, 0);
+        v[j] = base + j * blockDim.x < n ? __ldg(p + base + j * blockDim.x)
+                                          : make_uint4(0, 0, 0, 0);
     unsigned acc = 0;
 #pragma unroll
     for (int j = 0; j < U; ++j) acc ^= v[j].x ^ v[j].y ^ v[j].z ^ v[j].w;
     if (acc == 0x9E3779B9u) out[0] = 1;
 }
-extern "C" __global__ void read_once1(const uint4* p, unsigned n, unsigned* o) { read_once<1>(p, n, o); }
-extern "C" __global__ void read_once2(const uint4* p, unsigned n, unsigned* o) { read_once<2>(p, n, o); }
-extern "C" __global__ void read_once4(const uint4* p, unsigned n, unsigned* o) { read_once<4>(p, n, o); }
-extern "C" __global__ void read_once8(const uint4* p, unsigned n, unsigned* o) { read_once<8>(p, n, o); }
+extern "C" __global__ void read_once1(const uint4* p, unsigned n, unsigned* o) {
+    read_once<1>(p, n, o);
+}
+extern "C" __global__ void read_once2(const uint4* p, unsigned n, unsigned* o) {
+    read_once<2>(p, n, o);
+}
+extern "C" __global__ void read_once4(const uint4* p, unsigned n, unsigned* o) {
+    read_once<4>(p, n, o);
+}
+extern "C" __global__ void read_once8(const uint4* p, unsigned n, unsigned* o) {
+    read_once<8>(p, n, o);
+}
 
-extern "C" __global__ void copy16(const uint4* __restrict__ src, uint4* __restrict__ dst, unsigned n) {
+extern "C" __global__ void copy16(const uint4* __restrict__ src, uint4* __restrict__ dst,
+                                  unsigned n) {
     const unsigned i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) dst[i] = src[i];
 }
