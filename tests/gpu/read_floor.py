@@ -13,8 +13,8 @@ python3 tests/gpu/read_floor.py --size $i > r$i.csv; done
 Kernels: `read_floor` (gemv_lab.py's grid-stride loop, 4 loads of 16 bytes in flight per
 thread) at several grids and block sizes, `read_once` (every thread reads U x 16 bytes and
 exits: no loop, as many threads as the buffer needs) for U = 1, 2, 4, 8, and `copy16` (16 bytes
-per thread read and written). Each is launched LAUNCHES times per size; the 256 MiB buffer gives the card's copy
-bandwidth (read + write counted) that the GEMV goal is stated against.
+per thread read and written). Each is launched LAUNCHES times per size; the 256 MiB buffer gives
+the card's copy bandwidth (read + write counted) that the GEMV goal is stated against.
 """
 import argparse
 
