@@ -78,13 +78,6 @@ inline void emulated_wait(unsigned most_pending) {
         pending_groups.erase(pending_groups.begin());
     }
 }
-// PRMT in its default mode: byte i of the result is byte (s >> 4i) & 7 of {y, x}.
-inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
-    const unsigned long long v = ((unsigned long long)y << 32) | x;
-    unsigned r = 0;
-    for (int i = 0; i < 4; ++i) r |= (unsigned)((v >> (8 * ((s >> (4 * i)) & 7u))) & 0xFFu) << (8 * i);
-    return r;
-}
 struct Dim3 { unsigned x, y, z; };
 thread_local Dim3 threadIdx;
 Dim3 blockIdx;
